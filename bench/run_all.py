@@ -1,0 +1,46 @@
+"""Runs every `bench/bench_*.py` module's `main()` in turn and reports failures at the end.
+
+`make bench` calls this; `python -m bench.run_all NAME...` runs only the named benchmarks
+(e.g. `shot keyframes`).
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def available() -> list[str]:
+    folder = Path(__file__).resolve().parent
+    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(folder)])
+                  if m.name.startswith("bench_"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    wanted = list(argv if argv is not None else sys.argv[1:]) or available()
+    unknown = sorted(set(wanted) - set(available()))
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available())}")
+        return 2
+    failed = []
+    for name in wanted:
+        print(f"\n=== bench {name} ===", flush=True)
+        start = time.perf_counter()
+        try:
+            module = importlib.import_module(f"bench.bench_{name}")
+            module.main()
+        except Exception:  # report every benchmark, then fail at the end
+            traceback.print_exc()
+            failed.append(name)
+        print(f"=== bench {name}: {time.perf_counter() - start:.1f} s ===", flush=True)
+    if failed:
+        print(f"\nfailed benchmarks: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
