@@ -7,6 +7,8 @@ marker lists.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
 import uuid
@@ -80,3 +82,101 @@ def exists(uri: str) -> bool:
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+# ---------------------------------------------------------------------------------------
+# Listing, removal and commit markers
+
+COMMIT_MARKER = "_COMMITTED.json"
+COMMIT_FORMAT = 1
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file under `uri` (recursively), as sorted paths relative to it; [] if absent.
+    Temporary files of unfinished local writes (".name.<hex>.tmp") are left out."""
+    fs, root = filesystem(uri)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        return []
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache(root)
+    out = []
+    for path in fs.find(root):
+        rel = path[len(root):].lstrip("/") if path.startswith(root) else path
+        name = posixpath.basename(rel)
+        if name.startswith(".") and name.endswith(".tmp"):
+            continue
+        out.append(rel)
+    return sorted(out)
+
+
+def remove(uri: str) -> None:
+    """Delete a file or a whole folder/prefix; nothing happens when it does not exist."""
+    fs, path = filesystem(uri)
+    try:
+        if hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache(path)
+        if fs.isdir(path):
+            fs.rm(path, recursive=True)
+        elif fs.exists(path):
+            fs.rm(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_commit_marker(dir_uri: str, files: list[str], metadata: dict | None = None) -> dict:
+    """Write `{dir_uri}/_COMMITTED.json` listing `files` (paths relative to `dir_uri`) with
+    their size and sha256, read back from storage. Call it last: the folder's content
+    counts as done only once the marker exists."""
+    entries = []
+    for rel in sorted(set(files)):
+        if rel == COMMIT_MARKER:
+            continue
+        data = read_bytes(join(dir_uri, rel))
+        entries.append({"path": rel, "size": len(data), "sha256": sha256_hex(data)})
+    marker = {"format": COMMIT_FORMAT, **(metadata or {}), "files": entries}
+    write_bytes(join(dir_uri, COMMIT_MARKER),
+                json.dumps(marker, indent=2, sort_keys=True).encode("utf-8"))
+    return marker
+
+
+def read_commit_marker(dir_uri: str) -> dict | None:
+    """The parsed commit marker of a folder, or None when it has none."""
+    try:
+        data = read_bytes(join(dir_uri, COMMIT_MARKER))
+    except FileNotFoundError:
+        return None
+    try:
+        marker = json.loads(data)
+    except ValueError as exc:
+        raise StorageError(f"commit marker {join(dir_uri, COMMIT_MARKER)} is not JSON: "
+                           f"{exc}") from exc
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
+        raise StorageError(f"commit marker {join(dir_uri, COMMIT_MARKER)} has no file list")
+    return marker
+
+
+def is_committed(dir_uri: str) -> bool:
+    return exists(join(dir_uri, COMMIT_MARKER))
+
+
+def verify_commit(dir_uri: str) -> list[str]:
+    """Problems found comparing the marker's file list with storage ([] when all match)."""
+    marker = read_commit_marker(dir_uri)
+    if marker is None:
+        return [f"{dir_uri}: no {COMMIT_MARKER}"]
+    problems = []
+    for entry in marker["files"]:
+        uri = join(dir_uri, entry["path"])
+        try:
+            data = read_bytes(uri)
+        except FileNotFoundError:
+            problems.append(f"{uri}: listed in the commit marker but missing")
+            continue
+        if len(data) != entry["size"] or sha256_hex(data) != entry["sha256"]:
+            problems.append(f"{uri}: size or sha256 differs from the commit marker")
+    return problems

@@ -1,0 +1,163 @@
+"""RenderConfig: every setting that changes the pixels of a rendered story, and its hash.
+
+A story's outputs live under ``{out}/{story_id}/{config_hash}/``: the same script rendered
+with the same config always lands in the same folder (so a rerun resumes or skips it) and
+any change that could alter a pixel (model or LoRA, transition, seed, memory policy, RoPE
+shift, sampling, size, frames, fps, keyframe selection, scorers, reference images,
+prompt-aware memory, dtype) lands in a new one. Settings that do not change pixels (device,
+output URI, progress display) are not part of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+TRANSITIONS = ("mi2v", "mm2v", "none")
+CONFIG_HASH_CHARS = 12
+CONFIG_FORMAT = 1  # bump when the meaning of a field changes
+SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "guidance_scale_2", "shift",
+                 "boundary_ratio", "reference_sigmas", "cfg_mode")
+
+
+class ConfigError(ValueError):
+    """A render setting that cannot be used, naming the setting."""
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    # model
+    model_id: str
+    lora_id: str | None = None
+    t2v_model_id: str | None = None
+    dtype: str = "float32"
+    # method
+    transition: str = "mi2v"
+    seed: int = 0
+    max_memory: int = 10
+    memory_sink: int = 3
+    rope_shift: int | None = 5
+    prompt_aware_memory: bool = False
+    negative_prompt: str | None = None
+    # sampling and output geometry
+    sampling: dict = field(default_factory=dict)
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    fps: int = 16
+    # keyframe selection (facts §7)
+    keyframe_threshold: float = 0.9
+    keyframe_step: float = 0.01
+    max_keyframes: int = 3
+    gate_threshold: float = 3.0
+    duplicate_threshold: float = 0.9
+    embedder_id: str = ""
+    gate_id: str = ""
+    # MR2V reference images (sha256 of their decoded RGB pixels + shape), in order
+    references_sha256: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+        object.__setattr__(self, "sampling", dict(sorted(self.sampling.items())))
+        object.__setattr__(self, "references_sha256", tuple(self.references_sha256))
+
+    def problems(self) -> list[str]:
+        out = []
+        if not isinstance(self.model_id, str) or not self.model_id:
+            out.append("model_id must be a non-empty string")
+        if self.transition not in TRANSITIONS:
+            out.append(f"transition must be one of {', '.join(TRANSITIONS)}, "
+                       f"got {self.transition!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            out.append(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.max_memory < 1:
+            out.append(f"max_memory must be at least 1, got {self.max_memory}")
+        if self.memory_sink < 0 or self.memory_sink > self.max_memory:
+            out.append(f"memory_sink must be between 0 and max_memory ({self.max_memory}), "
+                       f"got {self.memory_sink}")
+        if self.rope_shift is not None and self.rope_shift < 0:
+            out.append(f"rope_shift must be >= 0 or None, got {self.rope_shift}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value < 16 or value % 16:
+                out.append(f"{name} must be a positive multiple of 16, got {value}")
+        if self.num_frames < 5 or (self.num_frames - 1) % 4:
+            out.append(f"num_frames must be 4k+1 and at least 5 (e.g. 17, 81), "
+                       f"got {self.num_frames}")
+        elif self.transition == "mm2v" and self.num_frames <= 5:
+            out.append(f"transition mm2v drops 5 conditioned frames; num_frames "
+                       f"{self.num_frames} leaves nothing")
+        if self.fps < 1:
+            out.append(f"fps must be positive, got {self.fps}")
+        unknown = sorted(set(self.sampling) - set(SAMPLING_KEYS))
+        if unknown:
+            out.append(f"unknown sampling keys {unknown}; known: {', '.join(SAMPLING_KEYS)}")
+        if not 0.0 < self.keyframe_threshold <= 1.0:
+            out.append(f"keyframe_threshold must be in (0, 1], got {self.keyframe_threshold}")
+        if not self.keyframe_step > 0:
+            out.append(f"keyframe_step must be positive, got {self.keyframe_step}")
+        if self.max_keyframes < 1:
+            out.append(f"max_keyframes must be at least 1, got {self.max_keyframes}")
+        return out
+
+    # ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["references_sha256"] = list(self.references_sha256)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RenderConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown RenderConfig fields {unknown}")
+        data = dict(data)
+        data["references_sha256"] = tuple(data.get("references_sha256", ()))
+        return cls(**data)
+
+    def replace(self, **changes) -> "RenderConfig":
+        return dataclasses.replace(self, **changes)
+
+    def config_hash(self) -> str:
+        """Short sha256 of the canonical JSON of every field (and the format version)."""
+        blob = json.dumps({"format": CONFIG_FORMAT, **self.to_dict()}, sort_keys=True,
+                          separators=(",", ":"), default=str).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()[:CONFIG_HASH_CHARS]
+
+    @property
+    def frames_per_shot(self) -> dict[str, int]:
+        """Saved frame count per generation mode."""
+        return {"t2v": self.num_frames, "m2v": self.num_frames, "mr2v": self.num_frames,
+                "mi2v": self.num_frames - 1, "mm2v": self.num_frames - 5}
+
+    @classmethod
+    def for_pipeline(cls, pipeline, scorers=None, **choices) -> "RenderConfig":
+        """A config filled from a loaded pipeline (ids, size, frames, fps, sampling) and
+        scorers (ids, gate threshold); `choices` override any field. Sampling choices are
+        merged over the pipeline's defaults."""
+        sampling = dict(getattr(pipeline, "default_sampling", {}) or {})
+        sampling = {k: v for k, v in sampling.items() if k in SAMPLING_KEYS}
+        sampling.update({k: v for k, v in (choices.pop("sampling", None) or {}).items()
+                         if v is not None})
+        values: dict[str, Any] = {
+            "model_id": pipeline.model_id,
+            "lora_id": getattr(pipeline, "lora_id", None),
+            "t2v_model_id": getattr(pipeline, "t2v_model_id", None),
+            "dtype": str(getattr(pipeline, "dtype", "float32")).replace("torch.", ""),
+            "height": int(pipeline.default_height),
+            "width": int(pipeline.default_width),
+            "num_frames": int(pipeline.default_num_frames),
+            "fps": int(pipeline.fps),
+            "sampling": sampling,
+        }
+        if scorers is not None:
+            values["embedder_id"] = str(getattr(scorers.embedder, "name", ""))
+            values["gate_id"] = str(getattr(scorers.gate, "name", ""))
+            values["gate_threshold"] = float(scorers.gate_threshold)
+        values.update({k: v for k, v in choices.items() if v is not None})
+        return cls(**values)
