@@ -1,0 +1,137 @@
+"""A Ray actor that serves one scorer model to every story worker, with request batching.
+
+The actor is generic over the scorer protocols of docs/interfaces.md: `factory()` builds
+the model object inside the actor (a CLIP `ImageEmbedder`, or an `ImageScorer` such as the
+aesthetic predictor or HPSv3), and the actor exposes the protocol methods as async actor
+methods. Requests from different stories are grouped by `RequestBatcher`; the model then
+runs over the concatenated frames in forwards of at most `max_batch_size` images.
+
+This module is also imported by the HPSv3 actor, which runs under the HPS environment's
+interpreter (older transformers, no open_clip): keep its imports to numpy, ray and the
+standard library.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Hashable, Sequence
+
+import numpy as np
+
+from actors.request_batcher import RequestBatcher
+
+logger = logging.getLogger("storymem.scorer_actor")
+
+EMBED_IMAGES = "embed_images"
+EMBED_TEXTS = "embed_texts"
+SCORE_IMAGES = "score_images"
+
+
+class ScorerActor:
+    """Holds one scorer model; wrap with `ray.remote(...)` (see `scorer_pool.py`)."""
+
+    def __init__(self, factory: Callable[[], Any], *, role: str, max_batch_size: int = 64,
+                 max_wait_s: float = 0.05, torch_threads: int | None = 1):
+        if torch_threads:
+            _limit_threads(torch_threads)
+        started = time.monotonic()
+        built = factory()
+        # A factory may return (model, extra info) - e.g. the gate and its threshold.
+        self._model, self._extra = built if isinstance(built, tuple) else (built, {})
+        self.role = role
+        self.name = str(getattr(self._model, "name", type(self._model).__name__))
+        self.max_batch_size = int(max_batch_size)
+        self._batcher = RequestBatcher(
+            self._run_batch, max_batch_size=max_batch_size, max_wait_s=max_wait_s)
+        self._load_s = time.monotonic() - started
+        logger.info("scorer actor %s (%s) ready in %.2fs, pid %d",
+                    role, self.name, self._load_s, os.getpid())
+
+    # ---- protocol methods, called remotely by the proxies in scorer_proxies.py ----
+    async def embed_images(self, images: np.ndarray) -> np.ndarray:
+        images = _check_images(images)
+        return await self._batcher.submit(EMBED_IMAGES, images, len(images))
+
+    async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        texts = [str(t) for t in texts]
+        return await self._batcher.submit(EMBED_TEXTS, texts, len(texts))
+
+    async def score_images(self, images: np.ndarray,
+                           prompts: Sequence[str] | None = None) -> np.ndarray:
+        images = _check_images(images)
+        if prompts is not None:
+            prompts = [str(p) for p in prompts]
+            if len(prompts) != len(images):
+                raise ValueError(
+                    f"score_images: {len(prompts)} prompts for {len(images)} images")
+        # Requests with and without prompts are batched separately: the scorer's own
+        # default for "no prompt" is kept exactly.
+        key = (SCORE_IMAGES, prompts is not None)
+        return await self._batcher.submit(key, (images, prompts), len(images))
+
+    # ---- introspection ----
+    def info(self) -> dict:
+        return {"role": self.role, "name": self.name, "pid": os.getpid(),
+                "load_s": self._load_s, **self._extra}
+
+    def stats(self) -> dict:
+        merged: dict[str, dict] = {}
+        for key, stats in self._batcher.stats.items():
+            label = key if isinstance(key, str) else key[0]
+            merged[label] = stats.as_dict()
+        return {"role": self.role, "name": self.name, "pid": os.getpid(), "methods": merged}
+
+    # ---- the batch handler (runs in the batcher's worker thread) ----
+    def _run_batch(self, key: Hashable, payloads: Sequence[Any]) -> list:
+        method = key if isinstance(key, str) else key[0]
+        if method == EMBED_TEXTS:
+            texts = [t for payload in payloads for t in payload]
+            out = self._chunked(lambda lo, hi: self._model.embed_texts(texts[lo:hi]), len(texts))
+            return _split(out, [len(p) for p in payloads])
+        if method == EMBED_IMAGES:
+            frames = np.concatenate(list(payloads), axis=0)
+            out = self._chunked(lambda lo, hi: self._model.embed_images(frames[lo:hi]), len(frames))
+            return _split(out, [len(p) for p in payloads])
+        if method == SCORE_IMAGES:
+            frames = np.concatenate([images for images, _ in payloads], axis=0)
+            with_prompts = payloads[0][1] is not None
+            prompts = [p for _, ps in payloads for p in ps] if with_prompts else None
+            out = self._chunked(
+                lambda lo, hi: self._model.score_images(
+                    frames[lo:hi], prompts[lo:hi] if prompts is not None else None),
+                len(frames))
+            return _split(out, [len(images) for images, _ in payloads])
+        raise ValueError(f"unknown scorer method {method!r}")
+
+    def _chunked(self, call: Callable[[int, int], Any], total: int) -> np.ndarray:
+        if total == 0:
+            return np.asarray(call(0, 0))
+        parts = [np.asarray(call(lo, min(lo + self.max_batch_size, total)))
+                 for lo in range(0, total, self.max_batch_size)]
+        return np.concatenate(parts, axis=0)
+
+
+def _check_images(images: Any) -> np.ndarray:
+    array = np.asarray(images)
+    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise ValueError(
+            f"images must be a uint8 array (N, H, W, 3); got dtype {array.dtype}, "
+            f"shape {array.shape}")
+    return array
+
+
+def _split(out: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    if len(out) != sum(sizes):
+        raise RuntimeError(f"scorer returned {len(out)} rows for {sum(sizes)} inputs")
+    bounds = np.cumsum([0] + sizes)
+    return [out[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _limit_threads(threads: int) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    except ImportError:  # a scorer without torch needs no limit
+        pass

@@ -1,0 +1,213 @@
+"""Lazy, bounded listing of story scripts for the batch.
+
+`--scripts URI` may be (local path or any fsspec URL such as s3://bucket/prefix):
+- a folder or prefix: every `*.json` / `*.json5` file below it, recursively;
+- a glob: `s3://bucket/scripts/*.json`, `scripts/**/*.json5`;
+- one script file (`.json` / `.json5`);
+- a manifest, one script per row:
+  - JSON Lines (`.jsonl`, `.ndjson`): each line is a string (a script URI), or an object
+    with `"uri"` (a script URI, optional `"name"`) or `"script"` (the script itself, inline:
+    an ST-Bench object or a list of prompts, optional `"name"`);
+  - Parquet (`.parquet`): a `uri` column and/or a `script` column (inline script as JSON
+    text), optional `name`.
+  Relative URIs in a manifest are relative to the manifest's folder.
+
+Nothing here holds all scripts at once: folders are walked directory by directory, JSONL
+is streamed line by line and Parquet row batch by row batch, and a script is only read when
+the consumer asks for it (`read_script`). Listing problems (a bad manifest row) are yielded
+as `ListingProblem`s in order, so the batch records them and goes on.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from storymem_model import storage
+
+SCRIPT_SUFFIXES = (".json", ".json5")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+GLOB_CHARS = "*?["
+PARQUET_ROWS_PER_READ = 256
+
+
+class ScriptSourceError(ValueError):
+    """The --scripts URI itself cannot be listed (missing, wrong kind, unreadable)."""
+
+
+@dataclass(frozen=True)
+class ListedScript:
+    """One script found by the listing; its content is read later by `read_script`."""
+
+    position: int  # 0-based order in the listing
+    origin: str  # where it came from, for messages: a URI or "manifest.jsonl line 3"
+    uri: str | None = None  # a script file to read ...
+    inline: Any = None  # ... or the script itself (dict or list) from a manifest row
+    name: str | None = None  # optional name (stands in for the file stem)
+
+
+@dataclass(frozen=True)
+class ListingProblem:
+    """A manifest row that does not describe a script; recorded in errors.parquet."""
+
+    position: int
+    origin: str
+    message: str
+
+
+def list_scripts(uri: str) -> Iterator[ListedScript | ListingProblem]:
+    """Yield every script of `uri` in a stable order (see the module docstring)."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ScriptSourceError(f"--scripts must be a path or URI, got {uri!r}")
+    fs, path = storage.filesystem(uri)
+    protocol = _protocol_prefix(uri)
+    counter = _Counter()
+    if any(ch in path for ch in GLOB_CHARS):
+        matches = sorted(fs.glob(path))
+        if not matches:
+            raise ScriptSourceError(f"--scripts {uri}: the pattern matches no file")
+        for match in matches:
+            if not fs.isdir(match):
+                yield ListedScript(counter.next(), protocol + match, uri=protocol + match)
+        return
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache(path)
+    if fs.isdir(path):
+        yield from _walk_folder(fs, path, protocol, counter, uri)
+        return
+    if not fs.exists(path):
+        raise ScriptSourceError(f"--scripts {uri}: no such file, folder or prefix")
+    lower = path.lower()
+    if lower.endswith(JSONL_SUFFIXES):
+        yield from _read_jsonl(fs, path, uri, counter)
+    elif lower.endswith(PARQUET_SUFFIXES):
+        yield from _read_parquet(fs, path, uri, counter)
+    elif lower.endswith(SCRIPT_SUFFIXES):
+        yield ListedScript(counter.next(), uri, uri=uri)
+    else:
+        raise ScriptSourceError(
+            f"--scripts {uri}: not a folder, a glob, a script ({', '.join(SCRIPT_SUFFIXES)}) "
+            f"or a manifest ({', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)})")
+
+
+def read_script(item: ListedScript):
+    """Read and validate one listed script -> StoryScript (raises ScriptError)."""
+    from storymem_model.story_script import load_script
+
+    if item.uri is not None:
+        return load_script(item.uri, name=item.name)
+    return load_script(item.inline, name=item.name or item.origin)
+
+
+# ---------------------------------------------------------------------------------------
+class _Counter:
+    def __init__(self):
+        self.value = -1
+
+    def next(self) -> int:
+        self.value += 1
+        return self.value
+
+
+def _protocol_prefix(uri: str) -> str:
+    return uri.split("://", 1)[0] + "://" if "://" in uri else ""
+
+
+def _walk_folder(fs, root: str, protocol: str, counter: _Counter, uri: str):
+    found = False
+    # fs.walk lists one directory at a time; sorting in place keeps the order stable.
+    for folder, dirs, files in fs.walk(root, topdown=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or not name.lower().endswith(SCRIPT_SUFFIXES):
+                continue
+            found = True
+            full = posixpath.join(folder, name)
+            yield ListedScript(counter.next(), protocol + full, uri=protocol + full)
+    if not found:
+        raise ScriptSourceError(
+            f"--scripts {uri}: the folder holds no {' or '.join(SCRIPT_SUFFIXES)} file")
+
+
+def _resolve(manifest_uri: str, ref: str) -> str:
+    if "://" in ref or ref.startswith("/"):
+        return ref
+    base = manifest_uri.rsplit("/", 1)[0] if "/" in manifest_uri else "."
+    return posixpath.normpath(posixpath.join(base, ref)) if "://" not in base else \
+        base + "/" + posixpath.normpath(ref)
+
+
+def _row(manifest_uri: str, origin: str, position: int, value: Any):
+    """One manifest row (already parsed) -> ListedScript or ListingProblem."""
+    if isinstance(value, str):
+        if not value.strip():
+            return ListingProblem(position, origin, f"{origin}: empty script URI")
+        return ListedScript(position, origin, uri=_resolve(manifest_uri, value.strip()))
+    if isinstance(value, dict):
+        name = value.get("name")
+        if name is not None and not isinstance(name, str):
+            return ListingProblem(position, origin, f"{origin}: 'name' must be a string")
+        has_uri, has_script = value.get("uri") is not None, value.get("script") is not None
+        if has_uri and has_script:
+            return ListingProblem(position, origin,
+                                  f"{origin}: give either 'uri' or 'script', not both")
+        if has_uri:
+            if not isinstance(value["uri"], str) or not value["uri"].strip():
+                return ListingProblem(position, origin, f"{origin}: 'uri' must be a non-empty string")
+            return ListedScript(position, origin, uri=_resolve(manifest_uri, value["uri"].strip()),
+                                name=name)
+        if has_script:
+            script = value["script"]
+            if isinstance(script, str):  # Parquet/JSONL may carry the script as JSON text
+                try:
+                    script = json.loads(script)
+                except ValueError as exc:
+                    return ListingProblem(position, origin,
+                                          f"{origin}: 'script' is not valid JSON: {exc}")
+            if not isinstance(script, (dict, list)):
+                return ListingProblem(position, origin,
+                                      f"{origin}: 'script' must be an object or a list of prompts")
+            return ListedScript(position, origin, inline=script, name=name)
+        return ListingProblem(position, origin, f"{origin}: a row needs 'uri' or 'script'")
+    return ListingProblem(position, origin,
+                          f"{origin}: a row must be a URI string or an object with "
+                          f"'uri' or 'script', got {type(value).__name__}")
+
+
+def _read_jsonl(fs, path: str, uri: str, counter: _Counter):
+    with fs.open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            origin = f"{uri} line {line_no}"
+            try:
+                value = json.loads(line)
+            except (ValueError, UnicodeDecodeError) as exc:
+                yield ListingProblem(counter.next(), origin, f"{origin}: not valid JSON: {exc}")
+                continue
+            yield _row(uri, origin, counter.next(), value)
+
+
+def _read_parquet(fs, path: str, uri: str, counter: _Counter):
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as handle:
+        try:
+            parquet = pq.ParquetFile(handle)
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise ScriptSourceError(f"--scripts {uri}: not a readable Parquet file: {exc}") from exc
+        columns = [c for c in ("uri", "script", "name") if c in parquet.schema_arrow.names]
+        if "uri" not in columns and "script" not in columns:
+            raise ScriptSourceError(
+                f"--scripts {uri}: a Parquet manifest needs a 'uri' or 'script' column, "
+                f"found {parquet.schema_arrow.names}")
+        row_no = 0
+        for batch in parquet.iter_batches(batch_size=PARQUET_ROWS_PER_READ, columns=columns):
+            for row in batch.to_pylist():
+                row_no += 1
+                origin = f"{uri} row {row_no}"
+                value = {k: v for k, v in row.items() if v is not None}
+                yield _row(uri, origin, counter.next(), value)

@@ -1,0 +1,141 @@
+"""Script listing for the batch: folders, prefixes, globs, JSONL/Parquet manifests; lazy."""
+from __future__ import annotations
+
+import itertools
+import json
+import tracemalloc
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.script_source import (
+    ListedScript, ListingProblem, ScriptSourceError, list_scripts, read_script)
+from storymem_model import storage
+from storymem_model.story_script import ScriptError
+
+
+def _story(name: str, shots: int = 2) -> dict:
+    return {"story_name": name, "story_overview": f"{name} overview",
+            "scenes": [{"scene_num": 1, "video_prompts": [f"{name} shot {i}" for i in range(shots)],
+                        "cut": [True] + [False] * (shots - 1)}]}
+
+
+def _write(uri: str, data) -> None:
+    storage.write_bytes(uri, json.dumps(data).encode())
+
+
+def test_folder_is_listed_recursively_in_stable_order(tmp_path):
+    _write(str(tmp_path / "b.json"), _story("b"))
+    _write(str(tmp_path / "a.json"), _story("a"))
+    _write(str(tmp_path / "sub" / "c.json5"), _story("c"))
+    (tmp_path / "notes.txt").write_text("not a script")
+    (tmp_path / ".hidden.json").write_text("{}")
+    items = list(list_scripts(str(tmp_path)))
+    assert [i.uri.rsplit("/", 1)[1] for i in items] == ["a.json", "b.json", "c.json5"]
+    assert [i.position for i in items] == [0, 1, 2]
+    assert read_script(items[2]).story_name == "c"
+
+
+def test_glob_and_single_file(tmp_path):
+    for name in ("x1", "x2", "y1"):
+        _write(str(tmp_path / f"{name}.json"), _story(name))
+    items = list(list_scripts(str(tmp_path / "x*.json")))
+    assert [read_script(i).story_name for i in items] == ["x1", "x2"]
+    single = list(list_scripts(str(tmp_path / "y1.json")))
+    assert len(single) == 1 and read_script(single[0]).story_name == "y1"
+
+
+def test_jsonl_manifest_with_uris_inline_scripts_and_bad_rows(tmp_path):
+    _write(str(tmp_path / "scripts" / "one.json"), _story("one"))
+    lines = [
+        json.dumps("scripts/one.json"),  # relative to the manifest
+        json.dumps({"script": _story("two"), "name": "two"}),
+        "{this is not json",
+        json.dumps({"script": ["a plain prompt", "another"], "name": "plain"}),
+        json.dumps(42),
+        "",
+        json.dumps({"uri": "scripts/missing.json"}),
+    ]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    items = list(list_scripts(str(manifest)))
+    kinds = [type(i).__name__ for i in items]
+    assert kinds == ["ListedScript", "ListedScript", "ListingProblem", "ListedScript",
+                     "ListingProblem", "ListedScript"]
+    assert [i.position for i in items] == list(range(6))
+    assert read_script(items[0]).story_name == "one"
+    assert read_script(items[1]).story_name == "two"
+    assert "line 3" in items[2].message and "not valid JSON" in items[2].message
+    assert len(read_script(items[3]).shots) == 2
+    assert "line 5" in items[4].message
+    with pytest.raises(ScriptError, match="file not found"):
+        read_script(items[5])
+
+
+def test_parquet_manifest_on_s3(s3_bucket):
+    _write(f"{s3_bucket}/in/a.json", _story("a"))
+    table = pa.table({
+        "uri": ["a.json", None, None],
+        "script": [None, json.dumps(_story("b")), "[not json"],
+    })
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(f"{s3_bucket}/in/manifest.parquet", sink.getvalue().to_pybytes())
+    items = list(list_scripts(f"{s3_bucket}/in/manifest.parquet"))
+    assert isinstance(items[0], ListedScript) and items[0].uri == f"{s3_bucket}/in/a.json"
+    assert read_script(items[0]).story_name == "a"
+    assert read_script(items[1]).story_name == "b"
+    assert isinstance(items[2], ListingProblem) and "row 3" in items[2].message
+
+
+def test_s3_prefix_and_glob(s3_bucket):
+    for name in ("p2", "p1"):
+        _write(f"{s3_bucket}/scripts/{name}.json", _story(name))
+    _write(f"{s3_bucket}/scripts/deeper/p3.json", _story("p3"))
+    prefix = [read_script(i).story_name for i in list_scripts(f"{s3_bucket}/scripts")]
+    assert prefix == ["p1", "p2", "p3"]
+    globbed = [i.uri for i in list_scripts(f"{s3_bucket}/scripts/*.json")]
+    assert globbed == [f"{s3_bucket}/scripts/p1.json", f"{s3_bucket}/scripts/p2.json"]
+
+
+def test_unusable_sources_raise_clear_errors(tmp_path):
+    with pytest.raises(ScriptSourceError, match="no such file"):
+        list(list_scripts(str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ScriptSourceError, match="holds no"):
+        list(list_scripts(str(tmp_path / "empty")))
+    with pytest.raises(ScriptSourceError, match="matches no file"):
+        list(list_scripts(str(tmp_path / "*.json")))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ScriptSourceError, match="not a folder"):
+        list(list_scripts(str(tmp_path / "x.csv")))
+    pq.write_table(pa.table({"other": [1]}), str(tmp_path / "m.parquet"))
+    with pytest.raises(ScriptSourceError, match="'uri' or 'script' column"):
+        list(list_scripts(str(tmp_path / "m.parquet")))
+
+
+def test_ten_thousand_row_manifest_is_streamed_not_loaded(tmp_path):
+    """A 10,000-script manifest: the first items come without reading the rest, and going
+    through all of it never holds more than a small, bounded amount of memory."""
+    manifest = tmp_path / "big.jsonl"
+    story = _story("big", shots=8)
+    with open(manifest, "w") as handle:
+        for i in range(10_000):
+            handle.write(json.dumps({"script": {**story, "story_name": f"s{i}"}}) + "\n")
+    size = manifest.stat().st_size
+    assert size > 2_000_000
+
+    tracemalloc.start()
+    first = list(itertools.islice(list_scripts(str(manifest)), 3))
+    _, peak_first = tracemalloc.get_traced_memory()
+    assert [read_script(i).story_name for i in first] == ["s0", "s1", "s2"]
+    tracemalloc.reset_peak()
+    count = 0
+    for item in list_scripts(str(manifest)):
+        count += 1  # each item is dropped right away, as the batch does once it is done
+    _, peak_all = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert count == 10_000
+    assert peak_first < size / 10, peak_first
+    assert peak_all < size / 10, peak_all
