@@ -161,6 +161,9 @@ def _read(source: str) -> bytes:
     from storymem_model import storage
 
     try:
+        fs, path = storage.filesystem(source)
+        if fs.isdir(path):
+            raise IsADirectoryError(source)
         return storage.read_bytes(source)
     except FileNotFoundError:
         raise ScriptError(source, [f"{source}: file not found"]) from None
