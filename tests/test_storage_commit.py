@@ -1,0 +1,57 @@
+"""Commit markers and listing on a local folder and on S3 (moto server)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from storymem_model import storage
+
+
+def _roundtrip(root: str) -> None:
+    storage.write_bytes(storage.join(root, "shots/01_01.mp4"), b"video")
+    storage.write_bytes(storage.join(root, "a.txt"), b"abc")
+    assert storage.list_files(root) == ["a.txt", "shots/01_01.mp4"]
+    assert not storage.is_committed(root)
+    marker = storage.write_commit_marker(root, storage.list_files(root), {"story_id": "s"})
+    assert storage.is_committed(root)
+    assert marker["story_id"] == "s"
+    assert [(f["path"], f["size"]) for f in marker["files"]] == [
+        ("a.txt", 3), ("shots/01_01.mp4", 5)]
+    assert marker["files"][0]["sha256"] == storage.sha256_hex(b"abc")
+    assert storage.read_commit_marker(root) == marker
+    assert storage.verify_commit(root) == []
+    storage.write_bytes(storage.join(root, "a.txt"), b"abd")
+    assert storage.verify_commit(root) == [
+        f"{storage.join(root, 'a.txt')}: size or sha256 differs from the commit marker"]
+    storage.remove(storage.join(root, "shots"))
+    assert storage.list_files(root) == ["_COMMITTED.json", "a.txt"]
+    assert any("missing" in p for p in storage.verify_commit(root))
+
+
+def test_commit_marker_local(tmp_path):
+    _roundtrip(str(tmp_path / "story"))
+    assert storage.list_files(str(tmp_path / "nothing")) == []
+    assert storage.read_commit_marker(str(tmp_path / "nothing")) is None
+
+
+def test_commit_marker_s3(s3_bucket):
+    _roundtrip(f"{s3_bucket}/out/story")
+
+
+def test_local_writes_leave_no_temporary_files(tmp_path):
+    target = tmp_path / "x" / "file.bin"
+    storage.write_bytes(str(target), b"1" * 1000)
+    storage.write_bytes(str(target), b"2")
+    assert os.listdir(target.parent) == ["file.bin"]
+    assert target.read_bytes() == b"2"
+
+
+def test_broken_marker_is_an_error(tmp_path):
+    storage.write_bytes(str(tmp_path / "_COMMITTED.json"), b"{not json")
+    with pytest.raises(storage.StorageError, match="is not JSON"):
+        storage.read_commit_marker(str(tmp_path))
+    storage.write_bytes(str(tmp_path / "_COMMITTED.json"), json.dumps({"x": 1}).encode())
+    with pytest.raises(storage.StorageError, match="has no file list"):
+        storage.read_commit_marker(str(tmp_path))
