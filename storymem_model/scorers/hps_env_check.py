@@ -1,0 +1,66 @@
+"""Checks that the layered HPSv3 environment is what hps-env.mk promises; exits 1 if not.
+
+    .hps-venv/bin/python -m storymem_model.scorers.hps_env_check [--main-site PATH]
+
+Inside it `transformers` must be 4.45.2 (shadowing the main venv's transformers 5),
+`diffusers` 0.36.0, `hpsv3` must import with its model factory, and torch, numpy and ray must
+come from the main venv (so the Ray HPS actor can run under this interpreter through
+runtime_env `py_executable`). Prints one JSON line with versions and locations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXPECTED = {"transformers": "4.45.2", "diffusers": "0.36.0", "tokenizers": "0.20.3",
+            "hpsv3": "1.0.0"}
+FROM_MAIN_VENV = ("torch", "numpy", "ray")
+
+
+def check(main_site: str | None = None) -> dict:
+    import importlib
+    import importlib.metadata as metadata
+
+    problems = []
+    report = {"python": sys.executable, "versions": {}, "locations": {}}
+    for name, version in EXPECTED.items():
+        found = metadata.version(name)
+        report["versions"][name] = found
+        if found != version:
+            problems.append(f"{name} {found} (expected {version})")
+    import transformers
+    if transformers.__version__ != EXPECTED["transformers"]:
+        problems.append(f"import transformers gives {transformers.__version__} "
+                        f"from {transformers.__file__}")
+    from hpsv3 import HPSv3RewardInferencer  # noqa: F401  (the inference entry point)
+    from hpsv3.train import create_model_and_processor  # noqa: F401
+    for name in FROM_MAIN_VENV:
+        module = importlib.import_module(name)
+        report["versions"][name] = getattr(module, "__version__", "?")
+        report["locations"][name] = str(Path(module.__file__).parent.parent)
+        if main_site and not Path(module.__file__).resolve().is_relative_to(
+                Path(main_site).resolve()):
+            problems.append(f"{name} imported from {module.__file__}, not the main venv "
+                            f"{main_site} (a second copy in the HPS venv?)")
+    import storymem_model.scorers.hps_model  # noqa: F401  (our loader imports here)
+    report["problems"] = problems
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="check the layered HPSv3 environment")
+    parser.add_argument("--main-site", help="the main venv's site-packages (torch/ray/numpy "
+                                            "must come from there)")
+    args = parser.parse_args(argv)
+    report = check(args.main_site)
+    print(json.dumps(report))
+    if report["problems"]:
+        print("HPS environment check FAILED: " + "; ".join(report["problems"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
