@@ -1,0 +1,134 @@
+"""M2V inputs: image preprocessing, the conditioning mask and the 20-channel `y` (facts §2).
+
+Layout along the latent time axis: the M memory latents first, then the shot's f latent
+frames. `y` = concat(mask (4 ch), latents (16 ch)) on channels:
+
+* latents: memory latents, then the VAE encoding of the shot's conditioning video
+  (zeros for M2V, first frame + zeros for MI2V, 5 motion frames + zeros for MM2V);
+* mask: 1 on every memory frame; on the shot, Wan's packing of per-pixel-frame flags, 4 per
+  latent frame, with pixel frame 0 repeated 4x; a pixel frame's flag is 1 when it is given.
+
+Everything here is plain tensor code so it can be checked value by value.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+VAE_TEMPORAL_STRIDE = 4
+VAE_SPATIAL_STRIDE = 8
+LATENT_CHANNELS = 16
+MASK_CHANNELS = VAE_TEMPORAL_STRIDE
+MOTION_FRAMES = 5
+
+
+def num_latent_frames(num_frames: int) -> int:
+    """81 pixel frames -> 21 latent frames (causal VAE: 1 + (F-1)/4)."""
+    return (num_frames - 1) // VAE_TEMPORAL_STRIDE + 1
+
+
+def latent_size(height: int, width: int) -> tuple[int, int]:
+    return height // VAE_SPATIAL_STRIDE, width // VAE_SPATIAL_STRIDE
+
+
+def image_list(images, name: str) -> list[np.ndarray]:
+    """Images as a checked list of (H, W, 3) uint8 arrays (sizes may differ).
+
+    Accepts one (H, W, 3) image, an (N, H, W, 3) array or a sequence of (H, W, 3) arrays.
+    """
+    if isinstance(images, np.ndarray):
+        if images.ndim == 3:
+            items = [images]
+        elif images.ndim == 4:
+            items = list(images)
+        else:
+            raise ValueError(f"{name}: expected (H, W, 3) or (N, H, W, 3) uint8, got shape {images.shape}")
+    else:
+        items = list(images)
+    for index, item in enumerate(items):
+        label = f"{name}[{index}]"
+        if not isinstance(item, np.ndarray) or item.ndim != 3:
+            raise ValueError(f"{label}: expected an (H, W, 3) uint8 array, got "
+                             f"{getattr(item, 'shape', type(item).__name__)}")
+        if item.dtype != np.uint8:
+            raise ValueError(f"{label}: images must be uint8, got {item.dtype}")
+        if item.shape[-1] != 3 or item.shape[0] < 1 or item.shape[1] < 1:
+            raise ValueError(f"{label}: expected (H, W, 3) RGB, got shape {item.shape}")
+    return items
+
+
+def images_to_tensor(images, height: int, width: int, name: str = "images") -> torch.Tensor:
+    """uint8 images -> (N, 3, height, width) float32 in [-1, 1]; bicubic resize, no crop."""
+    out = []
+    for item in image_list(images, name):
+        tensor = torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        if tensor.shape[-2:] != (height, width):
+            downscale = tensor.shape[-2] > height or tensor.shape[-1] > width
+            tensor = F.interpolate(tensor, size=(height, width), mode="bicubic", align_corners=False,
+                                   antialias=downscale).clamp(-1.0, 1.0)
+        out.append(tensor)
+    if not out:
+        return torch.zeros(0, 3, height, width)
+    return torch.cat(out)
+
+
+def conditioning_video(given_frames: torch.Tensor | None, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """The shot's conditioning video (3, F, H, W): the given frames first, zeros after."""
+    video = torch.zeros(3, num_frames, height, width)
+    if given_frames is not None and len(given_frames):
+        if len(given_frames) >= num_frames:
+            raise ValueError(f"{len(given_frames)} conditioning frames leave nothing to generate in {num_frames} frames")
+        video[:, : len(given_frames)] = given_frames.permute(1, 0, 2, 3)
+    return video
+
+
+def condition_mask(num_memory: int, num_frames: int, num_given_frames: int,
+                   latent_height: int, latent_width: int) -> torch.Tensor:
+    """Mask (4, M + f, h, w): 1 for memory frames and the given pixel frames, Wan-packed."""
+    flags = torch.zeros(num_frames)
+    flags[:num_given_frames] = 1.0
+    packed = torch.cat([flags[:1].repeat(VAE_TEMPORAL_STRIDE), flags[1:]])  # 4 + (F - 1) values
+    shot = packed.view(-1, VAE_TEMPORAL_STRIDE).t()  # (4, f): channel c of latent frame j
+    memory = torch.ones(MASK_CHANNELS, num_memory)
+    mask = torch.cat([memory, shot], dim=1)
+    return mask[:, :, None, None].expand(-1, -1, latent_height, latent_width).contiguous()
+
+
+def build_condition(memory_latents: torch.Tensor | None, shot_condition_latents: torch.Tensor,
+                    num_frames: int, num_given_frames: int) -> torch.Tensor:
+    """y (20, M + f, h, w) from memory latents (M, 16, 1, h, w) and the shot's (16, f, h, w)."""
+    _, f, h, w = shot_condition_latents.shape
+    if memory_latents is None or len(memory_latents) == 0:
+        memory = shot_condition_latents.new_zeros(LATENT_CHANNELS, 0, h, w)
+    else:
+        memory = memory_latents[:, :, 0].permute(1, 0, 2, 3).to(shot_condition_latents)
+    latents = torch.cat([memory, shot_condition_latents], dim=1)
+    mask = condition_mask(memory.shape[1], num_frames, num_given_frames, h, w).to(latents)
+    if mask.shape[1] != latents.shape[1]:
+        raise ValueError(f"mask has {mask.shape[1]} latent frames but the latents have {latents.shape[1]}")
+    return torch.cat([mask, latents], dim=0)
+
+
+def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
+    """Decoded video (3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8."""
+    video = ((video.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return video.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def given_frame_count(first_frame, motion_frames) -> int:
+    if first_frame is not None and motion_frames is not None:
+        raise ValueError("give either first_frame (MI2V) or motion_frames (MM2V), not both")
+    if first_frame is not None:
+        return 1
+    if motion_frames is not None:
+        return MOTION_FRAMES
+    return 0
+
+
+__all__: Sequence[str] = [
+    "num_latent_frames", "latent_size", "images_to_tensor", "conditioning_video", "condition_mask",
+    "build_condition", "frames_to_uint8", "given_frame_count",
+]
