@@ -172,13 +172,18 @@ def config_from_args(args: argparse.Namespace, pipeline, scorers=None,
         "boundary_ratio", "cfg_mode", "reference_sigmas") if getattr(args, key) is not None}
     if references is None:
         references = references_from_args(args)
+    extra = {}
+    if getattr(args, "t2v_model_dir", None):
+        from pathlib import Path
+
+        extra["t2v_model_id"] = str(Path(args.t2v_model_dir).resolve())
     return RenderConfig.for_pipeline(
         pipeline, scorers, sampling=sampling, transition=args.transition, seed=args.seed,
         max_memory=args.max_memory, memory_sink=args.memory_sink,
         rope_shift=args.rope_shift or None, prompt_aware_memory=args.prompt_aware_memory,
         negative_prompt=args.negative_prompt, keyframe_threshold=args.keyframe_threshold,
         max_keyframes=args.max_keyframes, height=args.height, width=args.width,
-        num_frames=args.num_frames, references_sha256=images_sha256(references))
+        num_frames=args.num_frames, references_sha256=images_sha256(references), **extra)
 
 
 # ---------------------------------------------------------------------------------------

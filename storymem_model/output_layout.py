@@ -5,7 +5,8 @@
         script.json                          the validated script, ST-Bench form
         shots/{scene:02d}_{shot:02d}.mp4     one H.264 video per shot
         shots/{scene:02d}_{shot:02d}.json    the shot's row; written last = shot checkpoint
-        keyframes/{scene:02d}_{shot:02d}_f{frame:03d}.png   selected keyframes (lossless)
+        keyframes/{keyframe_id}.png          selected keyframes, lossless; ids are
+                                             scene{SSS}-shot{TTT}-frame{FFFF}
         memory/{scene:02d}_{shot:02d}/bank/  the memory bank after the latest shot
         memory/{scene:02d}_{shot:02d}/tail_{i}.png  that shot's last frames (lossless),
                                              for MI2V/MM2V continuation after a resume
@@ -40,10 +41,6 @@ def shot_video_key(scene: int, shot: int) -> str:
 
 def shot_record_key(scene: int, shot: int) -> str:
     return f"{SHOTS_DIR}/{shot_name(scene, shot)}.json"
-
-
-def keyframe_id(scene: int, shot: int, frame_index: int) -> str:
-    return f"{shot_name(scene, shot)}_f{frame_index:03d}"
 
 
 def keyframe_key(kf_id: str) -> str:

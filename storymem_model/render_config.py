@@ -147,7 +147,8 @@ class RenderConfig:
         values: dict[str, Any] = {
             "model_id": pipeline.model_id,
             "lora_id": getattr(pipeline, "lora_id", None),
-            "t2v_model_id": getattr(pipeline, "t2v_model_id", None),
+            "t2v_model_id": getattr(pipeline, "t2v_model_id", None) or (
+                f"{pipeline.model_id}:t2v" if getattr(pipeline, "has_t2v", False) else None),
             "dtype": str(getattr(pipeline, "dtype", "float32")).replace("torch.", ""),
             "height": int(pipeline.default_height),
             "width": int(pipeline.default_width),

@@ -258,20 +258,9 @@ class StorySession:
             self.tail = np.stack([png_image(storage.read_bytes(self._uri(f"{mem}/{t}")))
                                   for t in tails])
         elif self.runner.references:
-            self.bank.add(self._reference_entries())
+            self.bank.add_references(self.runner.references, story_id=self.story_id,
+                                     embedder=self.runner.scorers.embedder)
         self.rows = rows
-
-    def _reference_entries(self) -> list:
-        from storymem_model.memory_bank import KeyframeEntry
-
-        refs = np.stack(self.runner.references)
-        embeddings = self.runner.scorers.embedder.embed_images(refs)
-        scores = self.runner.scorers.gate.score_images(refs)
-        return [KeyframeEntry(keyframe_id=f"ref_{i:02d}", image=refs[i],
-                              story_id=self.story_id, scene=0, shot=0, frame_index=i,
-                              prompt="", clip_embedding=np.asarray(embeddings[i], np.float32),
-                              aesthetic_score=float(scores[i]), latents={})
-                for i in range(len(refs))]
 
     # -- one shot ----------------------------------------------------------------------
     def shot_mode(self, spec: ShotSpec) -> str:
@@ -279,7 +268,7 @@ class StorySession:
         if spec.shot_index == 0:
             if self.runner.references:
                 return "mr2v"
-            if self.config.t2v_model_id:
+            if self.config.t2v_model_id and getattr(self.runner.pipeline, "has_t2v", False):
                 return "t2v"
             return "m2v"
         if not spec.cut and self.config.transition != "none":
@@ -289,6 +278,7 @@ class StorySession:
     def render_shot(self, spec: ShotSpec) -> dict:
         """Generate, select keyframes, update memory, write and checkpoint one shot."""
         from storymem_model.keyframe_selection import select_keyframes
+        from storymem_model.memory_bank import KeyframeEntry
         from storymem_model.seeds import shot_seed
 
         if spec.shot_index != len(self.rows):
@@ -304,17 +294,16 @@ class StorySession:
         seed = shot_seed(cfg.seed, spec.scene, spec.shot)
         t0 = time.perf_counter()
 
-        memory_entries = list(self.bank.entries)
-        if cfg.prompt_aware_memory and memory_entries:
-            memory_entries = list(self.bank.select_for_prompt(
-                scorers.embedder.embed_texts([spec.prompt])[0]))
+        memory_entries = [] if mode == "t2v" else list(self.bank.memory_for_shot(
+            spec.prompt, scorers.embedder, prompt_aware=cfg.prompt_aware_memory))
         kwargs: dict[str, Any] = dict(
             seed=seed, rope_shift=cfg.rope_shift, negative_prompt=cfg.negative_prompt,
             height=cfg.height, width=cfg.width, num_frames=cfg.num_frames, **cfg.sampling)
         if mode == "t2v":
             kwargs["use_t2v"] = True
         elif memory_entries:
-            kwargs["memory_latents"] = self._memory_latents(memory_entries)
+            kwargs["memory_latents"] = self.bank.latents(
+                pipeline.encode_keyframes, cfg.height, cfg.width, entries=memory_entries)
         if mode == "mi2v":
             kwargs["first_frame"] = self.tail[-1]
         elif mode == "mm2v":
@@ -335,13 +324,17 @@ class StorySession:
 
         embeddings = np.asarray(scorers.embedder.embed_images(frames), np.float32)
         scores = np.asarray(scorers.gate.score_images(frames), np.float32)
-        memory_embeddings = self.bank.embeddings()
+        # New keyframes must not duplicate any keyframe stored earlier in the story.
+        stored = [e for e in self.bank.stored if e.kind == "keyframe"]
+        memory_embeddings = self.bank.stored_embeddings() if stored else None
         chosen = select_keyframes(
             embeddings, scores, memory_embeddings, threshold=cfg.keyframe_threshold,
             step=cfg.keyframe_step, max_keyframes=cfg.max_keyframes,
             min_score=cfg.gate_threshold, duplicate_threshold=cfg.duplicate_threshold)
         chosen = [int(i) for i in chosen]
-        entries = self._keyframe_entries(spec, frames, chosen, embeddings, scores)
+        entries = KeyframeEntry.from_shot(
+            frames, chosen, story_id=self.story_id, scene=spec.scene, shot=spec.shot,
+            prompt=spec.prompt, embeddings=embeddings, scores=scores)
         self.bank.add(entries)
         t2 = time.perf_counter()
 
@@ -359,26 +352,6 @@ class StorySession:
         self.rows.append(row)
         self.tail = frames[-TAIL_FRAMES:].copy()
         return row
-
-    def _memory_latents(self, entries: list):
-        cfg = self.config
-        encode = self.runner.pipeline.encode_keyframes
-        if len(entries) == len(self.bank.entries):
-            return self.bank.latents(encode, cfg.height, cfg.width)
-        import torch
-
-        key = f"{cfg.height}x{cfg.width}"
-        self.bank.latents(encode, cfg.height, cfg.width)  # fills every entry's cache
-        return torch.cat([e.latents[key] for e in entries], dim=0)
-
-    def _keyframe_entries(self, spec, frames, chosen, embeddings, scores) -> list:
-        from storymem_model.memory_bank import KeyframeEntry
-
-        return [KeyframeEntry(
-            keyframe_id=layout.keyframe_id(spec.scene, spec.shot, i), image=frames[i].copy(),
-            story_id=self.story_id, scene=spec.scene, shot=spec.shot, frame_index=i,
-            prompt=spec.prompt, clip_embedding=embeddings[i].copy(),
-            aesthetic_score=float(scores[i]), latents={}) for i in chosen]
 
     def _write_shot(self, spec, mode, seed, frames, entries, memory_entries, chosen,
                     scores) -> dict:
@@ -405,8 +378,7 @@ class StorySession:
             "scene": spec.scene, "shot": spec.shot, "shot_index": spec.shot_index,
             "prompt": spec.prompt, "first_frame_prompt": spec.first_frame_prompt,
             "cut": spec.cut, "mode": mode, "seed": seed,
-            "memory_keyframe_ids": [e.keyframe_id for e in memory_entries]
-            if mode != "t2v" else [],
+            "memory_keyframe_ids": [e.keyframe_id for e in memory_entries],
             "num_frames": int(frames.shape[0]), "fps": cfg.fps,
             "height": cfg.height, "width": cfg.width,
             "video_key": video_key, "video_uri": self._uri(video_key),
