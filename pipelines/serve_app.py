@@ -1,0 +1,281 @@
+"""The storymem Ray Serve application: FastAPI ingress composed with model deployments.
+
+    HTTP -> StorymemIngress (FastAPI: auth, limits, validation, image decoding, records)
+              -> ShotGenerator replicas (model loaded once per replica; shots, sessions,
+                 story jobs through the story runner)
+                    -> ImageEmbedderDeployment, ImageGateDeployment (shared scorers)
+
+`build_app(settings, model_args)` returns the bound application for `serve.run`. Every
+route is documented in the OpenAPI schema at `/openapi.json` (and `/docs`).
+
+The ingress never runs model code: it awaits the generator's responses, so `/healthz` and
+every other cheap route stay responsive while shots render.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipelines.serve_auth import ApiKeyChecker
+from pipelines.serve_errors import ServeRequestError, unknown_job
+from pipelines.serve_generation import ShotGenerator
+from pipelines.serve_images import ImageInputError, load_images
+from pipelines.serve_jobs import JobRegistry, UnknownJob
+from pipelines.serve_limits import LimitExceeded, ServeLimits
+from pipelines.serve_request_guard import RequestGuard
+from pipelines.serve_schemas import (
+    ErrorOut, SessionCreate, SessionOut, SessionShotRequest, SessionShotResponse, ShotRequest,
+    ShotResponse, StoryJobOut, StoryRequest)
+from pipelines.serve_scorers import ImageEmbedderDeployment, ImageGateDeployment
+from pipelines.serve_sessions import SessionStore, public_view
+
+API_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything the deployments need besides the model flags. Picklable."""
+
+    storage_root: str
+    key_digests: tuple[str, ...]
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    image_uri_prefixes: tuple[str, ...] = ()
+    replicas: int = 1
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 1.0
+    max_ongoing_per_replica: int = 16
+    scorer_replicas: int = 1
+    scorer_cpus: float = 0.1
+    scorer_gpus: float = 0.0
+    ingress_replicas: int = 1
+    ingress_cpus: float = 0.1
+    torch_threads: int | None = None
+    job_stale_after_s: float = 60.0
+
+
+_ERRORS = {400: {"model": ErrorOut}, 401: {"model": ErrorOut}, 403: {"model": ErrorOut},
+           404: {"model": ErrorOut}, 413: {"model": ErrorOut}, 415: {"model": ErrorOut},
+           422: {"model": ErrorOut}}
+
+app = FastAPI(
+    title="storymem",
+    version=API_VERSION,
+    description="StoryMem on Wan2.2: single shots, interactive story sessions and "
+                "asynchronous story jobs. Every /v1 call needs `Authorization: Bearer <key>`.",
+)
+
+# Set by the ingress replica's constructor; read by the request guard on every request.
+_REPLICA_STATE: dict = {"checker": None, "max_body_bytes": ServeLimits().max_body_bytes}
+app.add_middleware(RequestGuard, settings=lambda: (_REPLICA_STATE["checker"],
+                                                   _REPLICA_STATE["max_body_bytes"]))
+
+
+def _json_error(status: int, body: dict) -> JSONResponse:
+    return JSONResponse(status_code=status, content=body)
+
+
+@app.exception_handler(ServeRequestError)
+async def _serve_error(_request, exc: ServeRequestError):
+    return _json_error(exc.status_code, exc.body())
+
+
+@app.exception_handler(LimitExceeded)
+async def _limit_error(_request, exc: LimitExceeded):
+    return _json_error(exc.status_code, exc.body())
+
+
+@app.exception_handler(ImageInputError)
+async def _image_error(_request, exc: ImageInputError):
+    return _json_error(exc.status_code, {"error": exc.code, "detail": exc.detail})
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_request, exc: RequestValidationError):
+    errors = exc.errors()
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return _json_error(400, {"error": "malformed_json",
+                                 "detail": "request body is not valid JSON"})
+    problems = []
+    for err in errors:
+        where = ".".join(str(part) for part in err.get("loc", ()) if part != "body")
+        problems.append(f"{where or 'body'}: {err.get('msg')}")
+    return _json_error(422, {"error": "invalid_request", "detail": "; ".join(problems),
+                             "problems": problems})
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_request, exc: StarletteHTTPException):
+    body = getattr(exc, "body", None)
+    if body is None:
+        codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+        body = {"error": codes.get(exc.status_code, f"http_{exc.status_code}"),
+                "detail": str(exc.detail)}
+    return _json_error(exc.status_code, body)
+
+
+def _caller(request: Request):
+    return request.state.caller
+
+
+@serve.deployment(name="storymem_ingress")
+@serve.ingress(app)
+class StorymemIngress:
+    """HTTP front: checks and records; model work is delegated to the generator handle."""
+
+    def __init__(self, settings: ServeSettings, generator):
+        self.settings = settings
+        self.limits = settings.limits
+        self.generator = generator
+        self.sessions = SessionStore(settings.storage_root)
+        self.jobs = JobRegistry(settings.storage_root)
+        _REPLICA_STATE["checker"] = ApiKeyChecker(list(settings.key_digests))
+        _REPLICA_STATE["max_body_bytes"] = settings.limits.max_body_bytes
+
+    # -- health --------------------------------------------------------------------------
+    @app.get("/healthz", tags=["health"])
+    async def healthz(self) -> dict:
+        """Liveness of the HTTP front; answers while shots render (no auth)."""
+        return {"status": "ok", "api_version": API_VERSION, "time": time.time()}
+
+    # -- single shots ----------------------------------------------------------------------
+    @app.post("/v1/shots", response_model=ShotResponse, responses=_ERRORS, tags=["shots"])
+    async def create_shot(self, body: ShotRequest, request: Request) -> dict:
+        """Render one shot from a prompt, optional memory images and first/motion frames."""
+        caller = _caller(request)
+        self._check_shot(body)
+        memory, first, motion = await asyncio.to_thread(self._decode_shot_images, body)
+        result = await self.generator.generate_shot.remote(
+            caller.scope, body.model_dump(exclude={"memory_images", "first_frame", "motion_frames"}),
+            memory, first, motion)
+        return ServeRequestError.from_payload(result)
+
+    def _check_shot(self, body: ShotRequest) -> None:
+        self.limits.check_prompt(body.prompt)
+        self.limits.check_prompt(body.negative_prompt, "negative_prompt length")
+        self.limits.check_sampling(**body.sampling.model_dump())
+        self.limits.check("max_images", len(body.memory_images or []), "number of memory_images")
+        if body.first_frame is not None and body.motion_frames is not None:
+            raise ServeRequestError(422, "conflicting_conditioning",
+                                    "send first_frame (MI2V) or motion_frames (MM2V), not both")
+        if body.motion_frames is not None and len(body.motion_frames) != 5:
+            raise ServeRequestError(422, "motion_frames_count",
+                                    f"motion_frames needs exactly 5 images, got {len(body.motion_frames)}")
+        if body.mode == "mi2v" and body.first_frame is None:
+            raise ServeRequestError(422, "missing_first_frame", "mode mi2v needs first_frame")
+        if body.mode == "mm2v" and body.motion_frames is None:
+            raise ServeRequestError(422, "missing_motion_frames", "mode mm2v needs motion_frames")
+        if body.mode in ("t2v", "m2v") and (body.first_frame or body.motion_frames):
+            raise ServeRequestError(422, "conflicting_conditioning",
+                                    f"mode {body.mode} takes no first_frame or motion_frames")
+        if body.mode == "t2v" and body.memory_images:
+            raise ServeRequestError(422, "conflicting_conditioning",
+                                    "mode t2v takes no memory_images (use m2v)")
+
+    def _decode_shot_images(self, body: ShotRequest):
+        prefixes = self.settings.image_uri_prefixes
+        memory = load_images(body.memory_images, "memory_images", self.limits, prefixes)
+        first = None
+        if body.first_frame is not None:
+            first = load_images([body.first_frame], "first_frame", self.limits, prefixes)[0]
+        motion = None
+        if body.motion_frames is not None:
+            motion = load_images(body.motion_frames, "motion_frames", self.limits, prefixes)
+            if len({frame.shape for frame in motion}) != 1:
+                raise ServeRequestError(422, "motion_frames_size",
+                                        "motion_frames must all have the same size")
+        return memory, first, motion
+
+    # -- sessions --------------------------------------------------------------------------
+    @app.post("/v1/sessions", response_model=SessionOut, status_code=201, responses=_ERRORS,
+              tags=["sessions"])
+    async def create_session(self, body: SessionCreate, request: Request) -> dict:
+        """Start an interactive story; reference images become its initial memory (MR2V)."""
+        caller = _caller(request)
+        references = await asyncio.to_thread(
+            load_images, body.reference_images, "reference_images", self.limits,
+            self.settings.image_uri_prefixes)
+        result = await self.generator.create_session.remote(
+            caller.scope, body.model_dump(exclude={"reference_images"}), references)
+        return public_view(ServeRequestError.from_payload(result))
+
+    @app.get("/v1/sessions/{session_id}", response_model=SessionOut, responses=_ERRORS,
+             tags=["sessions"])
+    async def get_session(self, session_id: str, request: Request) -> dict:
+        record = await asyncio.to_thread(self.sessions.get, _caller(request).scope, session_id)
+        return public_view(record)
+
+    @app.delete("/v1/sessions/{session_id}", status_code=204, responses=_ERRORS,
+                tags=["sessions"])
+    async def delete_session(self, session_id: str, request: Request) -> Response:
+        await asyncio.to_thread(self.sessions.delete, _caller(request).scope, session_id)
+        return Response(status_code=204)
+
+    @app.post("/v1/sessions/{session_id}/shots", response_model=SessionShotResponse,
+              responses=_ERRORS, tags=["sessions"])
+    async def create_session_shot(self, session_id: str, body: SessionShotRequest,
+                                  request: Request) -> dict:
+        """Render the session's next shot; memory and transitions as in a batch render."""
+        scope = _caller(request).scope
+        self.limits.check_prompt(body.prompt)
+        self.limits.check_prompt(body.first_frame_prompt, "first_frame_prompt length")
+        record = await asyncio.to_thread(self.sessions.get, scope, session_id)
+        self.limits.check("max_session_shots", len(record["shots"]) + 1, "shots in this session")
+        result = await self.generator.options(
+            multiplexed_model_id=f"{scope}/{session_id}").session_shot.remote(
+            scope, session_id, body.model_dump())
+        return ServeRequestError.from_payload(result)
+
+    # -- story jobs ------------------------------------------------------------------------
+    @app.post("/v1/stories", response_model=StoryJobOut, status_code=202, responses=_ERRORS,
+              tags=["stories"])
+    async def create_story(self, body: StoryRequest, request: Request) -> dict:
+        """Queue a whole script; poll `GET /v1/stories/{job_id}` for progress and outputs."""
+        scope = _caller(request).scope
+        active = await asyncio.to_thread(self.jobs.active_count, scope)
+        self.limits.check("max_active_jobs_per_key", active + 1, "queued or running story jobs")
+        result = await self.generator.submit_story.remote(scope, body.model_dump())
+        return ServeRequestError.from_payload(result)
+
+    @app.get("/v1/stories/{job_id}", response_model=StoryJobOut, responses=_ERRORS,
+             tags=["stories"])
+    async def get_story(self, job_id: str, request: Request) -> dict:
+        try:
+            job = await asyncio.to_thread(self.jobs.get, _caller(request).scope, job_id)
+        except UnknownJob:
+            raise unknown_job(job_id) from None
+        return job.public()
+
+
+def build_app(settings: ServeSettings, model_args) -> serve.Application:
+    """The bound application: ingress -> generator -> shared scorers.
+
+    `model_args` is the argparse namespace of the model flags shared with `render`
+    (`add_model_arguments`); each replica builds its pipeline/scorers from it.
+    """
+    from pipelines.serve_model_factory import ModelFactory
+
+    factory = ModelFactory(model_args)
+    scorer_options = {"num_replicas": settings.scorer_replicas,
+                      "ray_actor_options": {"num_cpus": settings.scorer_cpus,
+                                            "num_gpus": settings.scorer_gpus}}
+    embedder = ImageEmbedderDeployment.options(**scorer_options).bind(
+        factory.build_scorers, settings.torch_threads)
+    gate = ImageGateDeployment.options(**scorer_options).bind(
+        factory.build_scorers, settings.torch_threads)
+    generator = ShotGenerator.options(
+        num_replicas=settings.replicas,
+        max_ongoing_requests=settings.max_ongoing_per_replica,
+        ray_actor_options={"num_cpus": settings.cpus_per_replica,
+                           "num_gpus": settings.gpus_per_replica},
+    ).bind(settings, factory, embedder, gate)
+    return StorymemIngress.options(
+        num_replicas=settings.ingress_replicas,
+        ray_actor_options={"num_cpus": settings.ingress_cpus},
+    ).bind(settings, generator)

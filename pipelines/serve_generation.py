@@ -1,0 +1,183 @@
+"""The generation deployment: the model, loaded once per replica, for shots, sessions, jobs.
+
+Each replica loads the pipeline once (`ModelFactory.build_pipeline`) and uses the shared
+scorer deployments through protocol proxies. All model work runs in worker threads
+(`asyncio.to_thread`), so the replica's event loop keeps answering Serve's health checks and
+new requests; model calls themselves take turns (`SerializedPipeline`).
+
+Sessions are routed with Serve's model multiplexing (`multiplexed_model_id =
+"{scope}/{session_id}"`): a session's requests go to the replica that already holds its
+state; any other replica reopens it from storage (and checks it is current before each shot).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+
+from ray import serve
+
+from pipelines.serve_errors import ServeRequestError
+from pipelines.serve_job_runner import prepare_job, run_job, validate_script
+from pipelines.serve_jobs import JobRegistry
+from pipelines.serve_limits import LimitExceeded
+from pipelines.serve_pipeline_lock import SerializedPipeline
+from pipelines.serve_scorers import ServeImageEmbedder, ServeImageScorer
+from pipelines.serve_session_state import (
+    create_session, is_current, open_session, render_next_shot)
+from pipelines.serve_sessions import SessionStore
+from pipelines.serve_single_shot import render_single_shot
+
+log = logging.getLogger("storymem.serve")
+
+MAX_SESSIONS_PER_REPLICA = 32
+
+
+def _error_payload(exc: Exception) -> dict:
+    if isinstance(exc, ServeRequestError):
+        return exc.as_payload()
+    if isinstance(exc, LimitExceeded):
+        body = exc.body()
+        return {"__serve_error__": {"status_code": exc.status_code, **body}}
+    raise exc
+
+
+@serve.deployment(name="shot_generator", ray_actor_options={"num_cpus": 1},
+                  max_ongoing_requests=16, health_check_period_s=10,
+                  graceful_shutdown_timeout_s=30)
+class ShotGenerator:
+    def __init__(self, settings, factory, embedder_handle, gate_handle):
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(int(settings.torch_threads))
+        started = time.perf_counter()
+        self.settings = settings
+        self.limits = settings.limits
+        self.factory = factory
+        self.worker_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.pipeline = SerializedPipeline(factory.build_pipeline())
+        self.pipelines_loaded = 1
+        from storymem_model.scorers.base import KeyframeScorers
+
+        embedder_name = embedder_handle.name.remote().result()
+        gate = gate_handle.describe.remote().result()
+        self.scorers = KeyframeScorers(
+            embedder=ServeImageEmbedder(embedder_handle, embedder_name),
+            gate=ServeImageScorer(gate_handle, gate["name"]),
+            gate_threshold=gate["threshold"])
+        self.base_config = factory.base_config(self.pipeline, self.scorers, [])
+        self.sessions = SessionStore(settings.storage_root)
+        self.jobs = JobRegistry(settings.storage_root)
+        self.load_seconds = time.perf_counter() - started
+        self.requests_served = 0
+        self._running_jobs: dict[str, asyncio.Task] = {}
+        self._adopter: asyncio.Task | None = None
+        log.info("generator %s ready in %.1f s (model %s, config %s)", self.worker_id,
+                 self.load_seconds, self.base_config.model_id, self.base_config.config_hash())
+
+    async def check_health(self) -> None:
+        """Serve's replica health check; also starts adopting orphaned story jobs."""
+        if self._adopter is None or self._adopter.done():
+            self._adopter = asyncio.get_running_loop().create_task(self._adopt_orphans())
+
+    async def stats(self) -> dict:
+        return {"worker_id": self.worker_id, "pid": os.getpid(),
+                "pipelines_loaded": self.pipelines_loaded,
+                "model_calls": self.pipeline.calls, "requests_served": self.requests_served,
+                "running_jobs": sorted(self._running_jobs), "load_seconds": self.load_seconds,
+                "config_hash": self.base_config.config_hash()}
+
+    # -- single shots ----------------------------------------------------------------------
+    async def generate_shot(self, scope: str, request: dict, memory, first_frame, motion_frames):
+        self.requests_served += 1
+        try:
+            return await asyncio.to_thread(
+                render_single_shot, self.pipeline, self.scorers, self.base_config,
+                self.settings.storage_root, scope, request, memory, first_frame, motion_frames)
+        except (ServeRequestError, LimitExceeded) as exc:
+            return _error_payload(exc)
+
+    # -- sessions --------------------------------------------------------------------------
+    async def create_session(self, scope: str, body: dict, references):
+        self.requests_served += 1
+        try:
+            record, _live = await asyncio.to_thread(
+                create_session, self.sessions, self.pipeline, self.scorers, self.base_config,
+                scope, body, references)
+            return record
+        except (ServeRequestError, LimitExceeded) as exc:
+            return _error_payload(exc)
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_SESSIONS_PER_REPLICA)
+    async def _live_session(self, model_id: str):
+        scope, _, session_id = model_id.partition("/")
+        return await asyncio.to_thread(open_session, self.sessions, self.pipeline,
+                                       self.scorers, scope, session_id)
+
+    async def session_shot(self, scope: str, session_id: str, body: dict):
+        self.requests_served += 1
+        try:
+            model_id = serve.get_multiplexed_model_id() or f"{scope}/{session_id}"
+            if model_id != f"{scope}/{session_id}":
+                raise ServeRequestError(400, "bad_routing", "session routing id mismatch")
+            live = await self._live_session(model_id)
+            async with live.lock:
+                if not await asyncio.to_thread(is_current, self.sessions, live):
+                    fresh = await asyncio.to_thread(open_session, self.sessions, self.pipeline,
+                                                    self.scorers, scope, session_id)
+                    live.story = fresh.story
+                result = await asyncio.to_thread(render_next_shot, self.sessions, live, body)
+            if body.get("return_video") in ("base64", "both"):
+                import base64
+
+                from storymem_model import storage
+
+                data = await asyncio.to_thread(storage.read_bytes, result["shot"]["video_uri"])
+                result["video_base64"] = base64.b64encode(data).decode("ascii")
+            return result
+        except (ServeRequestError, LimitExceeded) as exc:
+            return _error_payload(exc)
+
+    # -- story jobs ------------------------------------------------------------------------
+    async def submit_story(self, scope: str, body: dict):
+        self.requests_served += 1
+        try:
+            job, script = await asyncio.to_thread(
+                prepare_job, self.jobs, self.limits, self.base_config, scope, body)
+        except (ServeRequestError, LimitExceeded) as exc:
+            return _error_payload(exc)
+        self._start_job(job, script)
+        return job.public()
+
+    def _start_job(self, job, script) -> None:
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(asyncio.to_thread(
+            run_job, self.jobs, job, script, self._runner_for, self.worker_id,
+            self.settings.job_stale_after_s / 4))
+        self._running_jobs[job.job_id] = task
+        task.add_done_callback(lambda _t, job_id=job.job_id: self._running_jobs.pop(job_id, None))
+
+    def _runner_for(self, job):
+        from pipelines.serve_job_runner import job_config
+        from storymem_model.runner import StoryRunner
+
+        config = job_config(self.base_config, job.seed, job.transition)
+        return StoryRunner(self.pipeline, self.scorers, config, references=[])
+
+    async def _adopt_orphans(self) -> None:
+        """Take over jobs whose replica stopped reporting (it died); resume them."""
+        try:
+            orphans = await asyncio.to_thread(
+                lambda: list(self.jobs.orphaned(stale_after_s=self.settings.job_stale_after_s)))
+            for job in orphans:
+                if job.job_id in self._running_jobs:
+                    continue
+                script_body = await asyncio.to_thread(self.jobs.script, job)
+                script = validate_script({"script": script_body}, self.limits)
+                log.info("adopting story job %s (last worker %s)", job.job_id, job.worker)
+                self._start_job(job, script)
+        except Exception:
+            log.exception("adopting orphaned story jobs failed; will retry")
