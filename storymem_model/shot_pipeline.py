@@ -56,6 +56,7 @@ class StoryMemPipeline(DiffusionPipeline):
             if expert is not None:
                 install_frame_position_rope(expert)
         self._check_experts()
+        self.lora_fused = False
         self.configure()
 
     def configure(self, *, shot: ShotDefaults = REAL_SHOT, text_length: int = 512, model_id: str = "custom",
@@ -101,6 +102,18 @@ class StoryMemPipeline(DiffusionPipeline):
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
+
+    def load_lora(self, lora, strength: float = 1.0, fuse: bool = False, rank: int | None = None,
+                  alpha: float | None = None) -> str:
+        """Load a StoryMem LoRA pair (see `lora_loading.load_storymem_lora`); returns the lora_id."""
+        from .lora_loading import load_storymem_lora
+
+        return load_storymem_lora(self, lora, strength=strength, fuse=fuse, rank=rank, alpha=alpha)
+
+    def unload_lora(self) -> None:
+        from .lora_loading import unload_storymem_lora
+
+        unload_storymem_lora(self)
 
     @property
     def has_t2v(self) -> bool:
