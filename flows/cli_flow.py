@@ -1,0 +1,161 @@
+"""`storymem flow nightly|dataset`: run the Prefect flows from the command line.
+
+With no Prefect server configured (`PREFECT_API_URL` unset) Prefect starts a temporary
+local server for the run: nothing to set up. With `PREFECT_API_URL` set, the run shows up
+on that server like a deployment's run. The model flags are those of `storymem render`
+(`add_model_arguments`) and reach the batch unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+# Prefect's default (20 s) is too short for a temporary server on a busy small machine.
+EPHEMERAL_STARTUP_TIMEOUT_S = 120
+
+
+def add_flow_commands(subparsers) -> argparse.ArgumentParser:
+    from storymem_model.cli_render import add_model_arguments
+
+    parser = subparsers.add_parser(
+        "flow", help="run the Prefect flows (nightly render, dataset generation)",
+        description="Run a storymem Prefect flow once, now. Without PREFECT_API_URL Prefect "
+        "starts a temporary local server for the run; with it, the run is recorded on that "
+        "server. The same flows run on a schedule as deployments (infra/prefect.yaml).")
+    flows = parser.add_subparsers(dest="flow", metavar="FLOW", required=True)
+
+    nightly = flows.add_parser(
+        "nightly", help="render every new script of a source (skips committed stories)",
+        description="List the scripts of --source, validate them, drop stories already "
+        "committed in --out, render the rest with the Ray batch pipeline, and publish the "
+        "run's tables and summary to OUT/runs/RUN_ID/. A failing story does not fail the "
+        "run; the exit status is 1 when any script or story failed, 2 when the run could not "
+        "happen (bad flags or source, output locked by another run).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_common(nightly)
+    add_model_arguments(nightly)
+    nightly.set_defaults(func=run_flow_command, flow_kind="nightly")
+
+    dataset = flows.add_parser(
+        "dataset", help="render stories and write a shot-level training dataset",
+        description="Render the scripts of --source (committed stories in --render-out are "
+        "reused) and write a training dataset to --out: data/split=*/STORY.parquet (one row "
+        "per shot: video URI, prompt and context, keyframe images and ids, CLIP embeddings, "
+        "aesthetic scores, memory used), dataset_card.json and _COMMITTED.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_common(dataset)
+    dataset.add_argument("--render-out", metavar="URI",
+                         help="where stories are rendered (default: OUT/renders)")
+    dataset.add_argument("--validation-percent", type=float, default=10.0,
+                         help="share of stories in split=validation (by story id hash)")
+    dataset.add_argument("--name", dest="dataset_name", help="dataset name in the card")
+    add_model_arguments(dataset)
+    dataset.set_defaults(func=run_flow_command, flow_kind="dataset")
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", required=True, metavar="URI",
+                        help="scripts: a folder/prefix, glob, script or manifest (local or s3://)")
+    parser.add_argument("--out", required=True, metavar="URI",
+                        help="output folder or URI (local or s3://)")
+    group = parser.add_argument_group("batch and cluster")
+    group.add_argument("--ray-address", metavar="URL",
+                       help="a Ray cluster's job server (http://HEAD:8265): the batch is "
+                            "submitted there as a Ray job; default: run here on an embedded "
+                            "local Ray")
+    group.add_argument("--workers", type=int, default=1, help="story worker actors")
+    group.add_argument("--gpus-per-worker", type=float, default=0.0,
+                       help="GPUs per story worker (fractions share a GPU; 0 on CPU)")
+    group.add_argument("--batch-args", default="", metavar="'FLAGS'",
+                       help="other `storymem batch` flags as one quoted string, e.g. "
+                            "'--clip-actors 2 --max-attempts 5'")
+    group.add_argument("--run-id", help="run folder name (default: KIND-DATE-FLOWRUN)")
+    group.add_argument("--job-timeout", type=float, metavar="SECONDS",
+                       help="stop waiting for the cluster job after this long")
+    run = parser.add_argument_group("retries and locking")
+    run.add_argument("--retries", type=int, default=3,
+                     help="retries of storage and cluster steps (transient errors only)")
+    run.add_argument("--retry-backoff", type=float, default=10.0, metavar="SECONDS",
+                     help="first retry delay; doubles each time")
+    run.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
+                     help="wait this long for another run holding the output")
+    run.add_argument("--lock-ttl", type=float, default=900.0, metavar="SECONDS",
+                     help="lease of the output lock (renewed while the run lives)")
+
+
+def model_flags(args: argparse.Namespace) -> list[str]:
+    """The `storymem render` model flags of `args`, back as a flag list (non-defaults)."""
+    from storymem_model.cli_render import add_model_arguments
+
+    probe = argparse.ArgumentParser(add_help=False)
+    add_model_arguments(probe)
+    argv: list[str] = []
+    for action in probe._actions:
+        if not action.option_strings or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif action.nargs == 0:  # store_true / store_false
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def flow_kwargs(args: argparse.Namespace) -> dict:
+    """Flow parameters from the parsed command line."""
+    flags = model_flags(args)
+    preset, model_dir = args.preset, args.model_dir
+    render_args = [f for f in flags]
+    for name in ("--preset", "--model-dir", "--t2v-model-dir", "--lora-dir"):
+        if name in render_args:
+            i = render_args.index(name)
+            del render_args[i:i + 2]
+    kwargs = dict(
+        source=args.source, out=args.out, ray_address=args.ray_address, preset=preset,
+        model_dir=model_dir, t2v_model_dir=args.t2v_model_dir, lora_dir=args.lora_dir,
+        render_args=render_args, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        batch_args=shlex.split(args.batch_args or ""), run_id=args.run_id,
+        retries=args.retries, retry_backoff_s=args.retry_backoff,
+        lock_wait_s=args.lock_wait, lock_ttl_s=args.lock_ttl,
+        job_timeout_s=args.job_timeout)
+    if args.flow_kind == "dataset":
+        kwargs.update(render_out=args.render_out, validation_percent=args.validation_percent,
+                      dataset_name=args.dataset_name)
+    return kwargs
+
+
+def run_flow_command(args: argparse.Namespace) -> int:
+    from prefect.settings import (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+                                  temporary_settings)
+
+    if not args.preset and not args.model_dir:
+        print(f"storymem flow {args.flow_kind}: error: give --preset tiny or --model-dir DIR",
+              file=sys.stderr)
+        return 2
+    if args.flow_kind == "nightly":
+        from flows.nightly_render import nightly_render as flow_fn
+    else:
+        from flows.generate_dataset import generate_dataset as flow_fn
+    timeout = max(EPHEMERAL_STARTUP_TIMEOUT_S,
+                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: timeout}):
+        state = flow_fn(**flow_kwargs(args), return_state=True)
+    if not state.is_completed():
+        print(f"storymem flow {args.flow_kind}: {state.type.value}: {state.message}",
+              file=sys.stderr)
+        return 2
+    summary = state.result()
+    print(summary["message"])
+    for key in ("summary_uri", "run_uri", "errors_uri", "dataset_card_uri"):
+        if summary.get(key):
+            print(f"  {key:17s} {summary[key]}")
+    return 1 if summary.get("failures") else 0

@@ -1,0 +1,138 @@
+"""The dataset flow: render stories through the batch pipeline, then write a training set.
+
+    render stage (as the nightly flow) -> committed stories -> dataset (one row per shot)
+
+Renders go to `render_out` (default `{out}/renders`), the dataset to `{out}`:
+`data/split=.../{story_id}.parquet`, `dataset_card.json` and `_COMMITTED.json`
+(`pipelines.dataset_writer`). Stories already committed under `render_out` are not
+rendered again, so pointing `render_out` at a nightly output turns its renders into a
+dataset without any GPU work. Stories that failed are left out and counted in the card;
+the flow's state message says how many.
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow.parquet as pq
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.states import Completed
+
+from flows.output_lock import OutputLock
+from flows.render_options import model_argv, parse_model_args
+from flows.render_stage import (absolute_uri, check_settings, default_run_id, render_stage,
+                                run_logger)
+from flows.retry_policy import retry_options
+from storymem_model import output_layout, storage
+
+FLOW_NAME = "storymem-generate-dataset"
+
+
+def committed_story_uris(plan, run_summary: dict) -> list[str]:
+    """Story folders of this source that are committed: from the plan and the run table."""
+    uris = [s.story_uri for s in plan.committed]
+    try:
+        rows = pq.read_table(io.BytesIO(storage.read_bytes(run_summary["stories_uri"]))
+                             ).to_pylist()
+    except FileNotFoundError:
+        rows = []
+    uris += [r["story_uri"] for r in rows
+             if r.get("status") in ("rendered", "skipped") and r.get("story_uri")]
+    return sorted({u for u in uris if storage.is_committed(u)})
+
+
+@task(name="write-dataset", cache_policy=NO_CACHE)
+def dataset_task(story_uris: list[str], out: str, argv: list[str], validation_percent: float,
+                 card_extra: dict) -> dict:
+    import torch
+
+    from pipelines.dataset_writer import write_dataset
+    from storymem_model.cli_render import scorers_from_args
+
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    args = parse_model_args(argv)
+    embedder = scorers_from_args(args).embedder
+    config = {}
+    if story_uris:
+        config = json.loads(storage.read_bytes(
+            storage.join(story_uris[0], output_layout.CONFIG_FILE)))
+    result = write_dataset(story_uris, out, embedder, validation_percent=validation_percent,
+                           config={"render_config": config, "model_argv": argv},
+                           source=card_extra)
+    return result.card
+
+
+@flow(name=FLOW_NAME)
+def generate_dataset(
+    source: str,
+    out: str,
+    render_out: str | None = None,
+    ray_address: str | None = None,
+    preset: str | None = None,
+    model_dir: str | None = None,
+    t2v_model_dir: str | None = None,
+    lora_dir: str | None = None,
+    render_args: list[str] | None = None,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    batch_args: list[str] | None = None,
+    validation_percent: float = 10.0,
+    dataset_name: str | None = None,
+    run_id: str | None = None,
+    runtime_env: dict | None = None,
+    retries: int = 3,
+    retry_backoff_s: float = 10.0,
+    lock_ttl_s: float = 900.0,
+    lock_wait_s: float = 0.0,
+    job_poll_s: float = 10.0,
+    job_timeout_s: float | None = None,
+):
+    """Render the scripts of `source` and write a shot-level training dataset to `out`.
+
+    render_out: where the stories are rendered (default `{out}/renders`); committed stories
+        there are reused.
+    validation_percent: share of stories (by a hash of the story id) in split=validation.
+    dataset_name: the card's name (default "storymem-shots").
+    The other parameters are those of `nightly_render`.
+    """
+    source, out = absolute_uri(source), absolute_uri(out)
+    render_out = absolute_uri(render_out) if render_out else storage.join(out, "renders")
+    if not 0 <= validation_percent <= 100:
+        raise ValueError(f"validation_percent must be within 0..100, got {validation_percent}")
+    argv = model_argv(preset, model_dir, t2v_model_dir, lora_dir, render_args)
+    check_settings(render_out, argv, workers, gpus_per_worker, batch_args)
+    run_id = run_id or default_run_id("dataset")
+    owner = f"{FLOW_NAME} run {run_id} (flow run {flow_run.id or '-'})"
+    opts = retry_options(retries, retry_backoff_s)
+    with OutputLock(render_out, name="render", owner=owner, ttl_s=lock_ttl_s,
+                    wait_s=lock_wait_s):
+        plan, run_summary = render_stage(
+            "dataset", source, render_out, run_id, argv, ray_address=ray_address,
+            workers=workers, gpus_per_worker=gpus_per_worker, batch_args=batch_args,
+            runtime_env=runtime_env, retries=retries, retry_backoff_s=retry_backoff_s,
+            job_poll_s=job_poll_s, job_timeout_s=job_timeout_s)
+        story_uris = committed_story_uris(plan, run_summary)
+    with OutputLock(out, name="dataset", owner=owner, ttl_s=lock_ttl_s, wait_s=lock_wait_s):
+        card = dataset_task.with_options(**opts)(
+            story_uris, out, argv, validation_percent,
+            {"name": dataset_name, "scripts": source, "renders": render_out,
+             "run_id": run_id, "run_uri": run_summary["run_uri"],
+             "failures": run_summary["failures"], "errors_uri": run_summary["errors_uri"],
+             "batch_args": list(batch_args or [])})
+    summary = {
+        "flow": "dataset", "run_id": run_id, "out": out, "render_out": render_out,
+        "dataset_card_uri": storage.join(out, "dataset_card.json"),
+        "stories": card["counts"]["stories"], "shots": card["counts"]["shots"],
+        "keyframes": card["counts"]["keyframes"], "failures": run_summary["failures"],
+        "errors_uri": run_summary["errors_uri"], "render_run": run_summary,
+    }
+    message = (f"dataset of {summary['shots']} shots from {summary['stories']} stories "
+               f"({summary['keyframes']} keyframes) at {out}")
+    if summary["failures"]:
+        message += (f"; {summary['failures']} script(s)/story(ies) failed and are left out, "
+                    f"errors in {summary['errors_uri']}")
+    summary["message"] = message
+    run_logger().info(message)
+    return Completed(message=message, data=summary)

@@ -1,0 +1,149 @@
+"""The end of a flow run: complete the run folder, write the flow summary, show it in Prefect.
+
+The batch writes `{out}/runs/{run_id}/` (stories, shots, errors, summary.json). When the
+flow had nothing to render it writes that folder itself with the same tables
+(`pipelines.run_tables`), so every scheduled run leaves a complete, comparable record.
+The counts come from the run's own tables (not from memory), then:
+
+- `{out}/runs/{run_id}/flow_summary.json`: the plan (listed, already committed, invalid),
+  the run's counts, where the tables and errors are, the cluster job id;
+- Prefect artifacts: a Markdown summary and a table of the failures (first 100).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+
+import pyarrow.parquet as pq
+
+from pipelines.run_tables import RunTables, run_uri
+from storymem_model import storage
+
+log = logging.getLogger("storymem.flows")
+
+MAX_LISTED_ERRORS = 100
+
+
+def _read_table(uri: str):
+    try:
+        return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
+    except FileNotFoundError:
+        return None
+
+
+def write_tables_without_batch(plan, run_id: str, out: str) -> None:
+    """Run tables for a run where the batch was not needed (nothing pending)."""
+    tables = RunTables(out, run_id)
+    for story in plan.committed:
+        tables.add_story(position=story.position, source=story.source,
+                         story_id=story.story_id, story_name=story.story_name,
+                         status="skipped", num_shots=story.num_shots, shots_rendered=0,
+                         attempts=0, config_hash=plan.config_hash, story_uri=story.story_uri,
+                         video_uri=storage.join(story.story_uri, f"{story.story_id}.mp4"))
+    for bad in plan.invalid:
+        tables.add_error(position=bad.position, stage="listing", source=bad.source,
+                         story_id=None, error_type=bad.error_type, message=bad.message,
+                         attempts=0)
+    tables.write_stories()
+    tables.write_errors()
+    tables.write_shots([])
+    tables.write_summary({"run_id": run_id, "out": out, "source": plan.source,
+                          "config_hash": plan.config_hash, "counts": tables.counts(),
+                          "written_by": "flow (no story needed rendering)",
+                          "finished_at": time.time()})
+
+
+def publish_run(kind: str, plan, outcome, run_id: str, extra: dict) -> dict:
+    out = extra["out"]
+    folder = run_uri(out, run_id)
+    if outcome is None:
+        write_tables_without_batch(plan, run_id, out)
+    stories = _read_table(storage.join(folder, "stories.parquet")) or []
+    errors = _read_table(storage.join(folder, "errors.parquet")) or []
+    # Invalid scripts the flow kept out of the batch are part of this run's errors too.
+    known = {(e.get("source"), e.get("stage")) for e in errors}
+    flow_errors = [{"run_id": run_id, "position": bad.position, "stage": "listing",
+                    "source": bad.source, "story_id": None, "error_type": bad.error_type,
+                    "message": bad.message, "attempts": 0}
+                   for bad in plan.invalid if (bad.source, "listing") not in known]
+    if flow_errors:
+        tables = RunTables(out, run_id)
+        tables.errors = errors + flow_errors
+        tables.write_errors()
+        errors = errors + flow_errors
+    status_counts = {s: sum(1 for r in stories if r.get("status") == s)
+                     for s in ("rendered", "skipped", "failed")}
+    failed = status_counts["failed"]
+    invalid = sum(1 for e in errors if e.get("stage") == "listing")
+    failures = failed + invalid
+    errors_uri = storage.join(folder, "errors.parquet")
+    summary = {
+        "flow": kind, "run_id": run_id, "run_uri": folder,
+        "source": extra.get("source"), "out": out,
+        "config_hash": plan.config_hash or _first(stories, "config_hash"),
+        "listed": plan.listed,
+        # Without a batch the flow's own tables list the committed stories as skipped.
+        "already_committed": len(plan.committed) + (
+            status_counts["skipped"] if outcome is not None else 0),
+        "rendered": status_counts["rendered"],
+        "failed": failed, "invalid": invalid, "failures": failures,
+        "stories_uri": storage.join(folder, "stories.parquet"),
+        "shots_uri": storage.join(folder, "shots.parquet"),
+        "errors_uri": errors_uri,
+        "batch_ran": outcome is not None,
+        "batch_mode": getattr(outcome, "mode", None),
+        "ray_submission_id": getattr(outcome, "submission_id", None),
+        "batch_summary": getattr(outcome, "summary", None),
+        "errors": [{"source": e.get("source"), "story_id": e.get("story_id"),
+                    "stage": e.get("stage"), "error_type": e.get("error_type"),
+                    "message": (e.get("message") or "").splitlines()[0][:500]}
+                   for e in errors[:MAX_LISTED_ERRORS]],
+        "started_at": extra.get("started_at"), "finished_at": time.time(),
+        "model_argv": extra.get("model_argv"), "ray_address": extra.get("ray_address"),
+    }
+    summary["message"] = _message(summary)
+    summary["summary_uri"] = storage.join(folder, "flow_summary.json")
+    storage.write_bytes(summary["summary_uri"], json.dumps(
+        summary, indent=2, sort_keys=True, default=str).encode("utf-8"))
+    _artifacts(kind, summary)
+    return summary
+
+
+def _first(rows: list[dict], key: str):
+    return next((r.get(key) for r in rows if r.get(key)), None)
+
+
+def _message(summary: dict) -> str:
+    text = (f"{summary['rendered']} rendered, {summary['already_committed']} already "
+            f"committed, {summary['failed']} failed, {summary['invalid']} invalid "
+            f"of {summary['listed']} listed")
+    if summary["failures"]:
+        text += f"; {summary['failures']} failure(s), errors in {summary['errors_uri']}"
+    return text
+
+
+def _artifacts(kind: str, summary: dict) -> None:
+    """Prefect artifacts for the UI; a run outside Prefect (or without an API) skips them."""
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+        from prefect.context import get_run_context
+
+        get_run_context()
+    except Exception:
+        return
+    key = f"storymem-{kind}-summary"
+    lines = [f"## storymem {kind} run `{summary['run_id']}`", "",
+             f"**{summary['message']}**", "", "| | |", "|---|---|"]
+    for name in ("listed", "rendered", "already_committed", "failed", "invalid",
+                 "run_uri", "errors_uri", "ray_submission_id"):
+        lines.append(f"| {name} | `{summary.get(name)}` |")
+    try:
+        create_markdown_artifact("\n".join(lines), key=key,
+                                 description=f"storymem {kind} summary")
+        if summary["errors"]:
+            create_table_artifact(summary["errors"], key=f"storymem-{kind}-errors",
+                                  description=f"failures of run {summary['run_id']}")
+    except Exception as exc:  # artifacts are a courtesy; the summary file is the record
+        log.warning("could not create Prefect artifacts: %s", exc)
