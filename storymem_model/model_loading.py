@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .presets import REAL_SHOT, REAL_TEXT_LENGTH, TINY
+from .presets import REAL_LORA_RANK, REAL_SHOT, REAL_TEXT_LENGTH, TINY
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def detect_layout(folder: Path) -> str:
 def load_pipeline(preset_or_path: str | os.PathLike, lora=None, device=None, dtype=None, *, t2v=None,
                   components=None, lora_strength: float = 1.0, fuse_lora: bool = False,
                   lora_rank: int | None = None, lora_alpha: float | None = None, offload: str | None = None,
-                  vae_dtype=torch.float32):
+                  vae_dtype=torch.float32, text_length: int | None = None):
     """Build a `StoryMemPipeline`.
 
     preset_or_path: "tiny" or a Wan2.2 I2V-A14B folder (diffusers or original layout).
@@ -89,10 +89,11 @@ def load_pipeline(preset_or_path: str | os.PathLike, lora=None, device=None, dty
         (high, low) tuple of files; loaded with rsLoRA scale alpha/sqrt(r) times `lora_strength`.
     device / dtype: default cuda + bf16 when a GPU is visible, else cpu + fp32.
     t2v: a Wan2.2 T2V-A14B folder for text-only first shots (tiny builds its own T2V experts).
-    components: for an original-layout folder, the diffusers-layout folder that supplies the
-        VAE, text encoder and tokenizer.
+    components: the diffusers-layout folder that supplies the VAE, text encoder and tokenizer;
+        required for an original-layout folder, optional otherwise (default: the model folder).
     offload: None, "model" (whole components move to the GPU when used) or "sequential"
         (layer by layer, slowest, least memory); needs an accelerator.
+    text_length: UMT5 sequence length (default: 512 for real models, TINY.text_length for tiny).
     """
     from .lora_loading import load_storymem_lora
     from .shot_pipeline import StoryMemPipeline
@@ -111,13 +112,15 @@ def load_pipeline(preset_or_path: str | os.PathLike, lora=None, device=None, dty
         if t2v not in (None, "tiny"):
             raise ValueError("the tiny preset builds its own T2V experts; t2v must be None")
         parts = build_tiny_components(TINY)
-        shot, text_length, model_id, scheduler_config = TINY.shot, TINY.text_length, "tiny", None
+        shot, default_length, model_id, scheduler_config = TINY.shot, TINY.text_length, "tiny", None
         expected_rank = lora_rank or TINY.lora_rank
     else:
         parts, scheduler_config = _load_folder_components(Path(preset_or_path), components, t2v, dtype)
-        shot, text_length = REAL_SHOT, REAL_TEXT_LENGTH
+        shot, default_length = REAL_SHOT, REAL_TEXT_LENGTH
         model_id = str(Path(preset_or_path).resolve())
-        expected_rank = lora_rank
+        if t2v is not None:
+            model_id += f"+t2v:{Path(t2v).resolve()}"
+        expected_rank = lora_rank or REAL_LORA_RANK
 
     pipeline = StoryMemPipeline(**parts)
     lora_id = None
@@ -133,10 +136,175 @@ def load_pipeline(preset_or_path: str | os.PathLike, lora=None, device=None, dty
         pipeline.enable_sequential_cpu_offload(device=device)
     else:
         pipeline.to(device)
-    pipeline.configure(shot=shot, text_length=text_length, model_id=model_id, lora_id=lora_id,
+    pipeline.configure(shot=shot, text_length=text_length or default_length, model_id=model_id, lora_id=lora_id,
                        scheduler_config=scheduler_config, offload_device=device if offload else None)
     return pipeline
 
 
 def _load_folder_components(folder: Path, components, t2v, dtype) -> tuple[dict, dict | None]:
-    raise NotImplementedError("loading real Wan2.2 folders is not implemented yet (only 'tiny')")
+    """Components of a StoryMemPipeline from real model folders (see the module docstring)."""
+    layout = detect_layout(folder)
+    if components is None and layout == "diffusers":
+        base = folder
+    else:
+        if components is None:
+            raise ModelLoadError(
+                f"{folder}: original Wan2.2 layout holds the experts only; pass components= a diffusers-layout "
+                "folder (e.g. Wan2.2-I2V-A14B-Diffusers) for the VAE, text encoder and tokenizer")
+        base = Path(components)
+        if not base.is_dir():
+            raise ModelLoadError(f"{base}: components folder not found")
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        if not (base / sub).is_dir():
+            raise ModelLoadError(f"{base}: missing {sub}/ (expected the Wan2.2 diffusers layout)")
+    high, low = load_expert_pair(folder, dtype, in_channels=36, role="I2V-A14B (M2V)")
+    parts = {
+        "tokenizer": _load(base / "tokenizer", "tokenizer", lambda p: _auto_tokenizer(p)),
+        "text_encoder": _load(base / "text_encoder", "UMT5 text encoder",
+                              lambda p: _umt5().from_pretrained(p, torch_dtype=dtype)),
+        "vae": _load(base / "vae", "Wan VAE", lambda p: _diffusers().AutoencoderKLWan.from_pretrained(
+            p, torch_dtype=torch.float32)),
+        "transformer": high,
+        "transformer_2": low,
+        "t2v_transformer": None,
+        "t2v_transformer_2": None,
+    }
+    if t2v is not None:
+        parts["t2v_transformer"], parts["t2v_transformer_2"] = load_expert_pair(
+            Path(t2v), dtype, in_channels=16, role="T2V-A14B")
+    scheduler_config = None
+    scheduler_file = base / "scheduler" / "scheduler_config.json"
+    if scheduler_file.is_file():
+        scheduler_config = _read_json(scheduler_file)
+    return parts, scheduler_config
+
+
+def _diffusers():
+    import diffusers
+
+    return diffusers
+
+
+def _umt5():
+    from transformers import UMT5EncoderModel
+
+    return UMT5EncoderModel
+
+
+def _auto_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _load(path: Path, what: str, loader):
+    try:
+        return loader(path)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # noqa: BLE001 - re-raised with the path and what was being loaded
+        raise ModelLoadError(f"{path}: cannot load the {what}: {type(error).__name__}: {error}") from error
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except Exception as error:  # noqa: BLE001
+        raise ModelLoadError(f"{path}: unreadable JSON ({error})") from error
+
+
+def load_expert_pair(folder: Path, dtype: torch.dtype, in_channels: int, role: str):
+    """(high-noise, low-noise) experts from a diffusers or original-layout Wan2.2 folder."""
+    folder = Path(folder)
+    layout = detect_layout(folder)
+    if layout == "diffusers":
+        experts = tuple(
+            _load(folder / name, f"{role} {name}", lambda p: _diffusers().WanTransformer3DModel.from_pretrained(
+                p, torch_dtype=dtype)) for name in DIFFUSERS_EXPERTS)
+        names = DIFFUSERS_EXPERTS
+    else:
+        experts = tuple(load_original_expert(folder / name, dtype) for name in ORIGINAL_EXPERTS)
+        names = ORIGINAL_EXPERTS
+    for name, expert in zip(names, experts):
+        if expert.config.in_channels != in_channels:
+            raise ModelLoadError(
+                f"{folder / name}: this expert takes {expert.config.in_channels} input channels, a Wan2.2 {role} "
+                f"expert takes {in_channels} (I2V/M2V: 36, T2V: 16); check which folder goes where")
+    return experts
+
+
+ORIGINAL_CONFIG_KEYS = {  # original Wan config.json -> diffusers WanTransformer3DModel config
+    "num_heads": "num_attention_heads", "in_dim": "in_channels", "out_dim": "out_channels",
+    "text_dim": "text_dim", "freq_dim": "freq_dim", "ffn_dim": "ffn_dim", "num_layers": "num_layers",
+    "eps": "eps", "cross_attn_norm": "cross_attn_norm",
+}
+
+
+def original_expert_config(config: dict, path: Path) -> dict:
+    required = ("dim", "num_heads", "num_layers", "ffn_dim", "in_dim")
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise ModelLoadError(f"{path}: original Wan config lacks {missing}")
+    if config.get("model_type") not in (None, "i2v", "t2v"):
+        raise ModelLoadError(f"{path}: model_type {config['model_type']!r} is not a Wan2.2 A14B i2v/t2v expert")
+    converted = {target: config[key] for key, target in ORIGINAL_CONFIG_KEYS.items() if key in config}
+    converted["attention_head_dim"] = config["dim"] // config["num_heads"]
+    converted.setdefault("out_channels", 16)
+    converted.setdefault("text_dim", 4096)
+    converted["patch_size"] = tuple(config.get("patch_size", (1, 2, 2)))
+    converted.update(qk_norm="rms_norm_across_heads", image_dim=None, added_kv_proj_dim=None)
+    return converted
+
+
+def _original_shards(folder: Path) -> list[Path]:
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        weight_map = _read_json(index[0]).get("weight_map", {})
+        shards = sorted({folder / name for name in weight_map.values()})
+        absent = [p.name for p in shards if not p.is_file()]
+        if absent:
+            raise ModelLoadError(f"{index[0]}: lists shard(s) that are not in {folder}: {absent}")
+        return shards
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise ModelLoadError(f"{folder}: no .safetensors shards")
+    return shards
+
+
+def load_original_expert(folder: Path, dtype: torch.dtype):
+    """One expert from an original Wan2.2 folder (`config.json` + safetensors shards)."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from safetensors.torch import load_file
+
+    from .rope import install_frame_position_rope
+
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: expert folder not found")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder}: missing config.json")
+    config = original_expert_config(_read_json(config_path), config_path)
+    checkpoint: dict[str, torch.Tensor] = {}
+    for shard in _original_shards(folder):
+        try:
+            checkpoint.update(load_file(str(shard), device="cpu"))
+        except Exception as error:  # noqa: BLE001
+            raise ModelLoadError(f"{shard}: cannot read safetensors shard ({error})") from error
+    state = convert_wan_transformer_to_diffusers(checkpoint)
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**config)
+    install_frame_position_rope(model)  # the stock rope's tables would be left on the meta device
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelLoadError(f"{folder}: checkpoint does not match its config.json: {len(missing)} missing "
+                             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items()
+             if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise ModelLoadError(f"{folder}: {len(wrong)} tensor(s) with wrong shapes, e.g. {wrong[:3]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    cast_keeping_fp32_modules(model, dtype)
+    return model.eval()
