@@ -21,7 +21,7 @@ HPS_GATE_THRESHOLD = 3.0
 AESTHETIC_GATE_THRESHOLD = 4.5
 # Tiny preset: chosen from measured tiny-aesthetic scores so a normal tiny story exercises
 # every path (see the README memory section and tests/test_keyframe_selection.py).
-TINY_GATE_THRESHOLD = 4.5
+TINY_GATE_THRESHOLD = 4.0
 
 _LAZY = {
     "OpenClipEmbedder": "storymem_model.scorers.clip_embedder",

@@ -24,11 +24,14 @@ from storymem_model.scorers.base import ScorerError, check_image_batch
 REFERENCE_CLIP_MODEL = "ViT-B-32-quickgelu"  # OpenAI CLIP ViT-B/32, as the reference uses
 
 TINY_CLIP_NAME = "storymem-tiny-clip"
-# ~3.3 M parameters, almost all in the 49408-token embedding table of the text tower.
+# ~4.2 M parameters: the 49408-token embedding table of the text tower and one 64x64
+# patch. One patch per image on purpose: with 16 small patches the (near uniform) random
+# attention averages the patches and every tiny render embeds alike (cosine ~0.97 between
+# different shots); one whole-image patch keeps them apart (~0.74), like a trained CLIP.
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32,
-                   "patch_size": 16},
+                   "patch_size": 64},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
                  "layers": 2},
 }
@@ -57,8 +60,8 @@ def _content_driven_cls_token(model) -> None:
     In a randomly initialised ViT the constant class token dominates the pooled output, so
     every image embeds almost the same way (cosine ~0.98 between unrelated noise images).
     Zeroing it makes the tiny random CLIP depend on image content: unrelated noise images
-    land at cosine ~0.35 +- 0.2, slightly perturbed copies at ~0.99, like a trained CLIP
-    would separate different and near-duplicate frames.
+    land at cosine ~0.07 +- 0.2, slightly perturbed copies at ~0.98, the way a trained CLIP
+    separates different frames from near-duplicates.
     """
     with torch.no_grad():
         model.visual.class_embedding.zero_()
@@ -116,7 +119,8 @@ class OpenClipEmbedder:
     def preprocess(self, batch: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> normalised (N, 3, S, S): shortest side resized to S
         (bicubic, antialiased), centre crop, CLIP mean/std, as open_clip's own transform."""
-        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float() / 255.0
         target_h, target_w = self.image_size
         height, width = x.shape[-2:]
         scale = max(target_h / height, target_w / width)
@@ -126,7 +130,7 @@ class OpenClipEmbedder:
                               align_corners=False).clamp_(0.0, 1.0)
         top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
         x = x[:, :, top:top + target_h, left:left + target_w]
-        return (x - self._mean) / self._std
+        return (x - self._mean.to(x.device)) / self._std.to(x.device)
 
     @torch.inference_mode()
     def embed_images(self, images) -> np.ndarray:
@@ -134,7 +138,7 @@ class OpenClipEmbedder:
         out = []
         for start in range(0, len(batch), self.batch_size):
             pixels = self.preprocess(batch[start:start + self.batch_size])
-            features = self.model.encode_image(pixels.to(self.device, self._dtype))
+            features = self.model.encode_image(pixels.to(self._dtype))
             out.append(F.normalize(features.float(), dim=-1).cpu())
         return torch.cat(out).numpy().astype(np.float32, copy=False)
 
