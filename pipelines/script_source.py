@@ -57,15 +57,19 @@ class ListingProblem:
     message: str
 
 
-def list_scripts(uri: str) -> Iterator[ListedScript | ListingProblem]:
-    """Yield every script of `uri` in a stable order (see the module docstring)."""
+def list_scripts(uri: str, exclude: str | None = None) -> Iterator[ListedScript | ListingProblem]:
+    """Yield every script of `uri` in a stable order (see the module docstring).
+
+    `exclude`: a folder/prefix never listed (the batch passes its output URI, so outputs
+    written below the scripts folder are not taken for scripts)."""
     if not isinstance(uri, str) or not uri.strip():
         raise ScriptSourceError(f"--scripts must be a path or URI, got {uri!r}")
     fs, path = storage.filesystem(uri)
     protocol = _protocol_prefix(uri)
     counter = _Counter()
     if any(ch in path for ch in GLOB_CHARS):
-        matches = sorted(fs.glob(path))
+        skip = storage.filesystem(exclude)[1].rstrip("/") + "/" if exclude else None
+        matches = [m for m in sorted(fs.glob(path)) if not (skip and m.startswith(skip))]
         if not matches:
             raise ScriptSourceError(f"--scripts {uri}: the pattern matches no file")
         for match in matches:
@@ -75,7 +79,8 @@ def list_scripts(uri: str) -> Iterator[ListedScript | ListingProblem]:
     if hasattr(fs, "invalidate_cache"):
         fs.invalidate_cache(path)
     if fs.isdir(path):
-        yield from _walk_folder(fs, path, protocol, counter, uri)
+        skip = storage.filesystem(exclude)[1].rstrip("/") + "/" if exclude else None
+        yield from _walk_folder(fs, path, protocol, counter, uri, skip)
         return
     if not fs.exists(path):
         raise ScriptSourceError(f"--scripts {uri}: no such file, folder or prefix")
@@ -115,10 +120,14 @@ def _protocol_prefix(uri: str) -> str:
     return uri.split("://", 1)[0] + "://" if "://" in uri else ""
 
 
-def _walk_folder(fs, root: str, protocol: str, counter: _Counter, uri: str):
+def _walk_folder(fs, root: str, protocol: str, counter: _Counter, uri: str,
+                 skip: str | None = None):
     found = False
     # fs.walk lists one directory at a time; sorting in place keeps the order stable.
     for folder, dirs, files in fs.walk(root, topdown=True):
+        if skip and (folder.rstrip("/") + "/").startswith(skip):
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith(".") or not name.lower().endswith(SCRIPT_SUFFIXES):

@@ -35,6 +35,10 @@ def test_folder_is_listed_recursively_in_stable_order(tmp_path):
     assert [i.uri.rsplit("/", 1)[1] for i in items] == ["a.json", "b.json", "c.json5"]
     assert [i.position for i in items] == [0, 1, 2]
     assert read_script(items[2]).story_name == "c"
+    # outputs written below the scripts folder are never taken for scripts
+    _write(str(tmp_path / "out" / "story" / "config.json"), {"a": 1})
+    again = list(list_scripts(str(tmp_path), exclude=str(tmp_path / "out")))
+    assert [i.uri for i in again] == [i.uri for i in items]
 
 
 def test_glob_and_single_file(tmp_path):

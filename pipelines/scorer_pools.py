@@ -1,0 +1,168 @@
+"""Start the shared scorer actor pools of a batch and hand workers proxies to them.
+
+Pools (each `n` actors of `actors.scorer_actor.ScorerActor`, shared by every story worker):
+- `clip`: the CLIP `ImageEmbedder` (keyframe similarity, prompt-aware memory, consistency);
+- `gate`: the keyframe quality gate - the aesthetic predictor, or HPSv3 when
+  `HPSOptions` are given. The HPSv3 actors run under the HPS environment's interpreter
+  (`runtime_env={"py_executable": ...}`, built by `make hps-env` into .hps-venv), because
+  the hpsv3 package pins an older transformers than the main environment.
+
+Scorer calls are idempotent, so actors restart on a crash and calls are retried
+(`max_restarts`, `max_task_retries`).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors import scorer_factories
+from actors.scorer_actor import ScorerActor
+from actors.scorer_proxies import EmbedderProxy, ImageScorerProxy
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_HPS_PYTHON = PROJECT_ROOT / ".hps-venv" / "bin" / "python"
+SCORER_MAX_RESTARTS = 3
+SCORER_MAX_TASK_RETRIES = 2
+
+
+class ScorerPoolError(RuntimeError):
+    """A scorer pool that cannot start (bad option, missing HPS environment, load error)."""
+
+
+@dataclass(frozen=True)
+class ScorerPoolOptions:
+    clip_actors: int = 1
+    gate_actors: int = 1
+    max_batch_size: int = 64  # images per forward
+    max_wait_s: float = 0.05  # how long a request may wait for others to fill the batch
+    cpus_per_actor: float = 0.25
+    gpus_per_actor: float = 0.0
+    torch_threads: int = 1
+
+
+@dataclass(frozen=True)
+class HPSOptions:
+    """Use HPSv3 as the keyframe gate (the reference's choice)."""
+
+    checkpoint: str
+    base_model: str  # Qwen2-VL folder
+    python: str = str(DEFAULT_HPS_PYTHON)
+    threshold: float | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class ScorerPools:
+    clip: list
+    gate: list
+    gate_threshold: float
+    clip_name: str
+    gate_name: str
+    info: dict = field(default_factory=dict)
+
+    def keyframe_scorers(self, timeout_s: float | None = 600.0):
+        """KeyframeScorers made of proxies to the pools (what the story runner takes)."""
+        from storymem_model.scorers.base import KeyframeScorers
+
+        return KeyframeScorers(
+            embedder=EmbedderProxy(self.clip, self.clip_name, timeout_s),
+            gate=ImageScorerProxy(self.gate, self.gate_name, timeout_s),
+            gate_threshold=self.gate_threshold)
+
+    def actors(self) -> list:
+        return [*self.clip, *self.gate]
+
+    def stats(self) -> dict:
+        """Batching counters per pool, summed over its actors."""
+        import ray
+
+        out = {}
+        for pool_name, handles in (("clip", self.clip), ("gate", self.gate)):
+            merged: dict[str, dict] = {}
+            try:
+                per_actor = ray.get([h.stats.remote() for h in handles], timeout=60)
+            except Exception as exc:  # a dead scorer actor must not lose the run tables
+                out[pool_name] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
+            for actor_stats in per_actor:
+                for method, s in actor_stats["methods"].items():
+                    m = merged.setdefault(method, {"batches": 0, "requests": 0, "items": 0,
+                                                   "max_requests_per_batch": 0,
+                                                   "max_items_per_batch": 0, "busy_s": 0.0})
+                    for key in ("batches", "requests", "items", "busy_s"):
+                        m[key] += s[key]
+                    for key in ("max_requests_per_batch", "max_items_per_batch"):
+                        m[key] = max(m[key], s[key])
+            for m in merged.values():
+                m["mean_requests_per_batch"] = m["requests"] / m["batches"] if m["batches"] else 0.0
+                m["mean_items_per_batch"] = m["items"] / m["batches"] if m["batches"] else 0.0
+            name = self.clip_name if pool_name == "clip" else self.gate_name
+            out[pool_name] = {"name": name, "actors": len(handles), "methods": merged}
+        return out
+
+    def kill(self) -> None:
+        import ray
+
+        for handle in self.actors():
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:
+                pass
+
+
+def start_scorer_pools(model_args: argparse.Namespace, options: ScorerPoolOptions,
+                       hps: HPSOptions | None = None, name_prefix: str = "storymem") -> ScorerPools:
+    """Create both pools and wait until every actor has loaded its model."""
+    import ray
+
+    if options.clip_actors < 1 or options.gate_actors < 1:
+        raise ScorerPoolError("scorer pools need at least one actor each "
+                              f"(clip {options.clip_actors}, gate {options.gate_actors})")
+    remote = ray.remote(ScorerActor)
+    common = dict(num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor,
+                  max_restarts=SCORER_MAX_RESTARTS, max_task_retries=SCORER_MAX_TASK_RETRIES,
+                  max_concurrency=1000)
+    batching = dict(max_batch_size=options.max_batch_size, max_wait_s=options.max_wait_s,
+                    torch_threads=options.torch_threads)
+    clip = [remote.options(name=f"{name_prefix}-clip-{i}", **common).remote(
+        functools.partial(scorer_factories.build_embedder, model_args), role="clip", **batching)
+        for i in range(options.clip_actors)]
+    if hps is not None:
+        python = Path(hps.python)
+        if not python.exists():
+            raise ScorerPoolError(
+                f"the HPS environment's interpreter {python} does not exist: build it with "
+                f"`make hps-env` (or pass its path)")
+        runtime_env = {"py_executable": str(python),
+                       "env_vars": {"PYTHONPATH": _pythonpath()}}
+        factory = functools.partial(scorer_factories.build_hps_gate, hps.checkpoint,
+                                    hps.base_model, hps.threshold, hps.dtype)
+        gate = [remote.options(name=f"{name_prefix}-hps-{i}", runtime_env=runtime_env,
+                               **common).remote(factory, role="hps", **batching)
+                for i in range(options.gate_actors)]
+    else:
+        factory = functools.partial(scorer_factories.build_aesthetic_gate, model_args)
+        gate = [remote.options(name=f"{name_prefix}-aesthetic-{i}", **common).remote(
+            factory, role="aesthetic", **batching) for i in range(options.gate_actors)]
+    pools = ScorerPools(clip=clip, gate=gate, gate_threshold=0.0, clip_name="", gate_name="")
+    try:
+        infos = ray.get([h.info.remote() for h in clip + gate])
+    except ray.exceptions.RayActorError as exc:
+        pools.kill()
+        raise ScorerPoolError(f"a scorer actor could not load its model: {exc}") from exc
+    clip_info, gate_info = infos[0], infos[len(clip)]
+    pools.clip_name = clip_info["name"]
+    pools.gate_name = gate_info["name"]
+    pools.gate_threshold = float(gate_info["gate_threshold"])
+    pools.info = {"clip": infos[:len(clip)], "gate": infos[len(clip):]}
+    return pools
+
+
+def _pythonpath() -> str:
+    parts = [str(PROJECT_ROOT)]
+    if os.environ.get("PYTHONPATH"):
+        parts.append(os.environ["PYTHONPATH"])
+    return os.pathsep.join(parts)

@@ -1,0 +1,58 @@
+"""Shared scorer actors on the local Ray cluster: batching across callers, exact results."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.batch_render import model_args_from
+from pipelines.scorer_pools import ScorerPoolOptions, start_scorer_pools
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def pools(ray_cluster):
+    options = ScorerPoolOptions(max_batch_size=8, max_wait_s=1.0, cpus_per_actor=0.25)
+    pools = start_scorer_pools(model_args_from(["--preset", "tiny"]), options,
+                               name_prefix="test-scorers")
+    yield pools
+    pools.kill()
+
+
+def _frames(seed: int, n: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_requests_from_several_callers_are_batched_and_results_are_exact(pools, ray_cluster):
+    from storymem_model.scorers import TINY_GATE_THRESHOLD
+
+    ray = ray_cluster
+    clip = pools.clip[0]
+    batches = [_frames(seed, 2) for seed in range(4)]
+    # Four callers at once (as four stories would): one forward of 8 images serves all.
+    results = ray.get([clip.embed_images.remote(frames) for frames in batches])
+    stats = pools.stats()["clip"]["methods"]["embed_images"]
+    assert stats["max_requests_per_batch"] == 4 and stats["max_items_per_batch"] == 8
+    # Each caller gets exactly what it gets when it is alone in its batch.
+    alone = [ray.get(clip.embed_images.remote(frames)) for frames in batches]
+    for result, single in zip(results, alone):
+        assert result.shape[0] == 2
+        np.testing.assert_allclose(result, single, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(result, axis=1), 1.0, atol=1e-4)
+    assert pools.stats()["clip"]["methods"]["embed_images"]["batches"] == stats["batches"] + 4
+
+    gate = pools.keyframe_scorers().gate
+    frames = _frames(9, 6)
+    together = gate.score_images(frames)
+    np.testing.assert_allclose(together[:3], gate.score_images(frames[:3]), atol=1e-4)
+    assert together.shape == (6,) and together.dtype == np.float32
+    assert pools.gate_threshold == pytest.approx(TINY_GATE_THRESHOLD)
+    assert pools.clip_name and pools.gate_name
+
+
+def test_bad_input_is_refused_clearly_and_the_actor_keeps_serving(pools):
+    proxy = pools.keyframe_scorers().embedder
+    with pytest.raises(Exception, match="uint8"):
+        proxy.embed_images(np.zeros((2, 8, 8, 3), dtype=np.float32))
+    assert proxy.embed_images(_frames(1, 1)).shape[0] == 1
+    assert proxy.embed_texts(["a lighthouse", "a boat"]).shape[0] == 2
