@@ -8,8 +8,9 @@
         keyframes/{keyframe_id}.png          selected keyframes, lossless; ids are
                                              scene{SSS}-shot{TTT}-frame{FFFF}
         memory/{scene:02d}_{shot:02d}/bank/  the memory bank after the latest shot
-        memory/{scene:02d}_{shot:02d}/tail_{i}.png  that shot's last frames (lossless),
-                                             for MI2V/MM2V continuation after a resume
+        memory/{scene:02d}_{shot:02d}/last_frames.png  that shot's last 5 frames stacked
+                                             top to bottom (lossless), for MI2V/MM2V
+                                             continuation after a resume
         {story_id}.mp4                       every shot stitched, in order, nothing else
         shots.parquet                        one row per shot
         _COMMITTED.json                      written last: file list, sizes, sha256

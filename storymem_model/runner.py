@@ -38,6 +38,7 @@ from storymem_model.video_io import encode_mp4, stitch_mp4
 log = logging.getLogger("storymem.runner")
 
 TAIL_FRAMES = 5  # MM2V continues from the last 5 frames; MI2V from the last one
+TAIL_FILE = "last_frames.png"
 
 
 class RenderError(RuntimeError):
@@ -251,12 +252,13 @@ class StorySession:
             last = rows[-1]
             mem = layout.memory_key(last["scene"], last["shot"])
             self.bank = MemoryBank.load(self._uri(f"{mem}/bank"))
-            tails = sorted(f for f in storage.list_files(self._uri(mem))
-                           if f.startswith("tail_") and f.endswith(".png"))
-            if not tails:
-                raise RenderError(f"story {self.story_id}: checkpoint {mem} has no tail frames")
-            self.tail = np.stack([png_image(storage.read_bytes(self._uri(f"{mem}/{t}")))
-                                  for t in tails])
+            try:
+                strip = png_image(storage.read_bytes(self._uri(f"{mem}/{TAIL_FILE}")))
+            except FileNotFoundError:
+                raise RenderError(f"story {self.story_id}: checkpoint {mem} has no "
+                                  f"{TAIL_FILE}") from None
+            height = int(last["height"])
+            self.tail = strip.reshape(-1, height, *strip.shape[1:])
         elif self.runner.references:
             self.bank.add_references(self.runner.references, story_id=self.story_id,
                                      embedder=self.runner.scorers.embedder)
@@ -370,8 +372,10 @@ class StorySession:
                                 image_png(entry.image))
         mem = layout.memory_key(spec.scene, spec.shot)
         self.bank.save(self._uri(f"{mem}/bank"))
-        for i, frame in enumerate(frames[-TAIL_FRAMES:]):
-            storage.write_bytes(self._uri(f"{mem}/tail_{i}.png"), image_png(frame))
+        # The last frames, lossless, stacked top to bottom in one PNG.
+        tail = frames[-TAIL_FRAMES:]
+        storage.write_bytes(self._uri(f"{mem}/{TAIL_FILE}"),
+                            image_png(tail.reshape(-1, *tail.shape[2:])))
         return {
             "story_id": self.story_id, "story_name": self.story_name,
             "config_hash": self.runner.config_hash,
