@@ -213,3 +213,27 @@ def test_clear_errors_for_missing_output_and_missing_encoders(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--preset", "tiny", "--viclip",
                  str(tmp_path / "missing.pth")]) == 2
     assert "ViCLIP checkpoint not found" in capsys.readouterr().err
+
+
+def test_story_consistency_for_a_batch_table_row(bench):
+    from storymem_model.evaluation import story_consistency_for_render
+
+    row = next(r for r in _level(bench["rows"], "story")
+               if r["story_name"] == "Kite Day" and r["method"] == "storymem")
+    result = story_consistency_for_render(row["story_uri"], tiny_viclip_encoder())
+    assert result["num_shot_pairs"] == 1
+    assert result["consistency_all_pairs"] == pytest.approx(row["consistency_all_pairs"], abs=1e-5)
+
+
+def test_two_configs_of_one_method_get_their_hash_in_the_label(bench, tmp_path):
+    from storymem_model.evaluation import find_rendered_stories
+
+    out = tmp_path / "out"
+    kite = next(bench["out"].glob("kite-day-*"))
+    storymem = next(d for d in kite.iterdir()
+                    if json.loads((d / "config.json").read_text())["model_id"] == "tiny")
+    shutil.copytree(storymem, out / kite.name / storymem.name)
+    shutil.copytree(storymem, out / kite.name / "0123456789ab")
+    found, problems = find_rendered_stories(str(out))
+    assert not problems
+    assert sorted(s.method for s in found) == ["storymem-0123456789ab", f"storymem-{storymem.name}"]
