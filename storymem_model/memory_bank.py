@@ -251,6 +251,8 @@ class MemoryBank:
     def save(self, uri: str) -> None:
         """Write the bank under `uri`; the manifest goes last, so a bank without a manifest
         was never completely written. Images already written to `uri` are not rewritten."""
+        for entry in self._stored:  # entries may have been changed after add()
+            _check_entry(entry)
         written = self._written_images.setdefault(uri, set())
         entries_meta = []
         for entry in self._stored:
