@@ -18,6 +18,10 @@ log = logging.getLogger("storymem.render")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class ArgumentsError(ValueError):
+    """Flags that cannot work together or name something unusable (exit status 2)."""
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for the model, the scorers and every setting that changes pixels."""
     model = parser.add_argument_group(
@@ -117,7 +121,7 @@ def pipeline_from_args(args: argparse.Namespace):
     elif args.model_dir:
         source = args.model_dir
     else:
-        raise SystemExit("error: give --preset tiny or --model-dir DIR (see --help)")
+        raise ArgumentsError("give --preset tiny or --model-dir DIR (see --help)")
     kwargs = {}
     if args.t2v_model_dir:
         kwargs["t2v"] = args.t2v_model_dir
@@ -137,8 +141,8 @@ def scorers_from_args(args: argparse.Namespace):
         return build_scorers(paths, gate_threshold=args.gate_threshold, device=args.device)
     if args.preset == "tiny":
         return build_scorers("tiny", gate_threshold=args.gate_threshold)
-    raise SystemExit("error: real models need real keyframe scorers: give --clip-checkpoint, "
-                     "--aesthetic-head and --aesthetic-clip-checkpoint")
+    raise ArgumentsError("real models need real keyframe scorers: give --clip-checkpoint, "
+                         "--aesthetic-head and --aesthetic-clip-checkpoint")
 
 
 def references_from_args(args: argparse.Namespace) -> list:
@@ -156,9 +160,9 @@ def references_from_args(args: argparse.Namespace) -> list:
             with Image.open(io.BytesIO(storage.read_bytes(uri))) as img:
                 images.append(np.asarray(img.convert("RGB")).copy())
         except FileNotFoundError:
-            raise SystemExit(f"error: reference image {uri} not found") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise SystemExit(f"error: reference image {uri} cannot be read: {exc}") from None
+            raise ArgumentsError(f"reference image {uri} not found") from None
+        except (UnidentifiedImageError, OSError, storage.StorageError) as exc:
+            raise ArgumentsError(f"reference image {uri} cannot be read: {exc}") from None
     return images
 
 
@@ -205,6 +209,13 @@ def add_render_command(subparsers) -> argparse.ArgumentParser:
                         help="progress bars on a terminal and log lines otherwise (auto, "
                              "the default), always bars, log lines, or nothing")
     add_model_arguments(parser)
+    hps = parser.add_argument_group(
+        "HPSv3 gate", "Gate keyframes with HPSv3 (score >= 3.0) as the reference does, instead "
+        "of the aesthetic predictor. Runs in the separate environment built by `make hps-env`.")
+    hps.add_argument("--hps-checkpoint", metavar="FILE", help="HPSv3 checkpoint file")
+    hps.add_argument("--hps-base-model", metavar="DIR", help="Qwen2-VL base model folder")
+    hps.add_argument("--hps-python", metavar="PATH",
+                     help="python of the HPS environment (default: .hps-venv/bin/python)")
     parser.set_defaults(func=run_render)
     return parser
 
@@ -231,20 +242,18 @@ def run_render(args: argparse.Namespace) -> int:
     results = []
     if scripts:
         started = time.perf_counter()
-        references = references_from_args(args)
-        pipeline = pipeline_from_args(args)
-        scorers = scorers_from_args(args)
         try:
+            references = references_from_args(args)
+            pipeline = pipeline_from_args(args)
+            scorers = _with_hps_gate(args, scorers_from_args(args))
             config = config_from_args(args, pipeline, scorers, references)
-        except ValueError as exc:
+        except ValueError as exc:  # bad flags, model folders, LoRA files, scorer paths
             print(f"storymem render: error: {exc}", file=sys.stderr)
             return 2
         runner = StoryRunner(pipeline, scorers, config, references=references)
         log.info("model %s ready in %.1f s; config %s", config.model_id,
                  time.perf_counter() - started, config.config_hash())
-        progress = {"auto": None, "bar": True, "log": None, "none": False}[args.progress]
-        if args.progress == "log":
-            progress = _LogOnly()
+        progress = {"auto": None, "bar": True, "log": _LogOnly(), "none": False}[args.progress]
         use_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
         stories = tqdm(scripts, unit="story", desc="stories", disable=not use_bar)
         for script in stories:
@@ -259,6 +268,27 @@ def run_render(args: argparse.Namespace) -> int:
                      result.video_uri, result.parquet_uri)
     _print_summary(results, failures)
     return 1 if failures else 0
+
+
+def _with_hps_gate(args: argparse.Namespace, scorers):
+    """The scorers with HPSv3 as the gate when --hps-checkpoint is given."""
+    if not (args.hps_checkpoint or args.hps_base_model):
+        return scorers
+    if not (args.hps_checkpoint and args.hps_base_model):
+        raise ArgumentsError("the HPSv3 gate needs both --hps-checkpoint and --hps-base-model")
+    from storymem_model.scorers import KeyframeScorers
+    from storymem_model.scorers.hps_scorer import HPSScorer
+
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    gate = HPSScorer(args.hps_checkpoint, args.hps_base_model, python=args.hps_python,
+                     device=device)
+    threshold = args.gate_threshold if args.gate_threshold is not None \
+        else gate.default_threshold
+    return KeyframeScorers(embedder=scorers.embedder, gate=gate, gate_threshold=threshold)
 
 
 class _LogOnly:

@@ -1,0 +1,115 @@
+"""`storymem render`: help, exit codes and failure summary, references (MR2V), progress."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from flows.cli import main
+from storymem_model import storage
+from storymem_model.story_script import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_SHOTS = {"story_name": "Lantern", "scenes": [
+    {"video_prompts": ["A paper lantern floats up at night.", "It drifts over rooftops."],
+     "cut": [True, False]}]}
+
+
+def _write(path: Path, data) -> Path:
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data, encoding="utf-8")
+    return path
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "render" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["render", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--out", "--preset", "--model-dir", "--t2v-model-dir", "--lora-dir",
+                 "--transition", "--references", "--seed", "--max-memory", "--memory-sink",
+                 "--rope-shift", "--steps", "--guidance-scale", "--shift", "--device",
+                 "--dtype", "--clip-checkpoint", "--aesthetic-head", "--progress"):
+        assert flag in text, flag
+    assert "_COMMITTED.json" in text and "resumes" in text
+
+
+def test_bad_flags_exit_2_before_any_model_work(tmp_path, capsys):
+    script = _write(tmp_path / "s.json", TWO_SHOTS)
+    assert main(["render", str(script), "--out", str(tmp_path / "o")]) == 2
+    assert "give --preset tiny or --model-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["render", str(script), "--out", "o", "--preset", "tiny", "--transition", "x"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["render", str(script), "--out", "o", "--preset", "tiny",
+              "--model-dir", str(tmp_path)])
+    assert info.value.code == 2  # --preset and --model-dir exclude each other
+    assert not (tmp_path / "o").exists()
+
+
+def test_failing_stories_are_summarised_and_the_others_still_render(tmp_path):
+    good = _write(tmp_path / "good.json", TWO_SHOTS)
+    bad = _write(tmp_path / "bad.json", {"story_name": "Bad", "scenes": [
+        {"video_prompts": ["fine", ""], "cut": [False, True]}]})
+    broken = _write(tmp_path / "broken.json", "{not json")
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "render", str(bad), str(good), str(broken),
+         str(tmp_path / "missing.json"), "--preset", "tiny", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = proc.stdout
+    assert "3 of 4 stories FAILED" in summary
+    assert "bad.json: story script" in summary
+    assert "scene 1, shot 1: the first shot of a story must be a cut" in summary
+    assert "scene 1, shot 2: prompt is empty" in summary
+    assert "broken.json: not valid JSON/JSON5" in summary
+    assert "missing.json: file not found" in summary
+    # the good story rendered completely; nothing was written for the bad ones
+    story_id = load_script(good).story_id
+    assert f"rendered  {story_id}: 2 shots" in summary
+    assert sorted(p.name for p in out.iterdir()) == [story_id]
+    (story,) = (out / story_id).iterdir()
+    assert storage.verify_commit(str(story)) == []
+    # not a terminal: plain log lines, no progress bars
+    assert "shot 2/2 (scene 1 shot 2, mi2v)" in proc.stderr
+    assert "\r" not in proc.stderr
+
+
+def test_references_make_the_first_shot_mr2v_with_bars_on_a_terminal(tmp_path, capsys,
+                                                                      monkeypatch):
+    from PIL import Image
+
+    script = _write(tmp_path / "s.json", TWO_SHOTS)
+    ref = tmp_path / "hero.png"
+    Image.fromarray(np.full((40, 56, 3), 120, np.uint8)).save(ref)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    out = tmp_path / "out"
+    code = main(["render", str(script), "--preset", "tiny", "--out", str(out),
+                 "--references", str(ref), "--steps", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    assert "shot" in captured.err and "stories" in captured.err  # tqdm bars
+    (story,) = (out / load_script(script).story_id).iterdir()
+    config = json.loads((story / "config.json").read_text())
+    assert len(config["references_sha256"]) == 1
+    assert config["sampling"]["num_inference_steps"] == 2
+    rows = pq.read_table(io.BytesIO((story / "shots.parquet").read_bytes())).to_pylist()
+    assert [r["mode"] for r in rows] == ["mr2v", "mi2v"]
+    assert rows[0]["memory_keyframe_ids"] == ["reference000"]
+
+    code = main(["render", str(script), "--preset", "tiny", "--out", str(out),
+                 "--references", str(tmp_path / "nope.png")])
+    assert code == 2
+    assert "reference image" in capsys.readouterr().err
