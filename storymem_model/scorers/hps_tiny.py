@@ -23,8 +23,7 @@ BASE_DIR = "qwen2vl"
 CHECKPOINT = "hpsv3.safetensors"
 MANIFEST = "tiny_hps.json"
 
-# Token strings the Qwen2-VL processor and HPSv3 rely on. The image processor's patch 14 and
-# merge 2 stay real: HPSv3 hard-codes its pixel budget as 256 * 28 * 28 (256 image tokens).
+# Token strings the Qwen2-VL processor and HPSv3 rely on.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -44,7 +43,7 @@ CHAT_TEMPLATE = (
 class TinyHPSSizes:
     """Every size of the tiny HPSv3 in one place."""
 
-    vocab_size: int = 600          # BPE vocabulary incl. special tokens (then +1 reward token)
+    vocab_size: int = 1000         # BPE vocabulary incl. special tokens (then +1 reward token)
     hidden_size: int = 32
     intermediate_size: int = 64
     num_hidden_layers: int = 2
@@ -54,6 +53,12 @@ class TinyHPSSizes:
     vision_embed_dim: int = 32
     vision_num_heads: int = 4
     vision_mlp_ratio: int = 2
+    # HPSv3 resizes every image to its 256 * 28 * 28 pixel budget (448x448, 1024 patches of
+    # 14 px); the tiny image processor then shrinks it to at most this many pixels (112x112:
+    # 64 patches, 16 image tokens). Patch 14 and merge 2 stay real. This matters on a CPU:
+    # transformers 4.45's SDPA vision attention masks one (P, P) matrix over all P patches of
+    # the batch, so its cost grows with the square of the batch's patch count.
+    image_max_pixels: int = 112 * 112
     target_mean_score: float = 3.0  # centre of tiny scores (the reference's HPS gate)
     target_score_std: float = 1.0   # spread of tiny scores over random calibration images
 
@@ -116,7 +121,9 @@ def build_base_model(folder: Path, seed: int, sizes: TinyHPSSizes = TINY_HPS) ->
                        "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3})
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56,
+                                            max_pixels=sizes.image_max_pixels)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                  chat_template=CHAT_TEMPLATE)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
