@@ -197,7 +197,7 @@ def run_eval(args: argparse.Namespace) -> int:
             for source, problem in failures:
                 log.error("script %s skipped: %s", source, problem)
         encoder, aesthetic = encoders_from_args(args, args.preset)
-    except (EvalSetupError, ValueError) as exc:
+    except (EvalSetupError, ValueError, OSError) as exc:
         print(f"storymem eval: error: {exc}", file=sys.stderr)
         return 2
     return _evaluate_and_print(args, args.output, encoder, aesthetic, scripts)
@@ -252,8 +252,8 @@ def run_bench_stbench(args: argparse.Namespace) -> int:
             baseline = IndependentShotsPipeline(pipeline)
             config = config_from_args(args, baseline, scorers, []).replace(transition="none")
             runners["independent"] = StoryRunner(baseline, scorers, config)
-    except (EvalSetupError, ValueError) as exc:
-        print(f"storymem bench-stbench: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - bad flags, missing weights: a message, exit 2
+        print(f"storymem bench-stbench: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     for source, problem in failures:
         log.error("script %s skipped: %s", source, problem)
@@ -269,6 +269,8 @@ def run_bench_stbench(args: argparse.Namespace) -> int:
             log.info("%s %s: %s (%d shots, %.1f s)", method, script.story_id, result.status,
                      result.shots_total, result.seconds)
     status = _evaluate_and_print(args, args.out, encoder, aesthetic, scripts)
+    for source, problem in failures:
+        print(f"SCRIPT SKIPPED {source}: " + " ".join(p.strip() for p in problem.splitlines()))
     for story_id, method, reason in render_failures:
         print(f"RENDER FAILED {story_id} ({method}): {reason}")
     return 1 if (render_failures or failures or status) else 0

@@ -45,6 +45,8 @@ def bench(tmp_path_factory):
     scripts.mkdir()
     (scripts / "kite.json").write_text(json.dumps(KITE))
     (scripts / "baker.json").write_text(json.dumps(BAKER))
+    broken = {"story_name": "Broken", "scenes": [{"video_prompts": ["x"], "cut": [False]}]}
+    (scripts / "broken.json").write_text(json.dumps(broken))  # first shot must be a cut
     out = root / "out"
     code, printed = run_cli(["bench-stbench", "--scripts", str(scripts), "--out", str(out),
                              "--baseline", "independent", *SMALL])
@@ -70,7 +72,10 @@ def _printed_table(printed: str) -> dict[str, list[str]]:
 
 
 def test_bench_renders_both_methods_and_prints_the_table_the_files_hold(bench):
-    assert bench["code"] == 0, bench["printed"]
+    # the broken script is reported (exit status 1) and costs the others nothing
+    assert bench["code"] == 1, bench["printed"]
+    skipped = [line for line in bench["printed"].splitlines() if line.startswith("SCRIPT SKIPPED")]
+    assert len(skipped) == 1 and "broken.json" in skipped[0] and "cut" in skipped[0]
     rows = bench["rows"]
     assert len(_level(rows, "shot")) == 2 * (2 + 1)
     assert len(_level(rows, "story")) == 2 * 2
