@@ -176,6 +176,11 @@ def write_dataset(story_uris: list[str], out_uri: str, embedder, *,
     if not 0 <= validation_percent <= 100:
         raise ValueError(f"validation_percent must be within 0..100, got {validation_percent}")
     started = time.time()
+    missing = [u for u in sorted(set(story_uris)) if not storage.is_committed(u)]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} story folder(s) not committed (no {storage.COMMIT_MARKER}); only "
+            f"finished stories go into a dataset: {', '.join(missing[:20])}")
     dim = None
     files: list[str] = []
     counts = {"stories": 0, "shots": 0, "keyframes": 0,

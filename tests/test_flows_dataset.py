@@ -1,0 +1,141 @@
+"""The dataset flow on the nightly renders (moto S3, tiny preset, Prefect test server):
+rows, keyframe images, CLIP embeddings and scores consistent with the rendered shots."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import flows_support as support
+from storymem_model import storage
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    support.prefect_server()
+    yield
+    support.stop_prefect_server()
+
+
+@pytest.fixture(scope="module")
+def dataset(s3_endpoint, ray_cluster):
+    from flows.generate_dataset import generate_dataset
+
+    nightly = support.nightly_rendered(s3_endpoint)
+    out = nightly["bucket"] + "/datasets/shots-v1"
+    state = generate_dataset(nightly["source"], out, render_out=nightly["out"],
+                             preset="tiny", render_args=support.TINY_RENDER_ARGS,
+                             validation_percent=34.0, dataset_name="tiny-shots",
+                             run_id="dataset-1", retry_backoff_s=0.2, return_state=True)
+    return {"state": state, "out": out, "renders": nightly["out"]}
+
+
+def _committed_stories(renders: str) -> list[str]:
+    fs, path = storage.filesystem(renders)
+    fs.invalidate_cache()
+    return sorted("s3://" + p.rsplit("/", 1)[0]
+                  for p in fs.glob(f"{path}/*/*/{storage.COMMIT_MARKER}"))
+
+
+def test_dataset_rows_match_the_rendered_shots(dataset):
+    from pipelines.dataset_writer import read_dataset
+
+    state = dataset["state"]
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["shots"] == support.VALID_SHOTS and summary["stories"] == 3
+    assert summary["render_run"]["batch_ran"] is False  # the renders were reused
+    assert summary["failures"] == 1 and "1 script(s)/story(ies) failed" in state.message
+
+    table = read_dataset(dataset["out"]).to_pylist()
+    assert len(table) == support.VALID_SHOTS
+    stories = _committed_stories(dataset["renders"])
+    expected = {}
+    for story_uri in stories:
+        shots = pq.read_table(io.BytesIO(storage.read_bytes(
+            storage.join(story_uri, "shots.parquet")))).to_pylist()
+        for shot in shots:
+            expected[(shot["story_id"], shot["shot_index"])] = (story_uri, shot)
+    assert {(r["story_id"], r["shot_index"]) for r in table} == set(expected)
+
+    for row in table:
+        story_uri, shot = expected[(row["story_id"], row["shot_index"])]
+        assert row["split"] in ("train", "validation")
+        assert row["video_uri"] == shot["video_uri"]
+        assert storage.sha256_hex(storage.read_bytes(row["video_uri"])) == row["video_sha256"]
+        assert row["prompt"] == shot["prompt"] and row["mode"] == shot["mode"]
+        assert row["keyframe_ids"] == shot["keyframe_ids"]
+        assert row["memory_keyframe_ids"] == shot["memory_keyframe_ids"]
+        assert row["memory_size"] == len(shot["memory_keyframe_ids"])
+        assert np.allclose(row["keyframe_aesthetic_scores"], shot["keyframe_scores"])
+        assert len(row["keyframe_images"]) == len(row["keyframe_ids"]) \
+            == len(row["keyframe_clip_embeddings"]) == len(row["keyframe_uris"])
+        for png, uri in zip(row["keyframe_images"], row["keyframe_uris"]):
+            assert png == storage.read_bytes(uri)  # the lossless keyframe itself
+        assert row["prompt"] in row["scene_prompts"]
+        assert abs(np.linalg.norm(row["prompt_clip_embedding"]) - 1) < 1e-4
+    # Memory used by a shot is made of keyframes selected from earlier shots.
+    by_story: dict[str, list[dict]] = {}
+    for row in table:
+        by_story.setdefault(row["story_id"], []).append(row)
+    for rows in by_story.values():
+        rows.sort(key=lambda r: r["shot_index"])
+        seen: set[str] = set()
+        for row in rows:
+            assert set(row["memory_keyframe_ids"]) <= seen
+            seen |= set(row["keyframe_ids"])
+
+
+def test_dataset_embeddings_equal_the_runners_memory_embeddings(dataset):
+    """CLIP embeddings computed by the dataset writer from the keyframe PNGs equal the
+    ones the runner stored in the story's memory bank while rendering."""
+    from pipelines.dataset_writer import read_dataset
+    from storymem_model.memory_bank import MemoryBank
+
+    table = read_dataset(dataset["out"]).to_pylist()
+    embeddings = {kf: np.asarray(e) for row in table
+                  for kf, e in zip(row["keyframe_ids"], row["keyframe_clip_embeddings"])}
+    checked = 0
+    for story_uri in _committed_stories(dataset["renders"]):
+        fs, path = storage.filesystem(story_uri)
+        banks = sorted(fs.glob(f"{path}/memory/*/bank"))
+        bank = MemoryBank.load("s3://" + banks[-1])
+        for entry in bank.stored:
+            assert np.allclose(embeddings[entry.keyframe_id], entry.clip_embedding,
+                               atol=1e-4), entry.keyframe_id
+            checked += 1
+    assert checked == len(embeddings) > 0
+
+
+def test_dataset_card_and_commit(dataset):
+    out = dataset["out"]
+    card = json.loads(storage.read_bytes(storage.join(out, "dataset_card.json")))
+    assert card["name"] == "tiny-shots"
+    assert card["counts"]["shots"] == support.VALID_SHOTS and card["counts"]["stories"] == 3
+    by_split = card["counts"]["by_split"]
+    assert sum(s["shots"] for s in by_split.values()) == support.VALID_SHOTS
+    assert card["config"]["render_config"]["model_id"] == "tiny"
+    assert card["config"]["model_argv"][:2] == ["--preset", "tiny"]
+    assert card["source"]["failures"] == 1
+    assert {f["name"] for f in card["schema"]} >= {
+        "video_uri", "prompt", "keyframe_images", "keyframe_clip_embeddings",
+        "keyframe_aesthetic_scores", "memory_keyframe_ids", "story_overview"}
+    assert all(f.startswith("data/split=") for f in card["files"])
+    assert storage.verify_commit(out) == []
+
+
+def test_dataset_of_an_uncommitted_story_is_refused(dataset, s3_endpoint):
+    from pipelines.dataset_writer import DatasetError, write_dataset
+
+    stories = _committed_stories(dataset["renders"])
+    half_done = stories[0].rsplit("/", 1)[0] + "/not-a-config-hash"
+    target = dataset["out"] + "-refused"
+    with pytest.raises(DatasetError, match="not committed") as error:
+        write_dataset([stories[0], half_done], target, embedder=None)
+    assert "not-a-config-hash" in str(error.value)
+    assert storage.list_files(target) == []  # checked before anything was written
