@@ -152,3 +152,29 @@ def test_bad_inputs_and_checkpoints_raise_clear_errors(tiny, tmp_path):
         ve.ViCLIPEncoder.from_checkpoint(str(tmp_path / "other.pth"))
     with pytest.raises(ve.VideoEncoderError, match="unknown video encoder"):
         ve.build_video_encoder("no-such-encoder")
+
+
+def test_one_frame_through_the_vision_tower_equals_open_clips_image_vit(tiny):
+    """With one frame and a zero temporal embedding, ViCLIP's tower is a plain CLIP ViT:
+    the same weights in open_clip's VisionTransformer give the same embedding."""
+    from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
+
+    cfg = tiny.config
+    tower = tiny.model.vision_encoder
+    vit = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
+                            cfg.vision_heads, cfg.mlp_ratio, output_dim=cfg.embed_dim,
+                            act_layer=QuickGELU, norm_layer=LayerNorm).eval()
+    state = {k: v for k, v in tower.state_dict().items() if k != "temporal_positional_embedding"}
+    state["conv1.weight"] = state["conv1.weight"][:, :, 0]
+    vit.load_state_dict(state)
+    saved = tower.temporal_positional_embedding.detach().clone()
+    pixels = torch.randn(2, 3, 1, cfg.image_size, cfg.image_size)
+    try:
+        with torch.no_grad():
+            tower.temporal_positional_embedding.zero_()
+            ours = tower(pixels)
+            reference = vit(pixels[:, :, 0])
+    finally:
+        with torch.no_grad():
+            tower.temporal_positional_embedding.copy_(saved)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
