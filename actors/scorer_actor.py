@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, Hashable, Sequence
 
@@ -73,7 +74,7 @@ class ScorerActor:
     # ---- introspection ----
     def info(self) -> dict:
         return {"role": self.role, "name": self.name, "pid": os.getpid(),
-                "load_s": self._load_s, **self._extra}
+                "python": sys.executable, "load_s": self._load_s, **self._extra}
 
     def stats(self) -> dict:
         merged: dict[str, dict] = {}

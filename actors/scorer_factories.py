@@ -65,14 +65,18 @@ class HPSGate:
 def build_hps_gate(checkpoint: str, base_model: str, threshold: float | None = None,
                    dtype: str | None = None):
     """HPSv3 through the real hpsv3 package (call it under the HPS env's interpreter)."""
-    import os
-
     from storymem_model.scorers.hps_model import HPSv3Model
 
     model = HPSv3Model(checkpoint, base_model, device=_device(), dtype=dtype)
-    name = f"hpsv3:{os.path.basename(str(checkpoint))}"
-    return HPSGate(model, name), {
-        "gate_threshold": float(HPS_GATE_THRESHOLD if threshold is None else threshold)}
+    info = {"gate_threshold": float(HPS_GATE_THRESHOLD if threshold is None else threshold)}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    # "hpsv3", as the in-process HPSScorer names itself: same gate, same config hash.
+    return HPSGate(model, "hpsv3"), info
 
 
 def _device() -> str:

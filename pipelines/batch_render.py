@@ -206,9 +206,12 @@ class _BatchRun:
         self.restarts = 0
         self.retries = 0
         self.shots_rendered = 0
+        self.shot_events: collections.Counter = collections.Counter()
         self.story_wall_s = 0.0
         self.log_dir = tempfile.mkdtemp(prefix=f"storymem-batch-{run_id}-")
         self.bar = None
+        self.first_ready: float | None = None
+        self.loop_end = 0.0
 
     # -- the whole run -----------------------------------------------------------------
     def run(self) -> dict:
@@ -231,6 +234,7 @@ class _BatchRun:
                 self.slots.append(slot)
                 self._start_worker(slot)
             self._loop()
+            self.loop_end = time.time()
             self._drain_progress()
             return self._finish()
         finally:
@@ -335,6 +339,7 @@ class _BatchRun:
             return
         if self.config_hash is None:
             self.config_hash, self.config = info["config_hash"], info["config"]
+            self.first_ready = time.time()
             log.info("batch %s: config %s, %d worker(s)", self.run_id, self.config_hash,
                      self.options.workers)
         elif info["config_hash"] != self.config_hash:
@@ -368,13 +373,16 @@ class _BatchRun:
             slot.state = "idle"
             return
         slot.state = "idle"
-        status = "skipped" if row["status"] == "skipped" else "rendered"
-        self.shots_rendered += int(row["shots_rendered"])
+        # "skipped" on a retry means an earlier attempt of this run committed the story.
+        status = "skipped" if row["status"] == "skipped" and task.attempts == 1 else "rendered"
+        # Shots of attempts that died are known from their progress events.
+        shots = max(int(row["shots_rendered"]), self.shot_events[row["story_id"]])
+        self.shots_rendered += shots
         self.story_wall_s += float(row["wall_s"])
         self.tables.add_story(
             position=task.position, source=task.source, story_id=row["story_id"],
             story_name=task.script.story_name, status=status, num_shots=row["num_shots"],
-            shots_rendered=row["shots_rendered"], attempts=task.attempts,
+            shots_rendered=shots, attempts=task.attempts,
             config_hash=row["config_hash"], story_uri=row["story_uri"],
             video_uri=row["video_uri"], worker=row["worker"], wall_s=row["wall_s"],
             consistency_all_pairs=row.get("consistency_all_pairs"),
@@ -398,8 +406,11 @@ class _BatchRun:
         self.tables.add_story(
             position=task.position, source=task.source, story_id=story_id,
             story_name=task.script.story_name, status="failed",
-            num_shots=len(task.script.shots), shots_rendered=0, attempts=task.attempts,
-            config_hash=self.config_hash, error=f"{error_type}: {message}")
+            num_shots=len(task.script.shots), shots_rendered=self.shot_events[story_id],
+            attempts=task.attempts,
+            config_hash=self.config_hash, error=f"{error_type}: {message}",
+            story_uri=storage.join(self.out, story_id, self.config_hash))
+        self.shots_rendered += self.shot_events[story_id]
         self.tables.add_error(position=task.position, stage="render", source=task.source,
                               story_id=story_id, error_type=error_type, message=message,
                               attempts=task.attempts)
@@ -511,6 +522,8 @@ class _BatchRun:
 
     def _emit(self, event: dict) -> None:
         kind = event.get("kind")
+        if kind == "shot_done":
+            self.shot_events[event.get("story_id")] += 1
         if kind == "log":
             self._worker_log(event)
         else:
@@ -601,6 +614,8 @@ class _BatchRun:
             "started_at": _iso(self.started),
             "finished_at": _iso(time.time()),
             "wall_s": wall_s,
+            "startup_s": (self.first_ready or time.time()) - self.started,
+            "render_wall_s": self.loop_end - (self.first_ready or self.loop_end),
             "listed": self.listed,
             "rendered": counts["rendered"],
             "skipped": counts["skipped"],

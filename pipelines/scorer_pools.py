@@ -121,6 +121,10 @@ def start_scorer_pools(model_args: argparse.Namespace, options: ScorerPoolOption
     if options.clip_actors < 1 or options.gate_actors < 1:
         raise ScorerPoolError("scorer pools need at least one actor each "
                               f"(clip {options.clip_actors}, gate {options.gate_actors})")
+    if hps is not None and not Path(hps.python).exists():
+        raise ScorerPoolError(
+            f"the HPS environment's interpreter {hps.python} does not exist: build it with "
+            f"`make hps-env` (or pass its path)")
     remote = ray.remote(ScorerActor)
     common = dict(num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor,
                   max_restarts=SCORER_MAX_RESTARTS, max_task_retries=SCORER_MAX_TASK_RETRIES,
@@ -131,12 +135,7 @@ def start_scorer_pools(model_args: argparse.Namespace, options: ScorerPoolOption
         functools.partial(scorer_factories.build_embedder, model_args), role="clip", **batching)
         for i in range(options.clip_actors)]
     if hps is not None:
-        python = Path(hps.python)
-        if not python.exists():
-            raise ScorerPoolError(
-                f"the HPS environment's interpreter {python} does not exist: build it with "
-                f"`make hps-env` (or pass its path)")
-        runtime_env = {"py_executable": str(python),
+        runtime_env = {"py_executable": str(hps.python),
                        "env_vars": {"PYTHONPATH": _pythonpath()}}
         factory = functools.partial(scorer_factories.build_hps_gate, hps.checkpoint,
                                     hps.base_model, hps.threshold, hps.dtype)

@@ -1,0 +1,133 @@
+"""Batch orchestration overhead: `storymem batch` on Ray vs the in-process story runner.
+
+Tiny preset, the same 6 stories (2-3 shots each) rendered three ways into fresh folders:
+1. in process, one after another, as `storymem render` does (`StoryRunner.render`);
+2. `run_batch(..., workers=1)` on an embedded local Ray;
+3. `run_batch(..., workers=2)`.
+Reported: wall times and the ratio batch(1 worker) / in-process (target <= 1.15), both for
+the whole command (model loading and Ray start included) and for the rendering part only
+(first worker ready -> last story done, vs the runner loop without loading); scorer calls
+per shot and mean requests per scorer batch.
+
+`python -m bench.bench_batch [--stories N] [--json FILE]`. Tiny models on a CPU: the
+absolute numbers say little about real GPUs; the ratio is the orchestration overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODEL_FLAGS = ["--preset", "tiny"]
+TARGET_RATIO = 1.15
+
+_PROMPTS = [
+    ["a lantern glows in a dark attic", "a hand lifts the lantern", "dust swirls in its light"],
+    ["a sailboat leaves the harbour", "waves rise around the bow"],
+    ["a cat watches rain on a window", "the cat follows a drop", "the rain stops"],
+    ["a cyclist climbs a mountain road", "she reaches the pass at sunset"],
+    ["a market opens at dawn", "a vendor stacks oranges", "the first customer arrives"],
+    ["an owl lands on a fence post", "the owl turns its head"],
+]
+
+
+def write_stories(folder: str, count: int) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        prompts = _PROMPTS[i % len(_PROMPTS)]
+        story = {"story_name": f"Bench story {i + 1}", "story_overview": "benchmark story",
+                 "scenes": [{"scene_num": 1, "video_prompts": prompts,
+                             "cut": [True] + [j % 2 == 0 for j in range(1, len(prompts))]}]}
+        path = os.path.join(folder, f"story_{i + 1:02d}.json")
+        with open(path, "w") as handle:
+            json.dump(story, handle)
+        paths.append(path)
+    return paths
+
+
+def in_process(paths: list[str], out: str) -> dict:
+    import torch
+
+    from pipelines.batch_render import model_args_from
+    from storymem_model.cli_render import (config_from_args, pipeline_from_args,
+                                           references_from_args, scorers_from_args)
+    from storymem_model.runner import StoryRunner
+    from storymem_model.story_script import load_script
+
+    torch.set_num_threads(1)  # as each Ray worker does
+    started = time.perf_counter()
+    args = model_args_from(MODEL_FLAGS)
+    references = references_from_args(args)
+    pipeline = pipeline_from_args(args)
+    scorers = scorers_from_args(args)
+    runner = StoryRunner(pipeline, scorers, config_from_args(args, pipeline, scorers, references),
+                         references=references)
+    loaded = time.perf_counter()
+    shots = 0
+    for path in paths:
+        shots += runner.render(load_script(path), out, progress=False).shots_rendered
+    done = time.perf_counter()
+    return {"wall_s": done - started, "render_s": done - loaded, "shots": shots}
+
+
+def batch(folder: str, out: str, workers: int) -> dict:
+    from pipelines.batch_render import BatchOptions, run_batch
+
+    started = time.perf_counter()
+    summary = run_batch(folder, out, MODEL_FLAGS, options=BatchOptions(
+        workers=workers, cpus_per_worker=0.25, progress=False))
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "render_s": summary["render_wall_s"],
+            "shots": summary["shots_rendered"], "failed": summary["failed"],
+            "scorer_calls_per_shot": summary["scorer_calls_per_shot"],
+            "scorer_mean_batch_requests": summary["scorer_mean_batch_requests"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="bench_batch")
+    parser.add_argument("--stories", type=int, default=6)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv if argv is not None else [])
+    root = tempfile.mkdtemp(prefix="storymem-bench-batch-")
+    try:
+        scripts = os.path.join(root, "scripts")
+        paths = write_stories(scripts, args.stories)
+        results = {"stories": args.stories,
+                   "in_process": in_process(paths, os.path.join(root, "out_inprocess")),
+                   "batch_1_worker": batch(scripts, os.path.join(root, "out_batch1"), 1),
+                   "batch_2_workers": batch(scripts, os.path.join(root, "out_batch2"), 2)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    base = results["in_process"]
+    one, two = results["batch_1_worker"], results["batch_2_workers"]
+    results["ratio_1_worker_wall"] = one["wall_s"] / base["wall_s"]
+    results["ratio_1_worker_render"] = one["render_s"] / base["render_s"]
+    results["ratio_2_workers_render"] = two["render_s"] / base["render_s"]
+    results["target_ratio"] = TARGET_RATIO
+    results["meets_target_render"] = results["ratio_1_worker_render"] <= TARGET_RATIO
+    print(f"in-process runner : {base['wall_s']:7.1f} s total, {base['render_s']:7.1f} s "
+          f"rendering, {base['shots']} shots")
+    for label, r in (("batch, 1 worker", one), ("batch, 2 workers", two)):
+        print(f"{label:18s}: {r['wall_s']:7.1f} s total, {r['render_s']:7.1f} s rendering, "
+              f"{r['shots']} shots, {r['scorer_calls_per_shot']:.2f} scorer calls/shot, "
+              f"{r['scorer_mean_batch_requests']:.2f} requests/scorer batch")
+    print(f"overhead ratio (1 worker / in-process): rendering {results['ratio_1_worker_render']:.2f}"
+          f" (target <= {TARGET_RATIO}), whole command {results['ratio_1_worker_wall']:.2f}; "
+          f"2 workers rendering ratio {results['ratio_2_workers_render']:.2f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
