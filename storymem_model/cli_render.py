@@ -326,3 +326,4 @@ def _setup_logging() -> None:
                                                "%H:%M:%S"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
+        root.propagate = False  # a root handler set up by a library would print it twice
