@@ -136,7 +136,12 @@ def extract_keyframes(frames, scorers: KeyframeScorers, memory_embeddings=None,
     """
     batch = check_image_batch(frames, "shot frames")
     embeddings = np.asarray(scorers.embedder.embed_images(batch), dtype=np.float32)
-    scores = np.asarray(scorers.gate.score_images(batch, None), dtype=np.float32)
+    gate = scorers.gate
+    if getattr(gate, "embedder", None) is scorers.embedder and hasattr(gate, "score_embeddings"):
+        scores = gate.score_embeddings(embeddings)  # gate on the same CLIP: embed once
+    else:
+        scores = gate.score_images(batch, None)
+    scores = np.asarray(scores, dtype=np.float32)
     if embeddings.shape[0] != len(batch) or scores.shape != (len(batch),):
         raise KeyframeSelectionError(
             f"scorers returned {embeddings.shape} embeddings and {scores.shape} scores "
