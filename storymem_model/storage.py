@@ -48,6 +48,14 @@ def join(uri: str, *parts: str) -> str:
     return posixpath.join(base, *[p.strip("/") for p in parts])
 
 
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (so a stored URI still works from another folder);
+    URLs are returned unchanged."""
+    if "://" in uri:
+        return uri
+    return os.path.abspath(uri)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write `data` to `uri` so the file appears complete or not at all."""
     fs, path = filesystem(uri)
