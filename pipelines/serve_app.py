@@ -11,7 +11,6 @@ route is documented in the OpenAPI schema at `/openapi.json` (and `/docs`).
 The ingress never runs model code: it awaits the generator's responses, so `/healthz` and
 every other cheap route stay responsive while shots render.
 """
-from __future__ import annotations
 
 import asyncio
 import time
@@ -120,6 +119,13 @@ async def _http_error(_request, exc: StarletteHTTPException):
     return _json_error(exc.status_code, body)
 
 
+@app.exception_handler(Exception)
+async def _internal_error(_request, exc: Exception):
+    # Unexpected failures (a model error, storage down): JSON 500, details stay in the logs.
+    return _json_error(500, {"error": "internal_error",
+                             "detail": f"the server failed to handle the request ({type(exc).__name__})"})
+
+
 def _caller(request: Request):
     return request.state.caller
 
@@ -159,7 +165,11 @@ class StorymemIngress:
     def _check_shot(self, body: ShotRequest) -> None:
         self.limits.check_prompt(body.prompt)
         self.limits.check_prompt(body.negative_prompt, "negative_prompt length")
-        self.limits.check_sampling(**body.sampling.model_dump())
+        sampling = body.sampling
+        self.limits.check_sampling(
+            num_frames=sampling.num_frames, height=sampling.height, width=sampling.width,
+            num_inference_steps=sampling.num_inference_steps,
+            guidance_scale=sampling.guidance_scale, guidance_scale_2=sampling.guidance_scale_2)
         self.limits.check("max_images", len(body.memory_images or []), "number of memory_images")
         if body.first_frame is not None and body.motion_frames is not None:
             raise ServeRequestError(422, "conflicting_conditioning",

@@ -60,30 +60,49 @@ class ShotGenerator:
         self.worker_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.pipeline = SerializedPipeline(factory.build_pipeline())
         self.pipelines_loaded = 1
-        from storymem_model.scorers.base import KeyframeScorers
-
-        embedder_name = embedder_handle.name.remote().result()
-        gate = gate_handle.describe.remote().result()
-        self.scorers = KeyframeScorers(
-            embedder=ServeImageEmbedder(embedder_handle, embedder_name),
-            gate=ServeImageScorer(gate_handle, gate["name"]),
-            gate_threshold=gate["threshold"])
-        self.base_config = factory.base_config(self.pipeline, self.scorers, [])
+        self._embedder_handle = embedder_handle
+        self._gate_handle = gate_handle
+        self._ready_lock = asyncio.Lock()
+        self.scorers = None
+        self.base_config = None
         self.sessions = SessionStore(settings.storage_root)
         self.jobs = JobRegistry(settings.storage_root)
         self.load_seconds = time.perf_counter() - started
         self.requests_served = 0
         self._running_jobs: dict[str, asyncio.Task] = {}
         self._adopter: asyncio.Task | None = None
-        log.info("generator %s ready in %.1f s (model %s, config %s)", self.worker_id,
-                 self.load_seconds, self.base_config.model_id, self.base_config.config_hash())
+        log.info("generator %s: model loaded in %.1f s", self.worker_id, self.load_seconds)
+
+    async def _ready(self) -> None:
+        """Finish setting up on the event loop (handle calls must be awaited there): scorer
+        proxies and the base RenderConfig, which needs the scorers' names and threshold."""
+        if self.base_config is not None:
+            return
+        async with self._ready_lock:
+            if self.base_config is not None:
+                return
+            from storymem_model.scorers.base import KeyframeScorers
+
+            embedder_name = await self._embedder_handle.name.remote()
+            gate = await self._gate_handle.describe.remote()
+            scorers = KeyframeScorers(
+                embedder=ServeImageEmbedder(self._embedder_handle, embedder_name),
+                gate=ServeImageScorer(self._gate_handle, gate["name"]),
+                gate_threshold=gate["threshold"])
+            config = await asyncio.to_thread(self.factory.base_config, self.pipeline, scorers, [])
+            self.scorers = scorers
+            self.base_config = config
+            log.info("generator %s ready (model %s, config %s)", self.worker_id,
+                     config.model_id, config.config_hash())
 
     async def check_health(self) -> None:
         """Serve's replica health check; also starts adopting orphaned story jobs."""
+        await self._ready()
         if self._adopter is None or self._adopter.done():
             self._adopter = asyncio.get_running_loop().create_task(self._adopt_orphans())
 
     async def stats(self) -> dict:
+        await self._ready()
         return {"worker_id": self.worker_id, "pid": os.getpid(),
                 "pipelines_loaded": self.pipelines_loaded,
                 "model_calls": self.pipeline.calls, "requests_served": self.requests_served,
@@ -92,6 +111,7 @@ class ShotGenerator:
 
     # -- single shots ----------------------------------------------------------------------
     async def generate_shot(self, scope: str, request: dict, memory, first_frame, motion_frames):
+        await self._ready()
         self.requests_served += 1
         try:
             return await asyncio.to_thread(
@@ -102,6 +122,7 @@ class ShotGenerator:
 
     # -- sessions --------------------------------------------------------------------------
     async def create_session(self, scope: str, body: dict, references):
+        await self._ready()
         self.requests_served += 1
         try:
             record, _live = await asyncio.to_thread(
@@ -118,6 +139,7 @@ class ShotGenerator:
                                        self.scorers, scope, session_id)
 
     async def session_shot(self, scope: str, session_id: str, body: dict):
+        await self._ready()
         self.requests_served += 1
         try:
             model_id = serve.get_multiplexed_model_id() or f"{scope}/{session_id}"
@@ -143,6 +165,7 @@ class ShotGenerator:
 
     # -- story jobs ------------------------------------------------------------------------
     async def submit_story(self, scope: str, body: dict):
+        await self._ready()
         self.requests_served += 1
         try:
             job, script = await asyncio.to_thread(

@@ -17,7 +17,8 @@ from pipelines.serve_errors import ServeRequestError
 from pipelines.serve_sessions import SessionStore, new_session_id
 from storymem_model import storage
 from storymem_model.render_config import RenderConfig
-from storymem_model.runner import RenderError, StoryRunner, StorySession, image_png, png_image
+from storymem_model.runner import (
+    RenderError, StoryRunner, StorySession, image_png, images_sha256, png_image)
 from storymem_model.story_script import ShotSpec
 
 SESSION_STORY_ID = "session"
@@ -55,8 +56,10 @@ def create_session(store: SessionStore, pipeline, scorers, base_config: RenderCo
                    scope: str, body: dict, references: list[np.ndarray]) -> tuple[dict, LiveSession]:
     """Write a new session (config, references, record) and open it. Runs in a thread."""
     session_id = new_session_id()
+    # What `storymem render --seed S --transition T --references ...` would use.
     config = base_config.replace(seed=int(body.get("seed") or 0),
-                                 transition=body.get("transition") or base_config.transition)
+                                 transition=body.get("transition") or base_config.transition,
+                                 references_sha256=images_sha256(references))
     for index, image in enumerate(references):
         storage.write_bytes(_reference_uri(store, scope, session_id, index), image_png(image))
     # The PNG round trip is lossless, so these are the pixels a reopened session sees.

@@ -1,0 +1,470 @@
+"""The Serve endpoint over real HTTP on 127.0.0.1: `storymem serve --preset tiny` started on
+the shared Ray cluster, storage in a moto S3 bucket, every request through Serve's proxy."""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+KEY_A = "test-key-alpha-0123456789abcdef"
+KEY_B = "test-key-bravo-fedcba9876543210"
+MAX_BODY_BYTES = 2 * 1024 * 1024
+FAST = {"num_inference_steps": 2, "num_frames": 9}  # keeps tiny shots short
+
+
+# ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_bytes(seed: int, size=(64, 64)) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[0], size[1], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_b64(seed: int, size=(64, 64)) -> str:
+    return base64.b64encode(png_bytes(seed, size)).decode("ascii")
+
+
+class Client:
+    """requests with a base URL and (optionally) an API key."""
+
+    def __init__(self, base: str, key: str | None):
+        self.base = base
+        self.key = key
+
+    def _call(self, method, path, headers=None, timeout=300, **kw):
+        headers = dict(headers or {})
+        if self.key is not None:
+            headers.setdefault("Authorization", f"Bearer {self.key}")
+        return requests.request(method, self.base + path, headers=headers, timeout=timeout, **kw)
+
+    def get(self, path, **kw):
+        return self._call("GET", path, **kw)
+
+    def post(self, path, **kw):
+        return self._call("POST", path, **kw)
+
+    def delete(self, path, **kw):
+        return self._call("DELETE", path, **kw)
+
+
+def _wait_healthy(base: str, timeout_s: float = 120.0) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if requests.get(base + "/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{base}/healthz never answered")
+
+
+def _wait_job(client: Client, job_id: str, timeout_s: float = 240.0) -> dict:
+    deadline = time.time() + timeout_s
+    body = None
+    while time.time() < deadline:
+        body = client.get(f"/v1/stories/{job_id}").json()
+        if body["status"] in ("succeeded", "failed"):
+            return body
+        time.sleep(0.5)
+    raise AssertionError(f"story job {job_id} did not finish: {body}")
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    from pipelines.cli_serve import add_serve_command
+
+    parser = argparse.ArgumentParser(prog="storymem")
+    add_serve_command(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _render_parser() -> argparse.ArgumentParser:
+    from storymem_model.cli_render import add_render_command
+
+    parser = argparse.ArgumentParser(prog="storymem")
+    add_render_command(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _generator_handle():
+    from ray import serve
+
+    from pipelines.cli_serve import APP_NAME
+
+    return serve.get_deployment_handle("shot_generator", app_name=APP_NAME)
+
+
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(ray_cluster, s3_endpoint):
+    import boto3
+    from ray import serve
+
+    from pipelines.cli_serve import start_serve
+
+    bucket = f"serve-{uuid.uuid4().hex[:10]}"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    saved = os.environ.get("STORYMEM_API_KEYS")
+    os.environ["STORYMEM_API_KEYS"] = f"{KEY_A}, {KEY_B}"
+    port = _free_port()
+    args = _serve_parser().parse_args([
+        "serve", "--preset", "tiny", "--host", "127.0.0.1", "--port", str(port),
+        "--storage", f"s3://{bucket}/serve", "--image-uri-prefix", f"s3://{bucket}/inputs/",
+        "--cpus-per-replica", "0.25", "--scorer-cpus", "0.05", "--torch-threads", "1",
+        "--limit", f"max_body_bytes={MAX_BODY_BYTES}", "--limit", "max_images=4"])
+    try:
+        url = start_serve(args)
+        _wait_healthy(url)
+        yield SimpleNamespace(url=url, bucket=bucket, s3=s3, root=f"s3://{bucket}/serve",
+                              a=Client(url, KEY_A), b=Client(url, KEY_B),
+                              anonymous=Client(url, None))
+    finally:
+        serve.shutdown()
+        if saved is None:
+            os.environ.pop("STORYMEM_API_KEYS", None)
+        else:
+            os.environ["STORYMEM_API_KEYS"] = saved
+
+
+# ---------------------------------------------------------------------------------------
+def test_health_and_openapi(server):
+    health = requests.get(server.url + "/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    schema = requests.get(server.url + "/openapi.json", timeout=30).json()
+    for path in ("/v1/shots", "/v1/sessions", "/v1/sessions/{session_id}",
+                 "/v1/sessions/{session_id}/shots", "/v1/stories", "/v1/stories/{job_id}"):
+        assert path in schema["paths"], path
+    assert "ShotRequest" in schema["components"]["schemas"]
+
+
+def test_auth_missing_malformed_and_wrong_key(server):
+    body = {"prompt": "a red kite"}
+    missing = server.anonymous.post("/v1/shots", json=body)
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert missing.json()["error"] == "missing_api_key"
+    malformed = server.anonymous.post("/v1/shots", json=body,
+                                      headers={"Authorization": f"Basic {KEY_A}"})
+    assert malformed.status_code == 401 and malformed.json()["error"] == "malformed_authorization"
+    wrong = Client(server.url, "not-a-key-but-long-enough-0000").post("/v1/shots", json=body)
+    assert wrong.status_code == 403 and wrong.json()["error"] == "invalid_api_key"
+    # Auth comes before body parsing: a bad body without a key is still a 401.
+    assert server.anonymous.post("/v1/stories", data=b"{nope").status_code == 401
+    assert server.anonymous.get("/v1/stories/whatever").status_code == 401
+    assert KEY_A not in wrong.text and KEY_A not in malformed.text
+
+
+def test_single_shots_memory_images_and_modes(server):
+    from storymem_model.video_io import decode_mp4
+
+    server.s3.put_object(Bucket=server.bucket, Key="inputs/mem.png", Body=png_bytes(3))
+    request = {"prompt": "a lighthouse keeper climbs the stairs", "seed": 11,
+               "memory_images": [png_b64(1), "data:image/png;base64," + png_b64(2, (48, 80)),
+                                 f"s3://{server.bucket}/inputs/mem.png"],
+               "return_video": "both"}
+    response = server.a.post("/v1/shots", json=request)
+    assert response.status_code == 200, response.text
+    shot = response.json()
+    assert shot["mode"] == "m2v" and shot["memory_count"] == 3
+    assert (shot["num_frames"], shot["height"], shot["width"]) == (17, 64, 64)
+    video = base64.b64decode(shot["video_base64"])
+    assert decode_mp4(video).shape == (17, 64, 64, 3)
+    key = shot["video_uri"].split(f"s3://{server.bucket}/", 1)[1]
+    assert server.s3.get_object(Bucket=server.bucket, Key=key)["Body"].read() == video
+    for keyframe in shot["keyframes"]:
+        assert 0 <= keyframe["frame_index"] < 17
+        assert Image.open(io.BytesIO(base64.b64decode(keyframe["image_base64"]))).size == (64, 64)
+    assert shot["keyframes"], "the tiny gate threshold should let some keyframes through"
+
+    # Same request, same seed -> the same video; the memory images really condition it.
+    again = server.a.post("/v1/shots", json={**request, "return_video": "uri"}).json()
+    assert again["video_sha256"] == shot["video_sha256"] and again.get("video_base64") is None
+    without = server.a.post("/v1/shots", json={**request, "memory_images": [png_b64(9)],
+                                                "return_video": "uri"}).json()
+    assert without["video_sha256"] != shot["video_sha256"]
+
+    mi2v = server.a.post("/v1/shots", json={
+        "prompt": "she keeps walking", "first_frame": png_b64(4), "sampling": FAST,
+        "return_video": "uri"}).json()
+    assert (mi2v["mode"], mi2v["num_frames"]) == ("mi2v", FAST["num_frames"] - 1)
+    mm2v = server.a.post("/v1/shots", json={
+        "prompt": "the boat drifts on", "motion_frames": [png_b64(i) for i in range(5)],
+        "mode": "mm2v", "sampling": FAST, "return_video": "uri"}).json()
+    assert (mm2v["mode"], mm2v["num_frames"]) == ("mm2v", FAST["num_frames"] - 5)
+
+
+SESSION_SHOTS = [
+    {"prompt": "An old keeper in a red cap climbs a spiral stair.", "cut": True},
+    {"prompt": "He reaches the lamp room and polishes the lens.", "cut": False},
+    {"prompt": "A storm at sea, a green boat between waves.", "cut": True, "new_scene": True},
+]
+
+
+@pytest.fixture(scope="module")
+def session_run(server):
+    """A 3-shot session with one reference image (MR2V first shot), seed 7."""
+    created = server.a.post("/v1/sessions", json={"reference_images": [png_b64(21)], "seed": 7,
+                                                   "transition": "mi2v", "name": "keeper"})
+    assert created.status_code == 201, created.text
+    session = created.json()
+    assert [m["keyframe_id"] for m in session["memory"]] == ["ref_00"] or len(session["memory"]) == 1
+    results = []
+    for shot in SESSION_SHOTS:
+        response = server.a.post(f"/v1/sessions/{session['session_id']}/shots",
+                                 json={**shot, "return_video": "uri"})
+        assert response.status_code == 200, response.text
+        results.append(response.json())
+    return SimpleNamespace(id=session["session_id"], created=session, results=results)
+
+
+def test_session_memory_grows_and_continues_with_mi2v(server, session_run):
+    shots = [r["shot"] for r in session_run.results]
+    assert [s["mode"] for s in shots] == ["mr2v", "mi2v", "m2v"]
+    assert [(s["scene"], s["shot"]) for s in shots] == [(1, 1), (1, 2), (2, 1)]
+    assert [s["num_frames"] for s in shots] == [17, 16, 17]
+    sizes = [len(session_run.created["memory"])] + [len(r["memory"]) for r in session_run.results]
+    assert sizes == sorted(sizes) and sizes[-1] > sizes[0], sizes
+    # Shot 2 is conditioned on the memory left by shot 1 (reference + its keyframes).
+    after_first = [m["keyframe_id"] for m in session_run.results[0]["memory"]]
+    assert shots[1]["memory_keyframe_ids"] == after_first
+    assert set(shots[0]["selected_keyframe_ids"]) <= set(after_first)
+
+    stored = server.a.get(f"/v1/sessions/{session_run.id}")
+    assert stored.status_code == 200
+    assert [s["video_sha256"] for s in stored.json()["shots"]] == [s["video_sha256"] for s in shots]
+    assert stored.json()["memory"] == session_run.results[-1]["memory"]
+
+
+def test_session_shots_equal_a_batch_render(server, session_run, tmp_path):
+    """The session's shots are byte-identical to `storymem render` of the same story."""
+    script = {"story_name": "keeper session", "story_overview": "",
+              "scenes": [{"scene_num": 1, "video_prompts": [s["prompt"] for s in SESSION_SHOTS[:2]],
+                          "cut": [True, False]},
+                         {"scene_num": 2, "video_prompts": [SESSION_SHOTS[2]["prompt"]],
+                          "cut": [True]}]}
+    (tmp_path / "story.json").write_text(json.dumps(script))
+    (tmp_path / "ref.png").write_bytes(png_bytes(21))
+    args = _render_parser().parse_args([
+        "render", str(tmp_path / "story.json"), "--preset", "tiny", "--seed", "7",
+        "--transition", "mi2v", "--references", str(tmp_path / "ref.png"),
+        "--out", str(tmp_path / "out"), "--progress", "none"])
+    assert args.func(args) == 0
+    marker = next((tmp_path / "out").glob("*/*/_COMMITTED.json"))
+    rows = sorted(json.loads(p.read_text()) for p in marker.parent.glob("shots/*.json"))
+    assert [r["video_sha256"] for r in rows] == [r["shot"]["video_sha256"]
+                                                 for r in session_run.results]
+    assert [r["memory_keyframe_ids"] for r in rows] == [
+        r["shot"]["memory_keyframe_ids"] for r in session_run.results]
+
+
+def test_session_scoped_to_its_key_and_deleted(server, session_run):
+    path = f"/v1/sessions/{session_run.id}"
+    for response in (server.b.get(path), server.b.post(path + "/shots", json={"prompt": "x"}),
+                     server.b.delete(path)):
+        assert response.status_code == 404 and response.json()["error"] == "unknown_session"
+    assert server.a.get(path).status_code == 200  # untouched by the other key
+    assert server.a.get("/v1/sessions/" + "A" * 32).status_code == 404
+    assert server.a.get("/v1/sessions/../../etc").status_code == 404
+    assert len(session_run.id) >= 32
+
+
+def test_session_survives_generator_restart(server, session_run):
+    """Kill the generation replica's process after shot 1; shot 2 continues from storage and
+    is byte-identical to the uninterrupted session's shot 2."""
+    created = server.a.post("/v1/sessions", json={"reference_images": [png_b64(21)], "seed": 7,
+                                                   "transition": "mi2v"}).json()
+    path = f"/v1/sessions/{created['session_id']}/shots"
+    first = server.a.post(path, json={**SESSION_SHOTS[0], "return_video": "uri"}).json()
+    assert first["shot"]["video_sha256"] == session_run.results[0]["shot"]["video_sha256"]
+
+    handle = _generator_handle()
+    old_pid = handle.stats.remote().result()["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    deadline = time.time() + 120
+    while True:
+        try:
+            stats = handle.stats.remote().result(timeout_s=30)
+            if stats["pid"] != old_pid:
+                break
+        except Exception:
+            pass
+        assert time.time() < deadline, "the generator replica was not restarted"
+        time.sleep(1)
+
+    second = server.a.post(path, json={**SESSION_SHOTS[1], "return_video": "uri"})
+    assert second.status_code == 200, second.text
+    shot = second.json()["shot"]
+    assert shot["mode"] == "mi2v"
+    assert shot["video_sha256"] == session_run.results[1]["shot"]["video_sha256"]
+    assert shot["memory_keyframe_ids"] == session_run.results[1]["shot"]["memory_keyframe_ids"]
+    assert server.a.delete(f"/v1/sessions/{created['session_id']}").status_code == 204
+    assert server.a.get(f"/v1/sessions/{created['session_id']}").status_code == 404
+
+
+STORY = {"story_name": "Paper kite", "story_overview": "A kite over the dunes.",
+         "scenes": [{"scene_num": 1, "video_prompts": ["A girl runs with a paper kite on a dune.",
+                                                       "The kite climbs into a pale sky."],
+                     "cut": [True, False]},
+                    {"scene_num": 2, "video_prompts": ["At dusk she folds the kite by a fire."],
+                     "cut": ["True"]}]}
+
+
+def test_story_job_outputs_equal_storymem_render(server, tmp_path):
+    import pyarrow.parquet as pq
+
+    from storymem_model import storage
+
+    submitted = server.a.post("/v1/stories", json={"script": STORY, "seed": 3})
+    assert submitted.status_code == 202, submitted.text
+    job = submitted.json()
+    assert job["status"] in ("queued", "running") and job["shots_total"] == 3
+    assert server.b.get(f"/v1/stories/{job['job_id']}").status_code == 404
+    done = _wait_job(server.a, job["job_id"])
+    assert done["status"] == "succeeded", done
+    assert done["shots_done"] == 3 and len(done["outputs"]["shots"]) == 3
+
+    (tmp_path / "story.json").write_text(json.dumps(STORY))
+    args = _render_parser().parse_args([
+        "render", str(tmp_path / "story.json"), "--preset", "tiny", "--seed", "3",
+        "--out", str(tmp_path / "out"), "--progress", "none"])
+    assert args.func(args) == 0
+    local = tmp_path / "out" / job["story_id"] / job["config_hash"]
+    assert (local / "_COMMITTED.json").exists(), "render used another story id or config hash"
+    remote = done["outputs"]["story_uri"]
+    local_files = storage.list_files(str(local))
+    assert storage.list_files(remote) == local_files
+    volatile = {"video_uri", "generate_seconds", "select_seconds", "write_seconds", "shot_seconds"}
+    for rel in local_files:
+        mine, theirs = (local / rel).read_bytes(), storage.read_bytes(storage.join(remote, rel))
+        if rel == "_COMMITTED.json":
+            continue
+        if rel.endswith(".parquet"):
+            a = pq.read_table(io.BytesIO(mine)).drop_columns(sorted(volatile)).to_pylist()
+            b = pq.read_table(io.BytesIO(theirs)).drop_columns(sorted(volatile)).to_pylist()
+            assert a == b
+        elif rel.startswith("shots/") and rel.endswith(".json"):
+            a, b = json.loads(mine), json.loads(theirs)
+            assert {k: v for k, v in a.items() if k not in volatile} == \
+                   {k: v for k, v in b.items() if k not in volatile}, rel
+        else:
+            assert mine == theirs, f"{rel} differs from storymem render's"
+
+
+def _error(response, status: int, code: str) -> dict:
+    assert response.status_code == status, (code, response.status_code, response.text)
+    body = response.json()
+    assert body["error"] == code, body
+    return body
+
+
+def test_every_bad_input_gets_its_own_4xx(server):
+    a = server.a
+    shots = "/v1/shots"
+    _error(a.post(shots, json={"prompt": "x", "memory_images": ["@@not base64@@"]}),
+           400, "invalid_base64")
+    _error(a.post(shots, json={"prompt": "x", "memory_images": [
+        base64.b64encode(b"just some text, not an image").decode()]}), 415, "not_an_image")
+    _error(a.post(shots, json={"prompt": "x", "first_frame": "data:image/png,xyz"}),
+           400, "invalid_data_uri")
+    _error(a.post(shots, json={"prompt": "x", "memory_images": ["file:///etc/passwd"]}),
+           422, "image_uri_not_allowed")
+    _error(a.post(shots, json={"prompt": "x", "memory_images": [
+        f"s3://{server.bucket}/inputs/missing.png"]}), 422, "image_uri_not_found")
+    big = a.post(shots, data=b"{" + b" " * (MAX_BODY_BYTES + 10) + b"}",
+                 headers={"Content-Type": "application/json"})
+    assert _error(big, 413, "limit_exceeded")["limit"] == "max_body_bytes"
+    huge_image = png_b64(5, (16, 4100))
+    assert _error(a.post(shots, json={"prompt": "x", "memory_images": [huge_image]}),
+                  422, "limit_exceeded")["limit"] == "max_image_side"
+    assert _error(a.post(shots, json={"prompt": "p" * 2001}), 422,
+                  "limit_exceeded")["limit"] == "max_prompt_chars"
+    assert _error(a.post(shots, json={"prompt": "x", "memory_images": [png_b64(1)] * 5}),
+                  422, "limit_exceeded")["limit"] == "max_images"
+    assert _error(a.post(shots, json={"prompt": "x", "sampling": {"num_inference_steps": 500}}),
+                  422, "limit_exceeded")["limit"] == "max_steps"
+    assert _error(a.post(shots, json={"prompt": "x", "sampling": {"height": 4096}}),
+                  422, "limit_exceeded")["limit"] == "max_height"
+    assert _error(a.post(shots, json={"prompt": "x", "sampling": {"num_frames": 161}}),
+                  422, "limit_exceeded")["limit"] == "max_frames"
+    _error(a.post(shots, json={"prompt": "x", "sampling": {"num_frames": 10}}),
+           422, "invalid_sampling")
+    _error(a.post(shots, json={"prompt": "x", "mode": "mi2v"}), 422, "missing_first_frame")
+    _error(a.post(shots, json={"prompt": "x", "motion_frames": [png_b64(1)] * 2}),
+           422, "motion_frames_count")
+    _error(a.post(shots, json={"prompt": "", "seed": -1}), 422, "invalid_request")
+    _error(a.post(shots, json={"prompt": "x", "unknown_field": 1}), 422, "invalid_request")
+    _error(a.post(shots, data=b"{not json", headers={"Content-Type": "application/json"}),
+           400, "malformed_json")
+    _error(a.post("/v1/sessions/" + "x" * 32 + "/shots", json={"prompt": "x"}),
+           404, "unknown_session")
+    _error(a.get("/v1/stories/" + "y" * 24), 404, "unknown_story_job")
+    bad_script = a.post("/v1/stories", json={"script": {"story_name": "broken", "scenes": [
+        {"scene_num": 1, "video_prompts": ["one", ""], "cut": [False]}]}})
+    body = _error(bad_script, 422, "invalid_script")
+    assert len(body["problems"]) >= 2  # empty prompt, cut length, first shot not a cut ...
+    _error(a.post("/v1/stories", json={"script": "not a script"}), 422, "invalid_request")
+    # The server keeps serving.
+    assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_eight_concurrent_shots_while_health_stays_responsive(server):
+    request = {"prompt": "waves against the rocks", "memory_images": [png_b64(7)],
+               "sampling": FAST, "return_video": "uri"}
+    handle = _generator_handle()
+    calls_before = handle.stats.remote().result()["model_calls"]
+    health_latencies = []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(server.a.post, "/v1/shots",
+                               json={**request, "seed": seed}) for seed in range(8)]
+        while not all(f.done() for f in futures):
+            started = time.perf_counter()
+            assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+            health_latencies.append(time.perf_counter() - started)
+            time.sleep(0.2)
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses]
+    bodies = [r.json() for r in responses]
+    assert len({b["shot_id"] for b in bodies}) == 8
+    assert len({b["video_sha256"] for b in bodies}) == 8  # 8 seeds, 8 different videos
+    assert health_latencies and max(health_latencies) < 2.0, health_latencies
+    stats = handle.stats.remote().result()
+    assert stats["pipelines_loaded"] == 1  # the model was loaded once for all of them
+    assert stats["model_calls"] - calls_before == 8
+
+
+def test_api_keys_never_logged(server):
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    checked = 0
+    for path in logs.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            checked += 1
+            assert KEY_A.encode() not in data and KEY_B.encode() not in data, path
+    assert checked > 0

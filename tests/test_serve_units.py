@@ -1,0 +1,159 @@
+"""Serve building blocks without a cluster: API keys, request images, limits, records."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.serve_auth import (
+    ApiKeyChecker, ApiKeyConfigError, AuthError, key_digest, load_key_digests)
+from pipelines.serve_images import ImageInputError, decode_image, image_bytes, load_images
+from pipelines.serve_limits import LimitExceeded, ServeLimits
+
+KEY = "a-long-enough-test-key-123456"
+
+
+def _png(size=(8, 8), fmt="PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size[0], size[1], 3), 200, np.uint8)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# -- API keys ------------------------------------------------------------------------------
+def test_keys_from_env_and_file_are_kept_as_digests_only(tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_text("# team keys\nfile-key-0123456789abcdef\n\n")
+    digests = load_key_digests(key_file, environ={"STORYMEM_API_KEYS": f" {KEY} ,"})
+    assert digests == sorted([key_digest(KEY), key_digest("file-key-0123456789abcdef")])
+    assert all(KEY not in d for d in digests)
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({}, "no API keys configured"),
+    ({"STORYMEM_API_KEYS": "short"}, "shorter than 16"),
+    ({"STORYMEM_API_KEY_FILE": "/nonexistent/keys"}, "cannot read API key file"),
+])
+def test_bad_key_configuration_is_refused_without_echoing_keys(environ, message):
+    with pytest.raises(ApiKeyConfigError, match=message) as info:
+        load_key_digests(environ=environ)
+    assert "short" not in str(info.value).replace("shorter", "")
+
+
+def test_checker_401_for_missing_or_malformed_403_for_unknown():
+    checker = ApiKeyChecker([key_digest(KEY), key_digest("other-key-0123456789abc")])
+    for header in (None, "", "Bearer", "Bearer   ", f"Basic {KEY}", KEY):
+        with pytest.raises(AuthError) as info:
+            checker.authenticate(header)
+        assert info.value.status_code == 401, header
+    with pytest.raises(AuthError) as info:
+        checker.authenticate("Bearer wrong-key-0123456789abcdef")
+    assert info.value.status_code == 403 and KEY not in info.value.detail
+    one, two = checker.authenticate(f"Bearer {KEY}"), checker.authenticate(f"bearer  {KEY} ")
+    other = checker.authenticate("Bearer other-key-0123456789abc")
+    assert one.scope == two.scope != other.scope
+    assert KEY not in one.scope and len(one.scope) == 24
+
+
+# -- images -------------------------------------------------------------------------------
+def test_images_from_base64_urlsafe_and_data_uri():
+    limits = ServeLimits()
+    raw = _png((8, 6))
+    plain = base64.b64encode(raw).decode()
+    urlsafe = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    images = load_images([plain, urlsafe, "data:image/png;base64," + plain], "memory_images", limits)
+    assert [im.shape for im in images] == [(8, 6, 3)] * 3 and images[0].dtype == np.uint8
+    assert decode_image(_png(fmt="JPEG"), "x", limits).shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize("spec, status, code", [
+    ("%%%not-base64%%%", 400, "invalid_base64"),
+    ("", 400, "invalid_base64"),
+    ("data:image/png,rawtext", 400, "invalid_data_uri"),
+    (base64.b64encode(b"GIF89a but not really").decode(), 415, "not_an_image"),
+    (base64.b64encode(_png(fmt="TIFF")).decode(), 415, "unsupported_image"),
+    ("s3://somewhere/else.png", 422, "image_uri_not_allowed"),
+    (123, 422, "invalid_image_field"),
+])
+def test_each_bad_image_has_its_own_error(spec, status, code):
+    with pytest.raises(ImageInputError) as info:
+        load_images([spec], "memory_images", ServeLimits())
+    assert (info.value.status_code, info.value.code) == (status, code)
+    assert "memory_images[0]" in info.value.detail
+
+
+def test_image_uris_only_under_allowed_prefixes(tmp_path):
+    (tmp_path / "ok.png").write_bytes(_png())
+    prefix = f"file://{tmp_path}/"
+    limits = ServeLimits()
+    assert load_images([prefix + "ok.png"], "refs", limits, [prefix])[0].shape == (8, 8, 3)
+    for uri, code in ((prefix + "missing.png", "image_uri_not_found"),
+                      (prefix + "../x.png", "image_uri_not_allowed"),
+                      ("file:///etc/passwd", "image_uri_not_allowed")):
+        with pytest.raises(ImageInputError) as info:
+            load_images([uri], "refs", limits, [prefix])
+        assert info.value.code == code
+
+
+def test_image_limits_are_checked_before_decoding():
+    limits = ServeLimits(max_image_bytes=10_000, max_image_side=32, max_image_pixels=600)
+    with pytest.raises(LimitExceeded) as info:
+        decode_image(_png((8, 40)), "first_frame", limits)
+    assert info.value.limit == "max_image_side" and info.value.status_code == 422
+    with pytest.raises(LimitExceeded) as info:
+        decode_image(_png((30, 30)), "first_frame", limits)
+    assert info.value.limit == "max_image_pixels"
+    with pytest.raises(LimitExceeded) as info:
+        image_bytes("A" * 20_000, "first_frame", limits)
+    assert info.value.limit == "max_image_bytes" and info.value.status_code == 413
+    with pytest.raises(LimitExceeded) as info:
+        load_images([base64.b64encode(_png()).decode()] * 3, "memory_images",
+                    ServeLimits(max_images=2))
+    assert info.value.body()["limit"] == "max_images" and info.value.body()["got"] == 3
+
+
+# -- limits -------------------------------------------------------------------------------
+def test_limit_overrides_are_checked():
+    assert ServeLimits.from_overrides({"max_steps": 8}).max_steps == 8
+    with pytest.raises(ValueError, match="unknown serve limit"):
+        ServeLimits.from_overrides({"max_stepz": 8})
+    with pytest.raises(ValueError, match="positive"):
+        ServeLimits.from_overrides({"max_steps": 0})
+    limits = ServeLimits(max_prompt_chars=5)
+    with pytest.raises(LimitExceeded, match="max_prompt_chars=5"):
+        limits.check_prompt("abcdef")
+    limits.check_sampling(num_frames=None, height=480)  # unset values are never over
+
+
+# -- records ------------------------------------------------------------------------------
+def test_job_and_session_records_are_scoped_and_ids_checked(tmp_path):
+    from pipelines.serve_errors import ServeRequestError
+    from pipelines.serve_jobs import JobRegistry, UnknownJob
+    from pipelines.serve_sessions import SessionStore, new_session_id
+
+    jobs = JobRegistry(str(tmp_path))
+    job = jobs.create("scopeA", {"story_name": "s"}, story_id="s-1", config_hash="abc",
+                      shots_total=2, seed=1, transition="mi2v")
+    assert jobs.get("scopeA", job.job_id).story_id == "s-1"
+    assert jobs.active_count("scopeA") == 1 and jobs.active_count("scopeB") == 0
+    for scope, job_id in (("scopeB", job.job_id), ("scopeA", "../../etc/passwd")):
+        with pytest.raises(UnknownJob):
+            jobs.get(scope, job_id)
+    job.status, job.heartbeat_at, job.updated_at = "running", 0.0, 0.0
+    jobs.save(job)
+    assert [j.job_id for j in jobs.orphaned(now=job.updated_at + 1000)] == [job.job_id]
+    assert "scope" not in job.public()
+
+    store = SessionStore(str(tmp_path))
+    session_id = new_session_id()
+    store.save({"session_id": session_id, "scope": "scopeA", "shots": []})
+    assert store.get("scopeA", session_id)["session_id"] == session_id
+    for scope, sid in (("scopeB", session_id), ("scopeA", "x" * 32), ("scopeA", "../" * 11)):
+        with pytest.raises(ServeRequestError) as info:
+            store.get(scope, sid)
+        assert info.value.status_code == 404
+    store.delete("scopeA", session_id)
+    with pytest.raises(ServeRequestError):
+        store.get("scopeA", session_id)
