@@ -279,7 +279,7 @@ class StorySession:
 
     def render_shot(self, spec: ShotSpec) -> dict:
         """Generate, select keyframes, update memory, write and checkpoint one shot."""
-        from storymem_model.keyframe_selection import select_keyframes
+        from storymem_model.keyframe_selection import extract_keyframes
         from storymem_model.memory_bank import KeyframeEntry
         from storymem_model.seeds import shot_seed
 
@@ -324,16 +324,16 @@ class StorySession:
                               f"{(expected, cfg.height, cfg.width, 3)} uint8 ({mode})")
         t1 = time.perf_counter()
 
-        embeddings = np.asarray(scorers.embedder.embed_images(frames), np.float32)
-        scores = np.asarray(scorers.gate.score_images(frames), np.float32)
-        # New keyframes must not duplicate any keyframe stored earlier in the story.
+        # Every frame embedded and gate-scored once, in one batch each; new keyframes must
+        # not duplicate any keyframe stored earlier in the story.
         stored = [e for e in self.bank.stored if e.kind == "keyframe"]
-        memory_embeddings = self.bank.stored_embeddings() if stored else None
-        chosen = select_keyframes(
-            embeddings, scores, memory_embeddings, threshold=cfg.keyframe_threshold,
-            step=cfg.keyframe_step, max_keyframes=cfg.max_keyframes,
-            min_score=cfg.gate_threshold, duplicate_threshold=cfg.duplicate_threshold)
-        chosen = [int(i) for i in chosen]
+        selected = extract_keyframes(
+            frames, scorers, self.bank.stored_embeddings() if stored else None,
+            threshold=cfg.keyframe_threshold, step=cfg.keyframe_step,
+            max_keyframes=cfg.max_keyframes, min_score=cfg.gate_threshold,
+            duplicate_threshold=cfg.duplicate_threshold)
+        embeddings, scores = selected.embeddings, selected.scores
+        chosen = [int(i) for i in selected.indices]
         entries = KeyframeEntry.from_shot(
             frames, chosen, story_id=self.story_id, scene=spec.scene, shot=spec.shot,
             prompt=spec.prompt, embeddings=embeddings, scores=scores)
