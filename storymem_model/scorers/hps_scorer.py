@@ -112,6 +112,9 @@ class HPSScorer:
         self.checkpoint_path, self.base_model_path = str(checkpoint), str(base)
         self.device, self.max_batch_size = device, max_batch_size
         self.request_timeout_s = request_timeout_s
+        # Counters for benchmarks: requests answered, wall and CPU seconds inside the model.
+        self.requests_total = 0
+        self.worker_seconds_total = self.worker_cpu_seconds_total = 0.0
         self._lock = threading.Lock()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
         command = [str(self.python), "-m", "storymem_model.scorers.hps_worker",
@@ -179,6 +182,9 @@ class HPSScorer:
             reply, result = self._receive(self.request_timeout_s, f"answering {header['op']!r}")
         if not reply.get("ok"):
             self._raise_reply(reply, f"HPS {header['op']}")
+        self.requests_total += 1
+        self.worker_seconds_total += float(reply.get("seconds", 0.0))
+        self.worker_cpu_seconds_total += float(reply.get("cpu_seconds", 0.0))
         return reply, result
 
     def _receive(self, timeout_s: float | None, doing: str):

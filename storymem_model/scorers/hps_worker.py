@@ -60,9 +60,10 @@ def serve(model, requests, replies) -> int:
                                     "error_type": "ScorerError"})
             continue
         try:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             scores = model.score(array, header.get("prompts"))
-            write_message(replies, {"ok": True, "seconds": time.perf_counter() - start}, scores)
+            write_message(replies, {"ok": True, "seconds": time.perf_counter() - start,
+                                    "cpu_seconds": time.process_time() - start_cpu}, scores)
         except Exception as error:  # reported to the caller; the worker keeps serving
             traceback.print_exc(file=sys.stderr)
             write_message(replies, _error_reply(error))
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import transformers
     write_message(replies, {"ok": True, "event": "ready", "load_s": time.perf_counter() - start,
+                            "load_cpu_s": time.process_time(),
                             "pid": os.getpid(), "device": model.device, "dtype": model.dtype,
                             "transformers": transformers.__version__})
     return serve(model, requests, replies)
