@@ -54,6 +54,15 @@ def test_bad_flags_exit_2_before_any_model_work(tmp_path, capsys):
         main(["render", str(script), "--out", "o", "--preset", "tiny",
               "--model-dir", str(tmp_path)])
     assert info.value.code == 2  # --preset and --model-dir exclude each other
+    capsys.readouterr()
+    assert main(["render", str(script), "--out", str(tmp_path / "o"), "--preset", "tiny",
+                 "--height", "40", "--num-frames", "18"]) == 2
+    err = capsys.readouterr().err
+    assert "height must be a positive multiple of 16, got 40" in err
+    assert "num_frames must be 4k+1" in err
+    assert main(["render", str(script), "--out", str(tmp_path / "o"),
+                 "--model-dir", str(tmp_path / "no-such-model")]) == 2
+    assert "no-such-model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
