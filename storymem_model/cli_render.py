@@ -244,6 +244,7 @@ def run_render(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         try:
             references = references_from_args(args)
+            _check_config_flags(args)  # seconds, before minutes of model loading
             pipeline = pipeline_from_args(args)
             scorers = _with_hps_gate(args, scorers_from_args(args))
             config = config_from_args(args, pipeline, scorers, references)
@@ -268,6 +269,20 @@ def run_render(args: argparse.Namespace) -> int:
                      result.video_uri, result.parquet_uri)
     _print_summary(results, failures)
     return 1 if failures else 0
+
+
+def _check_config_flags(args: argparse.Namespace) -> None:
+    """Raise ConfigError for unusable setting values, with the model's usual defaults
+    standing in for the loaded pipeline."""
+    from types import SimpleNamespace
+
+    from storymem_model.presets import REAL_SHOT, TINY
+
+    shot = TINY.shot if args.preset == "tiny" else REAL_SHOT
+    stand_in = SimpleNamespace(
+        model_id="(not loaded yet)", default_height=shot.height, default_width=shot.width,
+        default_num_frames=shot.num_frames, fps=shot.fps, default_sampling={})
+    config_from_args(args, stand_in, None, references=[])
 
 
 def _with_hps_gate(args: argparse.Namespace, scorers):
