@@ -68,14 +68,26 @@ def test_tiny_clip_separates_different_frames_from_near_duplicates(clip, frames)
     assert np.median(similarity[np.triu_indices(17, 1)]) < 0.9
 
 
-def test_preprocessing_resizes_the_short_side_and_centre_crops(clip):
+def test_preprocessing_squash_sees_the_whole_frame_and_center_crop_the_centre(clip):
+    from storymem_model.scorers.clip_embedder import OpenClipEmbedder
+
     rng = np.random.default_rng(2)
     wide = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
-    centre = wide[:, 32:96]
-    np.testing.assert_allclose(clip.embed_images(wide[None]), clip.embed_images(centre[None]),
-                               atol=1e-6)
+    edited = wide.copy()
+    edited[:, :16] = 255 - edited[:, :16]  # change only the left edge
+    cropper = OpenClipEmbedder.tiny(resize_mode="center_crop")
+    # center_crop: only the centre 64x64 counts (open_clip's transform)
+    np.testing.assert_allclose(cropper.embed_images(wide[None]),
+                               cropper.embed_images(wide[None, :, 32:96]), atol=1e-6)
+    np.testing.assert_allclose(cropper.embed_images(edited[None]),
+                               cropper.embed_images(wide[None]), atol=1e-6)
+    # squash (default, as the reference): the whole frame, so the edited edge counts
+    assert clip.resize_mode == "squash"
+    assert np.abs(clip.embed_images(edited[None]) - clip.embed_images(wide[None])).max() > 1e-3
     assert clip.embed_images(rng.integers(0, 256, (2, 48, 80, 3), dtype=np.uint8)).shape \
         == (2, 64)
+    with pytest.raises(ScorerError, match="resize_mode must be one of"):
+        OpenClipEmbedder.tiny(resize_mode="stretch")
 
 
 @pytest.mark.parametrize("images, message", [

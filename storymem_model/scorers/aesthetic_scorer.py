@@ -97,6 +97,7 @@ class AestheticScorer:
                         clip_model: str = AESTHETIC_CLIP_MODEL, **clip_kwargs) -> "AestheticScorer":
         from storymem_model.scorers.clip_embedder import OpenClipEmbedder
         layers = load_aesthetic_head(head_path)  # fail fast before loading a large CLIP
+        clip_kwargs.setdefault("resize_mode", "center_crop")  # as the predictor was trained
         embedder = OpenClipEmbedder(clip_model, clip_checkpoint, **clip_kwargs)
         return cls(embedder, layers, name=f"aesthetic:{os.path.basename(head_path)}")
 

@@ -8,7 +8,9 @@ with `open_clip.add_model_config`, seeded random weights, and open_clip's own BP
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 from storymem_model.scorers.base import ScorerError, check_image_batch
 
 REFERENCE_CLIP_MODEL = "ViT-B-32-quickgelu"  # OpenAI CLIP ViT-B/32, as the reference uses
+
+RESIZE_MODES = ("squash", "center_crop")
 
 TINY_CLIP_NAME = "storymem-tiny-clip"
 # ~4.2 M parameters: the 49408-token embedding table of the text tower and one 64x64
@@ -54,6 +58,21 @@ def register_tiny_clip_config() -> str:
     return TINY_CLIP_NAME
 
 
+@contextlib.contextmanager
+def _quiet_random_init(active: bool):
+    """Drop open_clip's "No pretrained weights loaded" warning when random weights are
+    what was asked for (the tiny preset); every other message passes."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not (active and "No pretrained weights loaded" in record.getMessage())
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def _content_driven_cls_token(model) -> None:
     """Start the class token at zero (class embedding and its positional row).
 
@@ -73,7 +92,8 @@ class OpenClipEmbedder:
 
     def __init__(self, model_name: str = REFERENCE_CLIP_MODEL, checkpoint: str | None = None,
                  *, device: str | torch.device | None = None, precision: str = "fp32",
-                 batch_size: int = 32, random_init_seed: int | None = None):
+                 batch_size: int = 32, random_init_seed: int | None = None,
+                 resize_mode: str = "squash"):
         if checkpoint is None and random_init_seed is None:
             raise ScorerError(
                 f"CLIP {model_name!r}: no checkpoint path given; pass the local weights file "
@@ -85,13 +105,16 @@ class OpenClipEmbedder:
         if model_name not in open_clip.list_models():
             raise ScorerError(f"unknown open_clip model {model_name!r}; known: "
                               f"{', '.join(open_clip.list_models()[:8])}, ...")
+        if resize_mode not in RESIZE_MODES:
+            raise ScorerError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         if batch_size < 1:
             raise ScorerError(f"batch_size must be >= 1, got {batch_size}")
         self.model_name = model_name
         self.checkpoint = checkpoint
         self.batch_size = batch_size
+        self.resize_mode = resize_mode
         self.device = torch.device(device or "cpu")
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_random_init(checkpoint is None):
             torch.manual_seed(0 if random_init_seed is None else random_init_seed)
             model = open_clip.create_model(model_name, pretrained=checkpoint,
                                            precision=precision, device=self.device)
@@ -117,18 +140,32 @@ class OpenClipEmbedder:
         return cls(register_tiny_clip_config(), None, random_init_seed=seed, **kwargs)
 
     def preprocess(self, batch: np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W, 3) -> normalised (N, 3, S, S): shortest side resized to S
-        (bicubic, antialiased), centre crop, CLIP mean/std, as open_clip's own transform."""
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        x = x.permute(0, 3, 1, 2).float() / 255.0
+        """uint8 (N, H, W, 3) -> normalised (N, 3, S, S) with CLIP's mean/std.
+
+        `resize_mode="squash"` resizes the whole frame to S x S (what the reference does
+        before CLIP, so a change anywhere in a wide frame counts); `"center_crop"` resizes
+        the shortest side to S and crops the centre (open_clip's own transform, used for
+        the aesthetic predictor). Bicubic with antialiasing; on the CPU the resize runs on
+        uint8 pixels like PIL's (much faster than on floats).
+        """
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2)
         target_h, target_w = self.image_size
         height, width = x.shape[-2:]
-        scale = max(target_h / height, target_w / width)
-        new_h, new_w = max(target_h, round(height * scale)), max(target_w, round(width * scale))
-        if (new_h, new_w) != (height, width):
-            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True,
-                              align_corners=False).clamp_(0.0, 1.0)
-        top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
+        if self.resize_mode == "squash":
+            size = (target_h, target_w)
+        else:
+            scale = max(target_h / height, target_w / width)
+            size = (max(target_h, round(height * scale)), max(target_w, round(width * scale)))
+        if size != (height, width):
+            if x.device.type == "cpu":
+                x = F.interpolate(x, size=size, mode="bicubic", antialias=True)
+                x = x.float() / 255.0
+            else:
+                x = F.interpolate(x.float() / 255.0, size=size, mode="bicubic",
+                                  antialias=True).clamp_(0.0, 1.0)
+        else:
+            x = x.float() / 255.0
+        top, left = (size[0] - target_h) // 2, (size[1] - target_w) // 2
         x = x[:, :, top:top + target_h, left:left + target_w]
         return (x - self._mean.to(x.device)) / self._std.to(x.device)
 
