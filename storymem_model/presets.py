@@ -48,6 +48,7 @@ class TinyPreset:
     freq_dim: int = 32
     # AutoencoderKLWan (z_dim 16 and strides (4, 8, 8) as the real VAE).
     vae_base_dim: int = 4
+    vae_decoder_base_dim: int = 2  # decoding is most of a tiny shot's time
     vae_dim_mult: tuple[int, ...] = (1, 1, 1, 1)
     vae_num_res_blocks: int = 1
     # UMT5 encoder and its tokenizer (byte-level BPE trained in code on a fixed corpus).

@@ -72,7 +72,7 @@ def build_tiny_text_encoder(vocab_size: int, preset: TinyPreset = TINY) -> UMT5E
 
 def build_tiny_vae(preset: TinyPreset = TINY) -> AutoencoderKLWan:
     return AutoencoderKLWan(
-        base_dim=preset.vae_base_dim, z_dim=16, dim_mult=list(preset.vae_dim_mult),
+        base_dim=preset.vae_base_dim, decoder_base_dim=preset.vae_decoder_base_dim, z_dim=16, dim_mult=list(preset.vae_dim_mult),
         num_res_blocks=preset.vae_num_res_blocks, attn_scales=[], temperal_downsample=[False, True, True])
 
 
@@ -114,4 +114,8 @@ def build_tiny_components(preset: TinyPreset = TINY) -> dict:
         if components[name] is not None:
             _randomize_(components[name], generator)
             components[name].eval()
+    with torch.no_grad():  # centre decoded pixels: a random output layer pushes most of them to black
+        conv_out = components["vae"].decoder.conv_out
+        conv_out.weight.sub_(conv_out.weight.mean(dim=(1, 2, 3, 4), keepdim=True))
+        conv_out.bias.zero_()
     return components
