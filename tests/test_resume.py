@@ -101,23 +101,28 @@ def _kill_after_second_shot(script: Path, out: Path) -> str:
 
 def test_killed_render_resumes_byte_identical(tmp_path, script_path):
     crashed, clean = tmp_path / "crashed", tmp_path / "clean"
+    # the uninterrupted run goes on beside the crash and the resume (one thread each)
+    full = subprocess.Popen(_render_cmd(script_path, clean), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _kill_after_second_shot(script_path, crashed)
+        story = _story_dir(script_path, crashed)
+        assert not (story / "_COMMITTED.json").exists()
+        recorded = sorted(p.name for p in (story / "shots").glob("*.json"))
+        assert recorded[:2] == ["01_01.json", "01_02.json"] and len(recorded) < SHOTS
 
-    _kill_after_second_shot(script_path, crashed)
-    story = _story_dir(script_path, crashed)
-    assert not (story / "_COMMITTED.json").exists()
-    recorded = sorted(p.name for p in (story / "shots").glob("*.json"))
-    assert recorded[:2] == ["01_01.json", "01_02.json"] and len(recorded) < SHOTS
-
-    resumed = subprocess.run(_render_cmd(script_path, crashed), cwd=ROOT, env=_env(),
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resumed" in resumed.stdout
-    assert f"({SHOTS - len(recorded)} rendered now)" in resumed.stdout
-
-    full = subprocess.run(_render_cmd(script_path, clean), cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert full.returncode == 0, full.stdout + full.stderr
-    assert "rendered" in full.stdout
+        resumed = subprocess.run(_render_cmd(script_path, crashed), cwd=ROOT, env=_env(),
+                                 capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert "resumed" in resumed.stdout
+        assert f"({SHOTS - len(recorded)} rendered now)" in resumed.stdout
+        full_out, full_err = full.communicate(timeout=600)
+    finally:
+        if full.poll() is None:
+            full.kill()
+            full.communicate()
+    assert full.returncode == 0, full_out + full_err
+    assert "rendered" in full_out
 
     clean_story = _story_dir(script_path, clean)
     assert clean_story.name == story.name  # same config hash
@@ -136,8 +141,8 @@ def test_killed_render_resumes_byte_identical(tmp_path, script_path):
 
     # a third run finds the story committed and renders nothing
     before = {k: (story / k).stat().st_mtime_ns for k in a}
-    again = subprocess.run(_render_cmd(script_path, crashed), cwd=ROOT, env=_env(), capture_output=True,
-                           text=True, timeout=600)
+    again = subprocess.run(_render_cmd(script_path, crashed), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "skipped" in again.stdout and "(0 rendered now)" in again.stdout
     assert {k: (story / k).stat().st_mtime_ns for k in a} == before
