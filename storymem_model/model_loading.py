@@ -113,13 +113,13 @@ def load_pipeline(preset_or_path: str | os.PathLike, lora=None, device=None, dty
             raise ValueError("the tiny preset builds its own T2V experts; t2v must be None")
         parts = build_tiny_components(TINY)
         shot, default_length, model_id, scheduler_config = TINY.shot, TINY.text_length, "tiny", None
+        t2v_model_id = "tiny:t2v" if TINY.with_t2v else None
         expected_rank = lora_rank or TINY.lora_rank
     else:
         parts, scheduler_config = _load_folder_components(Path(preset_or_path), components, t2v, dtype)
         shot, default_length = REAL_SHOT, REAL_TEXT_LENGTH
+        t2v_model_id = None if t2v is None else str(Path(t2v).resolve())
         model_id = str(Path(preset_or_path).resolve())
-        if t2v is not None:
-            model_id += f"+t2v:{Path(t2v).resolve()}"
         expected_rank = lora_rank or REAL_LORA_RANK
 
     pipeline = StoryMemPipeline(**parts)
@@ -137,7 +137,7 @@ def load_pipeline(preset_or_path: str | os.PathLike, lora=None, device=None, dty
     else:
         pipeline.to(device)
     pipeline.configure(shot=shot, text_length=text_length or default_length, model_id=model_id, lora_id=lora_id,
-                       scheduler_config=scheduler_config, offload_device=device if offload else None)
+                       t2v_model_id=t2v_model_id, scheduler_config=scheduler_config, offload_device=device if offload else None)
     return pipeline
 
 

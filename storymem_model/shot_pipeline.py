@@ -60,7 +60,7 @@ class StoryMemPipeline(DiffusionPipeline):
         self.configure()
 
     def configure(self, *, shot: ShotDefaults = REAL_SHOT, text_length: int = 512, model_id: str = "custom",
-                  lora_id: str | None = None, scheduler_config: dict | None = None,
+                  lora_id: str | None = None, t2v_model_id: str | None = None, scheduler_config: dict | None = None,
                   offload_device: torch.device | None = None) -> "StoryMemPipeline":
         """Set the defaults and identity of this pipeline (called by `load_pipeline`)."""
         self.default_height = shot.height
@@ -71,6 +71,7 @@ class StoryMemPipeline(DiffusionPipeline):
         self.default_t2v_sampling = T2V_SAMPLING.updated(num_inference_steps=shot.num_inference_steps).as_dict()
         self.model_id = model_id
         self.lora_id = lora_id
+        self.t2v_model_id = t2v_model_id if self.has_t2v else None
         self.scheduler_config = scheduler_config
         self._offload_device = offload_device
         self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder, text_length)

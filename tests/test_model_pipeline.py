@@ -42,7 +42,8 @@ def test_tiny_pipeline_attributes(pipe):
     assert pipe.default_sampling["shift"] == 4.0 and pipe.default_sampling["boundary_ratio"] == 0.9
     assert pipe.model_id == "tiny" and pipe.lora_id is None
     assert pipe.device.type == "cpu" and pipe.dtype == torch.float32
-    assert pipe.has_t2v
+    assert pipe.has_t2v and pipe.t2v_model_id == "tiny:t2v"
+    assert pipe.default_t2v_sampling["shift"] == 12.0 and pipe.default_t2v_sampling["boundary_ratio"] == 0.875
 
 
 @pytest.mark.parametrize("mode", ["T2V", "M2V0", "M2V", "MR2V", "MI2V", "MM2V"])
