@@ -8,6 +8,9 @@
 # the main venv's site-packages AFTER its own, so torch, numpy, ray and storymem itself come
 # from the main venv (one torch on disk) while transformers 4.45.2, tokenizers 0.20,
 # huggingface_hub 0.36 and diffusers 0.36.0 shadow the main venv's newer copies.
+# The venv has no pip or setuptools of its own (the main venv's pip installs into it with
+# --python), so nothing but the pinned packages shadows the main venv. The pins are installed
+# before the .pth exists, so pip never sees (or touches) the main venv's packages.
 # Idempotent: a stamp file records a finished, checked build; a change of the requirements
 # or of this file rebuilds from scratch.
 HPS_VENV ?= .hps-venv
@@ -24,8 +27,9 @@ $(HPS_STAMP): $(HPS_REQUIREMENTS) infra/hps-env.mk | $(MAIN_VENV)/bin/python
 	@echo "building the HPSv3 environment in $(HPS_VENV) (layered on $(MAIN_VENV))"
 	@start=$$(date +%s); set -e; \
 	rm -rf $(HPS_VENV); \
-	$(MAIN_VENV)/bin/python -m venv $(HPS_VENV); \
-	$(HPS_PY) -m pip install -q --disable-pip-version-check --no-deps -r $(HPS_REQUIREMENTS); \
+	$(MAIN_VENV)/bin/python -m venv --without-pip $(HPS_VENV); \
+	$(MAIN_VENV)/bin/python -m pip --python $(HPS_PY) install -q --disable-pip-version-check \
+	  --no-deps -r $(HPS_REQUIREMENTS); \
 	main_site=$$($(MAIN_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
 	hps_site=$$($(HPS_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
 	echo "import site; site.addsitedir('$$main_site')" > $$hps_site/$(LAYER_PTH); \
