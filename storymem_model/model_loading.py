@@ -161,7 +161,7 @@ def _load_folder_components(folder: Path, components, t2v, dtype) -> tuple[dict,
     parts = {
         "tokenizer": _load(base / "tokenizer", "tokenizer", lambda p: _auto_tokenizer(p)),
         "text_encoder": _load(base / "text_encoder", "UMT5 text encoder",
-                              lambda p: _umt5().from_pretrained(p, torch_dtype=dtype)),
+                              lambda p: _umt5().from_pretrained(p, dtype=dtype)),
         "vae": _load(base / "vae", "Wan VAE", lambda p: _diffusers().AutoencoderKLWan.from_pretrained(
             p, torch_dtype=torch.float32)),
         "transformer": high,

@@ -73,7 +73,7 @@ class StoryMemPipeline(DiffusionPipeline):
         self.lora_id = lora_id
         self.t2v_model_id = t2v_model_id if self.has_t2v else None
         self.scheduler_config = scheduler_config
-        self._offload_device = offload_device
+        self._compute_device = offload_device
         self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder, text_length)
         self._zero_condition_cache: dict[tuple, torch.Tensor] = {}
         return self
@@ -92,8 +92,9 @@ class StoryMemPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ devices
     @property
     def device(self) -> torch.device:
-        if getattr(self, "_offload_device", None) is not None:
-            return self._offload_device
+        """Where the computation runs (the accelerator when components are offloaded to the CPU)."""
+        if getattr(self, "_compute_device", None) is not None:
+            return self._compute_device
         return next(self.transformer.parameters()).device
 
     @property
@@ -129,8 +130,7 @@ class StoryMemPipeline(DiffusionPipeline):
     @torch.no_grad()
     def _vae_encode(self, videos: torch.Tensor) -> torch.Tensor:
         """(B, 3, F, H, W) in [-1, 1] -> normalized latents (B, 16, f, h, w) float32 on self.device."""
-        vae_device = self.device if self._offload_device is None else self._offload_device
-        latents = self.vae.encode(videos.to(vae_device, self.vae.dtype)).latent_dist.mode().float()
+        latents = self.vae.encode(videos.to(self.device, self.vae.dtype)).latent_dist.mode().float()
         mean, std = self._latent_stats(latents.device, latents.dtype)
         return ((latents - mean) / std).to(self.device)
 
