@@ -11,6 +11,8 @@
 # The venv has no pip or setuptools of its own (the main venv's pip installs into it with
 # --python), so nothing but the pinned packages shadows the main venv. The pins are installed
 # before the .pth exists, so pip never sees (or touches) the main venv's packages.
+# trl 0.12.2's wheel ships its own test suite as a top-level package named `tests`; it is
+# deleted so that name cannot shadow anything (trl never imports it).
 # Idempotent: a stamp file records a finished, checked build; a change of the requirements
 # or of this file rebuilds from scratch.
 HPS_VENV ?= .hps-venv
@@ -32,6 +34,7 @@ $(HPS_STAMP): $(HPS_REQUIREMENTS) infra/hps-env.mk | $(MAIN_VENV)/bin/python
 	  --no-deps -r $(HPS_REQUIREMENTS); \
 	main_site=$$($(MAIN_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
 	hps_site=$$($(HPS_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	rm -rf $$hps_site/tests; \
 	echo "import site; site.addsitedir('$$main_site')" > $$hps_site/$(LAYER_PTH); \
 	HF_HUB_OFFLINE=1 $(HPS_PY) -m storymem_model.scorers.hps_env_check --main-site "$$main_site"; \
 	echo "HPSv3 environment ready in $$(( $$(date +%s) - start )) s"
