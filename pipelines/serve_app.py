@@ -193,10 +193,12 @@ class StorymemIngress:
         memory = load_images(body.memory_images, "memory_images", self.limits, prefixes)
         first = None
         if body.first_frame is not None:
-            first = load_images([body.first_frame], "first_frame", self.limits, prefixes)[0]
+            first = load_images([body.first_frame], "first_frame", self.limits, prefixes,
+                                count_limit=None)[0]
         motion = None
         if body.motion_frames is not None:
-            motion = load_images(body.motion_frames, "motion_frames", self.limits, prefixes)
+            motion = load_images(body.motion_frames, "motion_frames", self.limits, prefixes,
+                                 count_limit=None)  # exactly 5, checked in _check_shot
             if len({frame.shape for frame in motion}) != 1:
                 raise ServeRequestError(422, "motion_frames_size",
                                         "motion_frames must all have the same size")

@@ -130,11 +130,13 @@ def decode_image(data: bytes, where: str, limits: ServeLimits) -> np.ndarray:
 
 
 def load_images(specs, field: str, limits: ServeLimits, allowed_prefixes=(),
-                count_limit: str = "max_images") -> list[np.ndarray]:
-    """Decode a list of request images named `field` (e.g. `memory_images`)."""
+                count_limit: str | None = "max_images") -> list[np.ndarray]:
+    """Decode a list of request images named `field` (e.g. `memory_images`); `count_limit`
+    names the limit on their number (None when the caller fixes the count itself)."""
     if specs is None:
         return []
-    limits.check(count_limit, len(specs), f"number of {field}")
+    if count_limit is not None:
+        limits.check(count_limit, len(specs), f"number of {field}")
     return [decode_image(image_bytes(spec, f"{field}[{i}]", limits, allowed_prefixes),
                          f"{field}[{i}]", limits)
             for i, spec in enumerate(specs)]

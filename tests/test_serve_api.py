@@ -109,6 +109,20 @@ def _render_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _render_like_the_server(argv: list[str]) -> int:
+    """`storymem render` in-process with the server's torch thread count (--torch-threads 1):
+    CPU float reductions depend on the thread count, so byte-identity needs the same one."""
+    import torch
+
+    args = _render_parser().parse_args(argv)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return args.func(args)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _generator_handle():
     from ray import serve
 
@@ -269,13 +283,13 @@ def test_session_shots_equal_a_batch_render(server, session_run, tmp_path):
                           "cut": [True]}]}
     (tmp_path / "story.json").write_text(json.dumps(script))
     (tmp_path / "ref.png").write_bytes(png_bytes(21))
-    args = _render_parser().parse_args([
+    assert _render_like_the_server([
         "render", str(tmp_path / "story.json"), "--preset", "tiny", "--seed", "7",
         "--transition", "mi2v", "--references", str(tmp_path / "ref.png"),
-        "--out", str(tmp_path / "out"), "--progress", "none"])
-    assert args.func(args) == 0
+        "--out", str(tmp_path / "out"), "--progress", "none"]) == 0
     marker = next((tmp_path / "out").glob("*/*/_COMMITTED.json"))
-    rows = sorted(json.loads(p.read_text()) for p in marker.parent.glob("shots/*.json"))
+    rows = sorted((json.loads(p.read_text()) for p in marker.parent.glob("shots/*.json")),
+                  key=lambda row: row["shot_index"])
     assert [r["video_sha256"] for r in rows] == [r["shot"]["video_sha256"]
                                                  for r in session_run.results]
     assert [r["memory_keyframe_ids"] for r in rows] == [
@@ -349,10 +363,9 @@ def test_story_job_outputs_equal_storymem_render(server, tmp_path):
     assert done["shots_done"] == 3 and len(done["outputs"]["shots"]) == 3
 
     (tmp_path / "story.json").write_text(json.dumps(STORY))
-    args = _render_parser().parse_args([
+    assert _render_like_the_server([
         "render", str(tmp_path / "story.json"), "--preset", "tiny", "--seed", "3",
-        "--out", str(tmp_path / "out"), "--progress", "none"])
-    assert args.func(args) == 0
+        "--out", str(tmp_path / "out"), "--progress", "none"]) == 0
     local = tmp_path / "out" / job["story_id"] / job["config_hash"]
     assert (local / "_COMMITTED.json").exists(), "render used another story id or config hash"
     remote = done["outputs"]["story_uri"]
@@ -451,7 +464,10 @@ def test_eight_concurrent_shots_while_health_stays_responsive(server):
     bodies = [r.json() for r in responses]
     assert len({b["shot_id"] for b in bodies}) == 8
     assert len({b["video_sha256"] for b in bodies}) == 8  # 8 seeds, 8 different videos
-    assert health_latencies and max(health_latencies) < 2.0, health_latencies
+    # Shots take ~1 s each and run one after another in the generator; a health check that
+    # waited for model work would take that long. (Median: this shared CPU has hiccups.)
+    assert len(health_latencies) >= 3, health_latencies
+    assert float(np.median(health_latencies)) < 0.5, health_latencies
     stats = handle.stats.remote().result()
     assert stats["pipelines_loaded"] == 1  # the model was loaded once for all of them
     assert stats["model_calls"] - calls_before == 8
