@@ -6,8 +6,9 @@ seconds per shot (median of --repeats) and peak memory above the idle baseline f
 10 memory frames, then batched vs sequential classifier-free guidance with 10 memory frames,
 printed as ratios against the 0-memory / batched runs.
 
-Peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the process RSS sampled every
-millisecond (approximate: allocator caching hides part of the freed memory).
+Peak memory, above what was allocated before the call, for the whole shot and for the
+denoising alone (decoding dominates the tiny shot): on CUDA `torch.cuda.max_memory_allocated`;
+on CPU the bytes of live tensors counted by a TorchDispatchMode (`LiveTensorBytes`).
 
 `python -m bench.bench_shot [--preset tiny|FOLDER] [--device cpu|cuda] [--repeats N]
 [--steps N] [--json FILE]`. Tiny numbers only show relative costs; the real model's costs
@@ -18,67 +19,73 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import threading
 import time
+import weakref
 
 import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 MEMORY_SIZES = (0, 3, 10)
 
 
-class PeakMemory:
-    """Peak memory (bytes) above the level at entry, for CPU (RSS sampling) or CUDA."""
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of CPU tensors alive at once, counted per storage as ops create them.
 
-    def __init__(self, device):
-        self.device = device
+    An approximation of the allocator's peak (views and storages freed while a view survives
+    are attributed to their first tensor), but exact enough to compare runs.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
         self.peak = 0
+        self._owned: dict[int, int] = {}
 
-    def __enter__(self):
-        import torch
+    def _free(self, key: int) -> None:
+        self.live -= self._owned.pop(key, 0)
 
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-            return self
-        import psutil
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._owned:
+                    self._owned[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(tensor, self._free, key)
+        return out
 
-        self._process = psutil.Process()
-        self._base = self._process.memory_info().rss
-        self._top = self._base
-        self._running = True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
 
-    def _sample(self):
-        while self._running:
-            self._top = max(self._top, self._process.memory_info().rss)
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self._base
-        else:
-            self._running = False
-            self._thread.join()
-            self._top = max(self._top, self._process.memory_info().rss)
-            self.peak = self._top - self._base
-        return False
+def peak_megabytes(pipe, call) -> float:
+    """Peak memory (MB) of `call()` above what was allocated before it."""
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        call()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with LiveTensorBytes() as tracker:
+        call()
+    return tracker.peak / 2**20
 
 
 def measure(pipe, repeats: int, **kwargs) -> dict:
-    times, peaks = [], []
+    prompt = "A lighthouse keeper lights the lamp at dusk."
+    times = []
     for index in range(repeats):
-        with PeakMemory(pipe.device) as peak:
-            start = time.perf_counter()
-            pipe.generate_shot("A lighthouse keeper lights the lamp at dusk.", seed=index, **kwargs)
-            times.append(time.perf_counter() - start)
-        peaks.append(peak.peak)
-    return {"seconds": statistics.median(times), "peak_mb": max(peaks) / 2**20}
+        start = time.perf_counter()
+        pipe.generate_shot(prompt, seed=index, **kwargs)
+        times.append(time.perf_counter() - start)
+    return {
+        "seconds": statistics.median(times),
+        "peak_mb": peak_megabytes(pipe, lambda: pipe.generate_shot(prompt, **kwargs)),
+        "denoise_peak_mb": peak_megabytes(pipe, lambda: pipe.generate_shot_latents(prompt, **kwargs)),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,8 +97,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv if argv is not None else [])
-
-    import torch
 
     import storymem_model
     import storymem_model.lora_loading  # noqa: F401 - library imports are not load time
@@ -120,13 +125,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model {pipe.model_id} on {pipe.device} ({pipe.dtype}); load {load_seconds:.2f} s; "
           f"{pipe.default_num_frames} frames {width}x{height}, "
           f"{sampling.get('num_inference_steps', pipe.default_sampling['num_inference_steps'])} steps")
-    print(f"{'run':<26}{'s/shot':>9}{'peak MB':>10}{'time x':>9}{'mem x':>8}")
+    print(f"{'run':<26}{'s/shot':>9}{'peak MB':>9}{'denoise MB':>11}{'time x':>8}{'mem x':>7}{'denoise x':>10}")
     for name, row in rows.items():
         reference = batched if "cfg=" in name else base
-        time_ratio = row["seconds"] / reference["seconds"]
-        memory_ratio = row["peak_mb"] / reference["peak_mb"] if reference["peak_mb"] > 0 else float("nan")
-        row.update(time_ratio=time_ratio, memory_ratio=memory_ratio)
-        print(f"{name:<26}{row['seconds']:>9.3f}{row['peak_mb']:>10.1f}{time_ratio:>9.2f}{memory_ratio:>8.2f}")
+        row.update(time_ratio=row["seconds"] / reference["seconds"],
+                   memory_ratio=row["peak_mb"] / reference["peak_mb"],
+                   denoise_memory_ratio=row["denoise_peak_mb"] / reference["denoise_peak_mb"])
+        print(f"{name:<26}{row['seconds']:>9.3f}{row['peak_mb']:>9.2f}{row['denoise_peak_mb']:>11.3f}"
+              f"{row['time_ratio']:>8.2f}{row['memory_ratio']:>7.2f}{row['denoise_memory_ratio']:>10.2f}")
     print("ratios: memory rows vs memory=0; cfg rows vs batched CFG with 10 memory frames")
     result = {"model_id": pipe.model_id, "device": str(pipe.device), "load_seconds": load_seconds, "rows": rows}
     if args.json:
