@@ -223,7 +223,8 @@ def add_render_command(subparsers) -> argparse.ArgumentParser:
 def run_render(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from storymem_model.runner import StoryRunner
+    from storymem_model import storage
+    from storymem_model.runner import RenderError, StoryRunner
     from storymem_model.story_script import ScriptError, load_script
 
     _setup_logging()
@@ -243,12 +244,13 @@ def run_render(args: argparse.Namespace) -> int:
     if scripts:
         started = time.perf_counter()
         try:
+            storage.filesystem(args.out)
             references = references_from_args(args)
             _check_config_flags(args)  # seconds, before minutes of model loading
             pipeline = pipeline_from_args(args)
             scorers = _with_hps_gate(args, scorers_from_args(args))
             config = config_from_args(args, pipeline, scorers, references)
-        except ValueError as exc:  # bad flags, model folders, LoRA files, scorer paths
+        except (ValueError, storage.StorageError) as exc:  # flags, model, LoRA, scorer paths
             print(f"storymem render: error: {exc}", file=sys.stderr)
             return 2
         runner = StoryRunner(pipeline, scorers, config, references=references)
@@ -260,6 +262,10 @@ def run_render(args: argparse.Namespace) -> int:
         for script in stories:
             try:
                 result = runner.render(script, args.out, progress=progress)
+            except (RenderError, storage.StorageError) as exc:  # expected: no traceback
+                log.error("story %s (%s) failed: %s", script.story_id, script.source, exc)
+                failures.append((script.source, f"{type(exc).__name__}: {exc}"))
+                continue
             except Exception as exc:  # one story failing never stops the others
                 log.exception("story %s (%s) failed", script.story_id, script.source)
                 failures.append((script.source, f"{type(exc).__name__}: {exc}"))

@@ -63,6 +63,8 @@ def test_bad_flags_exit_2_before_any_model_work(tmp_path, capsys):
     assert main(["render", str(script), "--out", str(tmp_path / "o"),
                  "--model-dir", str(tmp_path / "no-such-model")]) == 2
     assert "no-such-model" in capsys.readouterr().err
+    assert main(["render", str(script), "--out", "foo://bucket/x", "--preset", "tiny"]) == 2
+    assert "cannot open storage URI 'foo://bucket/x'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
