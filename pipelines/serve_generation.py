@@ -18,6 +18,7 @@ import time
 import uuid
 
 from ray import serve
+from ray.serve import metrics
 
 from pipelines.serve_errors import ServeRequestError
 from pipelines.serve_job_runner import prepare_job, run_job, validate_script
@@ -71,6 +72,14 @@ class ShotGenerator:
         self.requests_served = 0
         self._running_jobs: dict[str, asyncio.Task] = {}
         self._adopter: asyncio.Task | None = None
+        # Exported with Serve's own metrics (Prometheus, through Ray's metrics agent).
+        self._shots_metric = metrics.Counter(
+            "storymem_shots_rendered", description="shots rendered, by kind",
+            tag_keys=("kind",))
+        self._shot_seconds = metrics.Histogram(
+            "storymem_shot_seconds", description="wall time of one shot (generate, select, "
+            "write), by kind", boundaries=[0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600],
+            tag_keys=("kind",))
         log.info("generator %s: model loaded in %.1f s", self.worker_id, self.load_seconds)
 
     async def _ready(self) -> None:
@@ -114,11 +123,18 @@ class ShotGenerator:
         await self._ready()
         self.requests_served += 1
         try:
-            return await asyncio.to_thread(
+            started = time.perf_counter()
+            result = await asyncio.to_thread(
                 render_single_shot, self.pipeline, self.scorers, self.base_config,
                 self.settings.storage_root, scope, request, memory, first_frame, motion_frames)
+            self._count_shot("single", time.perf_counter() - started)
+            return result
         except (ServeRequestError, LimitExceeded) as exc:
             return _error_payload(exc)
+
+    def _count_shot(self, kind: str, seconds: float) -> None:
+        self._shots_metric.inc(tags={"kind": kind})
+        self._shot_seconds.observe(seconds, tags={"kind": kind})
 
     # -- sessions --------------------------------------------------------------------------
     async def create_session(self, scope: str, body: dict, references):
@@ -152,6 +168,7 @@ class ShotGenerator:
                                                     self.scorers, scope, session_id)
                     live.story = fresh.story
                 result = await asyncio.to_thread(render_next_shot, self.sessions, live, body)
+            self._count_shot("session", sum(result["timings_s"].values()))
             if body.get("return_video") in ("base64", "both"):
                 import base64
 
@@ -179,7 +196,8 @@ class ShotGenerator:
         loop = asyncio.get_running_loop()
         task = loop.create_task(asyncio.to_thread(
             run_job, self.jobs, job, script, self._runner_for, self.worker_id,
-            self.settings.job_stale_after_s / 4))
+            self.settings.job_stale_after_s / 4,
+            on_shot=lambda seconds: self._count_shot("story", seconds)))
         self._running_jobs[job.job_id] = task
         task.add_done_callback(lambda _t, job_id=job.job_id: self._running_jobs.pop(job_id, None))
 

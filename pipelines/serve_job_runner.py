@@ -57,8 +57,9 @@ def prepare_job(registry: JobRegistry, limits: ServeLimits, base_config, scope: 
 
 
 def run_job(registry: JobRegistry, job: StoryJob, script: StoryScript, make_runner,
-            worker_id: str, heartbeat_s: float) -> StoryJob:
-    """Render a job to completion (or failure), keeping its record current. Blocking."""
+            worker_id: str, heartbeat_s: float, on_shot=None) -> StoryJob:
+    """Render a job to completion (or failure), keeping its record current. Blocking.
+    `on_shot(seconds)` is called after each rendered shot (metrics)."""
     lock = threading.Lock()
     stop = threading.Event()
 
@@ -89,6 +90,8 @@ def run_job(registry: JobRegistry, job: StoryJob, script: StoryScript, make_runn
 
         def progress(event: dict) -> None:
             save(shots_done=int(event["shot_index"]) + 1)
+            if on_shot is not None:
+                on_shot(float(event.get("seconds", 0.0)))
 
         result = runner.render(script, out, progress=progress)
         marker = storage.join(result.story_uri, storage.COMMIT_MARKER)

@@ -157,3 +157,66 @@ def test_job_and_session_records_are_scoped_and_ids_checked(tmp_path):
     store.delete("scopeA", session_id)
     with pytest.raises(ServeRequestError):
         store.get("scopeA", session_id)
+
+
+# -- the CLI ------------------------------------------------------------------------------
+def _serve_args(argv, monkeypatch=None):
+    import argparse
+
+    from pipelines.cli_serve import add_serve_command
+
+    parser = argparse.ArgumentParser(prog="storymem")
+    add_serve_command(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_serve_flags_defaults_and_render_model_flags():
+    args = _serve_args(["--preset", "tiny"])
+    assert (args.host, args.port, args.replicas) == ("127.0.0.1", 8000, 1)
+    # The model flags are render's (add_model_arguments), with the same names.
+    for flag in ("model_dir", "lora_dir", "t2v_model_dir", "transition", "seed",
+                 "num_inference_steps", "rope_shift", "device"):
+        assert hasattr(args, flag), flag
+
+
+def test_serve_settings_replicas_gpus_limits_and_deployment_options(monkeypatch, tmp_path):
+    from pipelines.cli_serve import settings_from_args
+    from pipelines.serve_app import build_app
+
+    monkeypatch.setenv("STORYMEM_API_KEYS", KEY)
+    monkeypatch.chdir(tmp_path)
+    args = _serve_args(["--preset", "tiny", "--replicas", "3", "--gpus-per-replica", "0.5",
+                        "--limit", "max_steps=8", "--storage", "data"])
+    settings = settings_from_args(args)
+    assert settings.storage_root == str(tmp_path / "data")
+    assert settings.limits.max_steps == 8 and KEY not in repr(settings)
+    ingress = build_app(settings, args)._bound_deployment
+    generator = ingress.init_args[1]._bound_deployment
+    assert (generator.name, generator.num_replicas) == ("shot_generator", 3)
+    assert generator.ray_actor_options["num_gpus"] == 0.5
+    # Default GPUs: one per replica when Ray sees a GPU, none on a CPU-only cluster.
+    default = _serve_args(["--preset", "tiny"])
+    assert settings_from_args(default, gpus_available=0).gpus_per_replica == 0
+    assert settings_from_args(default, gpus_available=2).gpus_per_replica == 1
+
+
+@pytest.mark.parametrize("argv, environ, message", [
+    (["--preset", "tiny"], {}, "no API keys configured"),
+    ([], {"STORYMEM_API_KEYS": KEY}, "--preset tiny or --model-dir"),
+    (["--preset", "tiny", "--limit", "max_stepz=3"], {"STORYMEM_API_KEYS": KEY},
+     "unknown serve limit"),
+    (["--preset", "tiny", "--replicas", "0"], {"STORYMEM_API_KEYS": KEY}, "at least 1"),
+])
+def test_serve_refuses_bad_setup_before_starting_ray(argv, environ, message, monkeypatch, capsys):
+    import ray
+
+    from pipelines.cli_serve import run_serve
+
+    monkeypatch.delenv("STORYMEM_API_KEYS", raising=False)
+    monkeypatch.delenv("STORYMEM_API_KEY_FILE", raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    was_running = ray.is_initialized()
+    assert run_serve(_serve_args(argv)) == 2
+    assert message in capsys.readouterr().err
+    assert ray.is_initialized() == was_running
