@@ -12,8 +12,6 @@ Everything here is plain tensor code so it can be checked value by value.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -127,8 +125,3 @@ def given_frame_count(first_frame, motion_frames) -> int:
         return MOTION_FRAMES
     return 0
 
-
-__all__: Sequence[str] = [
-    "num_latent_frames", "latent_size", "images_to_tensor", "conditioning_video", "condition_mask",
-    "build_condition", "frames_to_uint8", "given_frame_count",
-]
