@@ -136,7 +136,11 @@ class HPSScorer:
             self._kill()
             raise
         if not header.get("ok"):
-            self._process.wait(timeout=30)
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._kill()
+            self._stderr_thread.join(timeout=5)  # so the error shows the whole traceback
             self._raise_reply(header, "loading HPSv3")
         self.info = header
         log.info("HPSv3 worker %s ready in %.1f s", header.get("pid"), header.get("load_s", 0))
@@ -180,11 +184,11 @@ class HPSScorer:
             except (BrokenPipeError, ConnectionResetError, ValueError):
                 raise self._died("while receiving a request") from None
             reply, result = self._receive(self.request_timeout_s, f"answering {header['op']!r}")
+            self.requests_total += 1
+            self.worker_seconds_total += float(reply.get("seconds", 0.0))
+            self.worker_cpu_seconds_total += float(reply.get("cpu_seconds", 0.0))
         if not reply.get("ok"):
             self._raise_reply(reply, f"HPS {header['op']}")
-        self.requests_total += 1
-        self.worker_seconds_total += float(reply.get("seconds", 0.0))
-        self.worker_cpu_seconds_total += float(reply.get("cpu_seconds", 0.0))
         return reply, result
 
     def _receive(self, timeout_s: float | None, doing: str):
