@@ -141,8 +141,9 @@ def test_lighthouse_s3(tiny, lighthouse, s3_bucket):
     _check_story(out, lighthouse, result, config)
 
 
-def test_mm2v_drops_five_frames_and_a_failing_shot_loses_no_work(tiny, tmp_path):
+def test_mm2v_drops_five_frames_and_a_failing_shot_loses_no_work_on_s3(tiny, s3_bucket):
     pipeline, scorers = tiny
+    out = f"{s3_bucket}/flaky"
     script = load_script(EXAMPLES / "paper_boat.json5")  # cuts: T F | T T
     config = RenderConfig.for_pipeline(pipeline, scorers, transition="mm2v", seed=7)
 
@@ -164,14 +165,13 @@ def test_mm2v_drops_five_frames_and_a_failing_shot_loses_no_work(tiny, tmp_path)
     flaky = StoryRunner(FailsOnThirdShot(pipeline), scorers, config)
     with pytest.raises(RenderError, match=r"the-paper-boat-\w+, scene 2, shot 1: generation "
                                           r"failed: CUDA out of memory"):
-        flaky.render(script, str(tmp_path), progress=False)
-    uri = flaky.story_uri(script, str(tmp_path))
+        flaky.render(script, out, progress=False)
+    uri = flaky.story_uri(script, out)
     files = storage.list_files(uri)
     assert "shots/01_01.json" in files and "shots/01_02.json" in files
     assert "shots/02_01.json" not in files and "_COMMITTED.json" not in files
 
-    result = StoryRunner(pipeline, scorers, config).render(script, str(tmp_path),
-                                                           progress=False)
+    result = StoryRunner(pipeline, scorers, config).render(script, out, progress=False)
     assert result.status == "resumed" and result.shots_rendered == 2
     assert [r["mode"] for r in result.rows] == ["t2v", "mm2v", "m2v", "m2v"]
     assert [r["num_frames"] for r in result.rows] == [17, 12, 17, 17]
