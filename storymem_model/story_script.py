@@ -20,8 +20,8 @@ Policies
 
 Story ids
 ``story_id = slug(story_name) + "-" + first 10 hex digits of sha256(canonical story)``.
-The slug keeps ASCII letters and digits (accents are folded, case is lowered), joins the
-rest with single "-" and is cut to 48 characters; without a story name the file stem (or
+The slug keeps ASCII letters and digits (accents are folded, apostrophes dropped, case is
+lowered), turns every other run into a single "-" and is cut to 48 characters; without a story name the file stem (or
 the ``name`` argument) is used, and "story" when nothing is left. The canonical story is
 the parsed content (name, overview, and every shot's scene, shot, prompt, cut and
 first-frame prompt) as sorted-key JSON, so the id does not depend on JSON5 formatting,
