@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -126,6 +127,45 @@ def test_clip_loads_a_local_checkpoint_file(clip, frames, tmp_path):
         OpenClipEmbedder("ViT-B-32-quickgelu")
     with pytest.raises(ScorerError, match="unknown open_clip model"):
         OpenClipEmbedder("no-such-model", str(path))
+
+
+def _torchscript_archive(state: dict, path) -> None:
+    """A TorchScript file holding `state` under the same names, as OpenAI ships CLIP."""
+    root = torch.nn.Module()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        node = root
+        for part in parents:
+            if part not in node._modules:
+                node.add_module(part, torch.nn.Module())
+            node = node._modules[part]
+        node.register_buffer(leaf, value.detach().clone().half())  # OpenAI ships fp16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still shipped
+        torch.jit.save(torch.jit.script(root), str(path))
+
+
+def test_clip_loads_openai_torchscript_files_and_names_bad_ones(clip, frames, tmp_path):
+    from storymem_model.scorers.clip_embedder import TINY_CLIP_NAME, OpenClipEmbedder
+
+    state = dict(clip.model.state_dict())
+    state["input_resolution"] = torch.tensor(64)
+    _torchscript_archive(state, tmp_path / "openai.pt")
+    loaded = OpenClipEmbedder(TINY_CLIP_NAME, str(tmp_path / "openai.pt"))
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    half = OpenClipEmbedder.tiny()
+    with torch.no_grad():
+        for param in half.model.parameters():
+            param.copy_(param.half().float())
+    np.testing.assert_allclose(loaded.embed_images(frames), half.embed_images(frames),
+                               atol=1e-5)
+    del state["visual.proj"]
+    _torchscript_archive(state, tmp_path / "broken.pt")
+    with pytest.raises(ScorerError, match=r"(?s)cannot load CLIP .*visual.proj"):
+        OpenClipEmbedder(TINY_CLIP_NAME, str(tmp_path / "broken.pt"))
+    (tmp_path / "junk.bin").write_bytes(b"junk")
+    with pytest.raises(ScorerError, match="cannot load CLIP"):
+        OpenClipEmbedder(TINY_CLIP_NAME, str(tmp_path / "junk.bin"))
 
 
 def _save_head(path, tensors):

@@ -1,7 +1,8 @@
 """CLIP image and text embeddings through open_clip, batched, L2-normalised.
 
-Real use: an open_clip model name plus a local checkpoint file (open_clip or OpenAI format;
-the reference uses OpenAI's ViT-B/32, i.e. `ViT-B-32-quickgelu`). Nothing is downloaded.
+Real use: an open_clip model name plus a local checkpoint file: an open_clip state dict
+(`.bin`/`.pt`/`.safetensors`) or OpenAI's TorchScript release file (the reference uses
+OpenAI's ViT-B/32: `ViT-B-32-quickgelu` with `ViT-B-32.pt`). Nothing is downloaded.
 Tests and the demo use `OpenClipEmbedder.tiny()`: a small custom architecture registered
 with `open_clip.add_model_config`, seeded random weights, and open_clip's own BPE tokenizer
 (shipped inside the wheel).
@@ -13,6 +14,8 @@ import json
 import logging
 import os
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -73,6 +76,26 @@ def _quiet_random_init(active: bool):
         root.removeFilter(keep)
 
 
+def _is_torchscript_archive(path: str) -> bool:
+    """OpenAI's released CLIP files (e.g. ViT-B-32.pt, the reference's) are TorchScript
+    archives: a zip with a `code/` folder (plain torch.save zips have none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in f"/{name}" for name in archive.namelist())
+
+
+def _load_torchscript_weights(model, path: str) -> None:
+    """Copy the weights of an OpenAI TorchScript CLIP into the open_clip model (same names;
+    OpenAI's fp16 weights are cast to the model's dtype)."""
+    with warnings.catch_warnings():  # "torch.jit.load is deprecated": the format is not
+        warnings.simplefilter("ignore", FutureWarning)
+        state = torch.jit.load(path, map_location="cpu").state_dict()
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        state.pop(key, None)
+    model.load_state_dict(state, strict=True)
+
+
 def _content_driven_cls_token(model) -> None:
     """Start the class token at zero (class embedding and its positional row).
 
@@ -114,10 +137,21 @@ class OpenClipEmbedder:
         self.batch_size = batch_size
         self.resize_mode = resize_mode
         self.device = torch.device(device or "cpu")
-        with torch.random.fork_rng(devices=[]), _quiet_random_init(checkpoint is None):
-            torch.manual_seed(0 if random_init_seed is None else random_init_seed)
-            model = open_clip.create_model(model_name, pretrained=checkpoint,
-                                           precision=precision, device=self.device)
+        scripted = checkpoint is not None and _is_torchscript_archive(checkpoint)
+        try:
+            with torch.random.fork_rng(devices=[]), \
+                    _quiet_random_init(checkpoint is None or scripted):
+                torch.manual_seed(0 if random_init_seed is None else random_init_seed)
+                model = open_clip.create_model(
+                    model_name, pretrained=None if scripted else checkpoint,
+                    precision=precision, device=self.device)
+            if scripted:
+                _load_torchscript_weights(model, checkpoint)
+        except ScorerError:
+            raise
+        except Exception as exc:  # wrong architecture, truncated file, unknown format
+            raise ScorerError(f"cannot load CLIP {model_name!r} from {checkpoint}: "
+                              f"{type(exc).__name__}: {exc}") from exc
         self.model = model.eval().requires_grad_(False)
         if checkpoint is None and model_name == TINY_CLIP_NAME:
             _content_driven_cls_token(self.model)
