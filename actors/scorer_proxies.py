@@ -55,3 +55,15 @@ class ImageScorerProxy(_PoolProxy):
     def score_images(self, images: np.ndarray, prompts: Sequence[str] | None = None) -> np.ndarray:
         prompts = list(prompts) if prompts is not None else None
         return self._get(self._next().score_images.remote(np.asarray(images), prompts))
+
+
+def keyframe_scorers_from_pools(clip: Sequence, gate: Sequence, timeout_s: float | None = 600.0):
+    """KeyframeScorers of proxies over the CLIP and gate pools; waits until the pools'
+    first actors have loaded their models (their names and the gate threshold)."""
+    from storymem_model.scorers.base import KeyframeScorers
+
+    clip_info, gate_info = ray.get([clip[0].info.remote(), gate[0].info.remote()])
+    return KeyframeScorers(
+        embedder=EmbedderProxy(clip, clip_info["name"], timeout_s),
+        gate=ImageScorerProxy(gate, gate_info["name"], timeout_s),
+        gate_threshold=float(gate_info["gate_threshold"]))

@@ -1,7 +1,8 @@
 """The story worker: a Ray actor that loads the pipeline once and renders stories in turn.
 
 Each worker holds one loaded `StoryMemPipeline` (on its GPU share, or the CPU) and a
-`StoryRunner` whose scorers are proxies to the shared scorer actor pools. `render_story`
+`StoryRunner` whose scorers are proxies to the shared scorer actor pools (`scorer_pools`:
+{"clip": [handles], "gate": [handles]}). `render_story`
 renders one whole story through the runner, which checkpoints after every shot; the
 story's memory bank (and its keyframe latents, cached on the worker's device) lives in the
 worker only while that story renders. When a worker dies mid-story, the driver sends the
@@ -30,7 +31,7 @@ PipelineFactory = Callable[[argparse.Namespace], Any]
 class StoryWorker:
     """Wrap with `ray.remote(...)`; see `pipelines/batch_render.py` for the options."""
 
-    def __init__(self, worker_name: str, model_args: argparse.Namespace, scorers,
+    def __init__(self, worker_name: str, model_args: argparse.Namespace, scorer_pools: dict,
                  progress=None, pipeline_factory: PipelineFactory | None = None,
                  torch_threads: int | None = 1, consistency: bool = False):
         started = time.monotonic()
@@ -46,9 +47,13 @@ class StoryWorker:
                                                references_from_args)
         from storymem_model.runner import StoryRunner
 
+        from actors.scorer_proxies import keyframe_scorers_from_pools
+
         model_args = _with_device(model_args)
         references = references_from_args(model_args)
         self.pipeline = (pipeline_factory or pipeline_from_args)(model_args)
+        # The scorer actors load their models meanwhile; wait for them only now.
+        scorers = keyframe_scorers_from_pools(scorer_pools["clip"], scorer_pools["gate"])
         self.scorers = scorers
         self.config = config_from_args(model_args, self.pipeline, scorers, references)
         self.runner = StoryRunner(self.pipeline, scorers, self.config, references=references)

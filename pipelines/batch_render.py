@@ -221,18 +221,20 @@ class _BatchRun:
         self.listing = _fail_fast(list_scripts(self.scripts, exclude=self.out))  # a bad --scripts stops here
         self._check_resources()
         prefix = f"storymem-{self.run_id}"
+        # Scorer models and worker pipelines load at the same time; workers wait for the
+        # scorers only after their own model is loaded.
         self.pools = start_scorer_pools(self.args, self.options.scorers, self.options.hps,
-                                        name_prefix=prefix)
+                                        name_prefix=prefix, wait=False)
         from actors.progress_reporter import ProgressReporter
         self.progress = ray.remote(num_cpus=0)(ProgressReporter).options(
             name=f"{prefix}-progress").remote()
-        self.scorers = self.pools.keyframe_scorers()
         self._open_bar()
         try:
             for index in range(self.options.workers):
                 slot = _Slot(index)
                 self.slots.append(slot)
                 self._start_worker(slot)
+            self.pools.wait_ready()
             self._loop()
             self.loop_end = time.time()
             self._drain_progress()
@@ -281,7 +283,9 @@ class _BatchRun:
             name=slot.name, num_cpus=self.options.cpus_per_worker,
             num_gpus=self.options.gpus_per_worker,
             max_restarts=self.options.worker_max_restarts, max_task_retries=0)
-        slot.handle = remote.remote(slot.name, self.args, self.scorers, self.progress,
+        slot.handle = remote.remote(slot.name, self.args,
+                                    {"clip": self.pools.clip, "gate": self.pools.gate},
+                                    self.progress,
                                     self.pipeline_factory, self.options.torch_threads,
                                     self.options.consistency)
         slot.state = "starting"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from actors import scorer_factories
 from actors.scorer_actor import ScorerActor
-from actors.scorer_proxies import EmbedderProxy, ImageScorerProxy
+from actors.scorer_proxies import keyframe_scorers_from_pools
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HPS_PYTHON = PROJECT_ROOT / ".hps-venv" / "bin" / "python"
@@ -65,12 +65,22 @@ class ScorerPools:
 
     def keyframe_scorers(self, timeout_s: float | None = 600.0):
         """KeyframeScorers made of proxies to the pools (what the story runner takes)."""
-        from storymem_model.scorers.base import KeyframeScorers
+        return keyframe_scorers_from_pools(self.clip, self.gate, timeout_s)
 
-        return KeyframeScorers(
-            embedder=EmbedderProxy(self.clip, self.clip_name, timeout_s),
-            gate=ImageScorerProxy(self.gate, self.gate_name, timeout_s),
-            gate_threshold=self.gate_threshold)
+    def wait_ready(self) -> None:
+        """Block until every actor has loaded its model; fills the names and threshold."""
+        import ray
+
+        try:
+            infos = ray.get([h.info.remote() for h in self.clip + self.gate])
+        except ray.exceptions.RayActorError as exc:
+            self.kill()
+            raise ScorerPoolError(f"a scorer actor could not load its model: {exc}") from exc
+        clip_info, gate_info = infos[0], infos[len(self.clip)]
+        self.clip_name = clip_info["name"]
+        self.gate_name = gate_info["name"]
+        self.gate_threshold = float(gate_info["gate_threshold"])
+        self.info = {"clip": infos[:len(self.clip)], "gate": infos[len(self.clip):]}
 
     def actors(self) -> list:
         return [*self.clip, *self.gate]
@@ -114,8 +124,10 @@ class ScorerPools:
 
 
 def start_scorer_pools(model_args: argparse.Namespace, options: ScorerPoolOptions,
-                       hps: HPSOptions | None = None, name_prefix: str = "storymem") -> ScorerPools:
-    """Create both pools and wait until every actor has loaded its model."""
+                       hps: HPSOptions | None = None, name_prefix: str = "storymem",
+                       wait: bool = True) -> ScorerPools:
+    """Create both pools; with `wait`, block until every actor has loaded its model (else
+    call `wait_ready()` later: the models load while the caller does other work)."""
     import ray
 
     if options.clip_actors < 1 or options.gate_actors < 1:
@@ -147,16 +159,8 @@ def start_scorer_pools(model_args: argparse.Namespace, options: ScorerPoolOption
         gate = [remote.options(name=f"{name_prefix}-aesthetic-{i}", **common).remote(
             factory, role="aesthetic", **batching) for i in range(options.gate_actors)]
     pools = ScorerPools(clip=clip, gate=gate, gate_threshold=0.0, clip_name="", gate_name="")
-    try:
-        infos = ray.get([h.info.remote() for h in clip + gate])
-    except ray.exceptions.RayActorError as exc:
-        pools.kill()
-        raise ScorerPoolError(f"a scorer actor could not load its model: {exc}") from exc
-    clip_info, gate_info = infos[0], infos[len(clip)]
-    pools.clip_name = clip_info["name"]
-    pools.gate_name = gate_info["name"]
-    pools.gate_threshold = float(gate_info["gate_threshold"])
-    pools.info = {"clip": infos[:len(clip)], "gate": infos[len(clip):]}
+    if wait:
+        pools.wait_ready()
     return pools
 
 

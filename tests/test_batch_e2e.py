@@ -1,10 +1,11 @@
 """The Ray batch end to end: tiny preset, local Ray (2 CPUs), moto S3 on 127.0.0.1.
 
 - a clean run of 6 stories with 2 workers to S3: all committed, run tables right, scorer
-  requests from different stories really batched; a re-run renders nothing;
+  requests from different stories really batched;
 - a run with faults: one worker killed with `ray.kill`, another worker's process killed
   with SIGKILL, both mid-story; one malformed script; one story that fails at generation.
-  The 6 stories come out identical to the clean run's, both bad ones end in errors.parquet.
+  The 6 stories come out identical to the clean run's, both bad ones end in errors.parquet;
+- a re-run of the clean batch renders nothing.
 
 The only stand-in is `FailingPipeline`, a wrapper around the real tiny pipeline that raises
 on one marked prompt (a generation failure cannot be provoked otherwise).
@@ -58,10 +59,11 @@ def _stories() -> dict[str, dict]:
     }
 
 
-def _options(**kw) -> BatchOptions:
+def _options(workers: int = 2, **kw) -> BatchOptions:
     # 16 images per forward = two shots' frames: two stories' requests fill one batch.
     scorers = ScorerPoolOptions(max_batch_size=16, max_wait_s=1.5, cpus_per_actor=0.25)
-    return BatchOptions(workers=2, cpus_per_worker=0.25, scorers=scorers, progress=False, **kw)
+    return BatchOptions(workers=workers, cpus_per_worker=0.25, scorers=scorers,
+                        progress=False, **kw)
 
 
 def _write_scripts(prefix: str, extra: dict | None = None) -> dict[str, str]:
@@ -162,22 +164,6 @@ def test_scorers_are_shared_and_really_batch_requests_of_different_stories(clean
     assert clean_run["summary"]["scorer_mean_batch_requests"] > 1.0
 
 
-def test_rerun_skips_committed_stories_and_renders_nothing(clean_run):
-    out = clean_run["out"]
-    before = _snapshot(out)
-    bucket = out.rsplit("/", 1)[0]
-    summary = run_batch(f"{bucket}/scripts", out, MODEL_FLAGS, run_id="rerun",
-                        options=_options())
-    assert (summary["rendered"], summary["skipped"], summary["failed"]) == (0, 6, 0)
-    assert summary["shots_rendered"] == 0
-    assert summary["scorers"]["clip"]["methods"] == {}  # no scorer call at all
-    assert _snapshot(out) == before  # not one story file rewritten
-    stories = _read_table(f"{out}/runs/rerun/stories.parquet").to_pylist()
-    assert {r["status"] for r in stories} == {"skipped"}
-    # the run's shots table still lists every committed shot of the batch
-    assert _read_table(f"{out}/runs/rerun/shots.parquet").num_rows == 14
-
-
 # ---------------------------------------------------------------------------------------
 class FailingPipeline:
     """Stand-in around the real tiny pipeline: generation fails for prompts with FAIL_MARK."""
@@ -272,11 +258,32 @@ def test_faults_killed_workers_bad_script_and_failing_story(clean_run, ray_clust
         ours = _story_files(out, story_id, clean_hash)
         theirs = _story_files(clean_run["out"], story_id, clean_hash)
         assert sorted(ours) == sorted(theirs), story_id
+        drop = [*TIMING_COLUMNS, "video_uri"]
         for rel in ours:
             if rel in ("shots.parquet", "_COMMITTED.json"):
                 continue
+            if rel.startswith("shots/") and rel.endswith(".json"):  # shot records: timings
+                a, b = (json.loads(x[rel]) for x in (ours, theirs))
+                assert {k: v for k, v in a.items() if k not in drop} == \
+                    {k: v for k, v in b.items() if k not in drop}, f"{story_id}/{rel}"
+                continue
             assert ours[rel] == theirs[rel], f"{story_id}/{rel} differs from the clean run"
-        drop = [*TIMING_COLUMNS, "video_uri"]
         a = pq.read_table(io.BytesIO(ours["shots.parquet"])).drop_columns(drop)
         b = pq.read_table(io.BytesIO(theirs["shots.parquet"])).drop_columns(drop)
         assert a.equals(b), story_id
+
+
+def test_rerun_skips_committed_stories_and_renders_nothing(clean_run):
+    out = clean_run["out"]
+    before = _snapshot(out)
+    bucket = out.rsplit("/", 1)[0]
+    summary = run_batch(f"{bucket}/scripts", out, MODEL_FLAGS, run_id="rerun",
+                        options=_options(workers=1))
+    assert (summary["rendered"], summary["skipped"], summary["failed"]) == (0, 6, 0)
+    assert summary["shots_rendered"] == 0
+    assert summary["scorers"]["clip"]["methods"] == {}  # no scorer call at all
+    assert _snapshot(out) == before  # not one story file rewritten
+    stories = _read_table(f"{out}/runs/rerun/stories.parquet").to_pylist()
+    assert {r["status"] for r in stories} == {"skipped"}
+    # the run's shots table still lists every committed shot of the batch
+    assert _read_table(f"{out}/runs/rerun/shots.parquet").num_rows == 14
