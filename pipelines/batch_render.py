@@ -155,8 +155,30 @@ def run_batch(scripts: str, out: str,
     run_id = run_id or new_run_id()
     if not run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise BatchError(f"run_id {run_id!r}: use letters, digits, '-', '_' and '.' only")
+    _check_model_flags(args)
+    storage.filesystem(out)  # an unusable --out fails here, before any actor starts
+    listing = _fail_fast(list_scripts(scripts, exclude=out))  # so does a bad --scripts
     with ray_session(ray_address):
-        return _BatchRun(scripts, out, args, run_id, options, pipeline_factory, on_event).run()
+        return _BatchRun(scripts, out, args, run_id, options, pipeline_factory, on_event,
+                         listing).run()
+
+
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """Unusable setting values fail in seconds, before any worker loads a model: the
+    config is built once with the model's usual defaults standing in for the pipeline."""
+    from types import SimpleNamespace
+
+    from storymem_model.cli_render import config_from_args, references_from_args
+    from storymem_model.presets import REAL_SHOT, TINY
+
+    shot = TINY.shot if getattr(args, "preset", None) == "tiny" else REAL_SHOT
+    stand_in = SimpleNamespace(
+        model_id="(not loaded yet)", default_height=shot.height, default_width=shot.width,
+        default_num_frames=shot.num_frames, fps=shot.fps, default_sampling={})
+    try:
+        config_from_args(args, stand_in, None, references=references_from_args(args))
+    except (ValueError, SystemExit) as exc:
+        raise BatchError(f"invalid model settings: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,7 +206,7 @@ class _Slot:
 
 class _BatchRun:
     def __init__(self, scripts, out, args, run_id, options: BatchOptions, pipeline_factory,
-                 on_event):
+                 on_event, listing: Iterator):
         self.scripts = scripts
         self.out = out.rstrip("/") if isinstance(out, str) else out
         self.args = args
@@ -197,7 +219,7 @@ class _BatchRun:
         self.config: dict | None = None
         self.seen_ids: dict[str, int] = {}
         self.retry_queue: collections.deque[_StoryTask] = collections.deque()
-        self.listing: Iterator | None = None
+        self.listing = listing
         self.listing_done = False
         self.listed = 0
         self.refs: dict[Any, tuple[str, _Slot]] = {}
@@ -218,7 +240,6 @@ class _BatchRun:
         import ray
 
         self.started = time.time()
-        self.listing = _fail_fast(list_scripts(self.scripts, exclude=self.out))  # a bad --scripts stops here
         self._check_resources()
         prefix = f"storymem-{self.run_id}"
         # Scorer models and worker pipelines load at the same time; workers wait for the

@@ -109,6 +109,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     from pipelines.ray_runtime import RayConnectionError
     from pipelines.scorer_pools import ScorerPoolError
     from pipelines.script_source import ScriptSourceError
+    from storymem_model.storage import StorageError
 
     _setup_logging()
     try:
@@ -116,7 +117,8 @@ def run_batch_command(args: argparse.Namespace) -> int:
         model_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
         summary = run_batch(args.scripts, args.out, model_args, ray_address=args.ray_address,
                             run_id=args.run_id, options=options)
-    except (BatchError, ScriptSourceError, RayConnectionError, ScorerPoolError) as exc:
+    except (BatchError, ScriptSourceError, RayConnectionError, ScorerPoolError,
+            StorageError) as exc:
         print(f"storymem batch: error: {exc}", file=sys.stderr)
         return 2
     _print_summary(summary)
