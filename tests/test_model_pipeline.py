@@ -1,6 +1,8 @@
 """The tiny StoryMem pipeline end to end: modes, shapes, determinism, precomputed memory, errors."""
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 import sys
 
@@ -75,10 +77,31 @@ def latents(pipe, prompt=PROMPT, **kwargs):
     return pipe.generate_shot_latents(prompt, **kwargs).latents
 
 
-def test_deterministic_across_fresh_loads(images):
-    first = latents(storymem_model.load_pipeline("tiny"), memory=images[:2], seed=5)
-    second = latents(storymem_model.load_pipeline("tiny"), memory=images[:2], seed=5)
-    assert torch.equal(first, second)
+def test_deterministic_across_processes(pipe, images):
+    """Another process (as a Ray worker would be) builds the same tiny model and shot."""
+    code = (
+        "import sys, hashlib, numpy as np, torch; torch.set_num_threads(1); import storymem_model; "
+        "images = np.random.default_rng(0).integers(0, 256, (10, %d, %d, 3), dtype=np.uint8); "
+        "p = storymem_model.load_pipeline('tiny'); "
+        "v = p.generate_shot(%r, memory=images[:2], seed=5); "
+        "print(hashlib.sha256(v.tobytes()).hexdigest())" % (TINY.shot.height, TINY.shot.width, PROMPT))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    here = pipe.generate_shot(PROMPT, memory=images[:2], seed=5)
+    assert result.stdout.strip().splitlines()[-1] == hashlib.sha256(here.tobytes()).hexdigest()
+
+
+def test_t2v_request_without_t2v_experts_falls_back_to_m2v():
+    from storymem_model.shot_pipeline import StoryMemPipeline
+    from storymem_model.tiny_models import build_tiny_components
+
+    parts = build_tiny_components()
+    parts.update(t2v_transformer=None, t2v_transformer_2=None)
+    pipe = StoryMemPipeline(**parts)
+    pipe.configure(shot=TINY.shot, text_length=TINY.text_length, model_id="tiny", t2v_model_id="tiny:t2v")
+    assert not pipe.has_t2v and pipe.t2v_model_id is None
+    assert pipe.generate_shot_latents(PROMPT, use_t2v=True, num_inference_steps=1).mode == "M2V"
 
 
 def test_memory_changes_the_shot_and_precomputed_latents_match(pipe, images):
