@@ -54,6 +54,9 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     net.add_argument("--image-uri-prefix", action="append", default=[], metavar="PREFIX",
                      help="allow request images given as URIs under this prefix (repeat "
                           "for several); without it only base64/data URIs are accepted")
+    net.add_argument("--job-stale-after-s", type=float, default=60.0,
+                     help="a story job whose replica has not reported for this long is "
+                          "taken over by another (or the restarted) replica and resumed")
     net.add_argument("--limit", action="append", default=[], type=_limit_override,
                      metavar="NAME=VALUE", help=f"override a request limit; defaults: {limit_names}")
     scale = parser.add_argument_group("replicas")
@@ -94,6 +97,8 @@ def settings_from_args(args: argparse.Namespace, gpus_available: float = 0.0):
     gpus = args.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if gpus_available >= 1 else 0.0
+    if args.job_stale_after_s < 2:
+        raise ValueError("--job-stale-after-s must be at least 2 seconds")
     if gpus < 0 or args.cpus_per_replica < 0:
         raise ValueError("--gpus-per-replica and --cpus-per-replica must be >= 0")
     limits = ServeLimits.from_overrides(dict(args.limit))
@@ -105,7 +110,7 @@ def settings_from_args(args: argparse.Namespace, gpus_available: float = 0.0):
         limits=limits, image_uri_prefixes=tuple(args.image_uri_prefix),
         replicas=args.replicas, gpus_per_replica=gpus, cpus_per_replica=args.cpus_per_replica,
         scorer_replicas=args.scorer_replicas, scorer_gpus=args.scorer_gpus,
-        scorer_cpus=args.scorer_cpus,
+        scorer_cpus=args.scorer_cpus, job_stale_after_s=args.job_stale_after_s,
         torch_threads=args.torch_threads)
 
 

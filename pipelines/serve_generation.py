@@ -218,6 +218,11 @@ class ShotGenerator:
                     continue
                 script_body = await asyncio.to_thread(self.jobs.script, job)
                 script = validate_script({"script": script_body}, self.limits)
+                if script.story_id != job.story_id:
+                    job.status, job.error = "failed", (
+                        f"stored script no longer yields story id {job.story_id}")
+                    await asyncio.to_thread(self.jobs.save, job)
+                    continue
                 log.info("adopting story job %s (last worker %s)", job.job_id, job.worker)
                 self._start_job(job, script)
         except Exception:

@@ -150,7 +150,8 @@ def server(ray_cluster, s3_endpoint):
         "serve", "--preset", "tiny", "--host", "127.0.0.1", "--port", str(port),
         "--storage", f"s3://{bucket}/serve", "--image-uri-prefix", f"s3://{bucket}/inputs/",
         "--cpus-per-replica", "0.25", "--scorer-cpus", "0.05", "--torch-threads", "1",
-        "--limit", f"max_body_bytes={MAX_BODY_BYTES}", "--limit", "max_images=4"])
+        "--limit", f"max_body_bytes={MAX_BODY_BYTES}", "--limit", "max_images=4",
+        "--job-stale-after-s", "4"])
     try:
         url = start_serve(args)
         _wait_healthy(url)
@@ -307,23 +308,90 @@ def test_session_scoped_to_its_key_and_deleted(server, session_run):
     assert len(session_run.id) >= 32
 
 
-def test_session_survives_generator_restart(server, session_run):
-    """Kill the generation replica's process after shot 1; shot 2 continues from storage and
-    is byte-identical to the uninterrupted session's shot 2."""
+STORY = {"story_name": "Paper kite", "story_overview": "A kite over the dunes.",
+         "scenes": [{"scene_num": 1, "video_prompts": ["A girl runs with a paper kite on a dune.",
+                                                       "The kite climbs into a pale sky.",
+                                                       "Her brother points at a hawk."],
+                     "cut": [True, False, True]},
+                    {"scene_num": 2, "video_prompts": ["At dusk she folds the kite by a fire.",
+                                                       "Sparks rise past the folded kite."],
+                     "cut": ["True", "False"]}]}
+VOLATILE = {"video_uri", "generate_seconds", "select_seconds", "write_seconds", "shot_seconds"}
+
+
+@pytest.fixture(scope="module")
+def story_job(server):
+    submitted = server.a.post("/v1/stories", json={"script": STORY, "seed": 3})
+    assert submitted.status_code == 202, submitted.text
+    job = submitted.json()
+    assert job["status"] in ("queued", "running") and job["shots_total"] == 5
+    done = _wait_job(server.a, job["job_id"])
+    assert done["status"] == "succeeded", done
+    return done
+
+
+def _assert_same_story_files(expected_uri: str, actual_uri: str) -> None:
+    """Equal file lists; equal bytes except the commit marker, and Parquet rows / shot
+    records equal apart from timings and URIs."""
+    import pyarrow.parquet as pq
+
+    from storymem_model import storage
+
+    files = storage.list_files(expected_uri)
+    assert storage.list_files(actual_uri) == files
+    for rel in files:
+        if rel == "_COMMITTED.json":
+            continue
+        mine = storage.read_bytes(storage.join(expected_uri, rel))
+        theirs = storage.read_bytes(storage.join(actual_uri, rel))
+        if rel.endswith(".parquet"):
+            a = pq.read_table(io.BytesIO(mine)).drop_columns(sorted(VOLATILE)).to_pylist()
+            b = pq.read_table(io.BytesIO(theirs)).drop_columns(sorted(VOLATILE)).to_pylist()
+            assert a == b
+        elif rel.startswith("shots/") and rel.endswith(".json"):
+            a, b = json.loads(mine), json.loads(theirs)
+            assert {k: v for k, v in a.items() if k not in VOLATILE} == \
+                   {k: v for k, v in b.items() if k not in VOLATILE}, rel
+        else:
+            assert mine == theirs, f"{rel} differs"
+
+
+def test_story_job_outputs_equal_storymem_render(server, story_job, tmp_path):
+    assert server.b.get(f"/v1/stories/{story_job['job_id']}").status_code == 404
+    assert story_job["shots_done"] == 5 and len(story_job["outputs"]["shots"]) == 5
+    assert [s["mode"] for s in story_job["outputs"]["shots"]] == ["t2v", "mi2v", "m2v", "m2v", "mi2v"]
+    (tmp_path / "story.json").write_text(json.dumps(STORY))
+    assert _render_like_the_server([
+        "render", str(tmp_path / "story.json"), "--preset", "tiny", "--seed", "3",
+        "--out", str(tmp_path / "out"), "--progress", "none"]) == 0
+    local = tmp_path / "out" / story_job["story_id"] / story_job["config_hash"]
+    assert (local / "_COMMITTED.json").exists(), "render used another story id or config hash"
+    _assert_same_story_files(str(local), story_job["outputs"]["story_uri"])
+
+
+def test_replica_restart_loses_no_session_and_no_story_job(server, session_run, story_job):
+    """Kill the generation replica's process while a story job renders and between two
+    session shots: the session continues and the job is resumed by the restarted replica,
+    both byte-identical to their uninterrupted runs."""
     created = server.a.post("/v1/sessions", json={"reference_images": [png_b64(21)], "seed": 7,
                                                    "transition": "mi2v"}).json()
     path = f"/v1/sessions/{created['session_id']}/shots"
     first = server.a.post(path, json={**SESSION_SHOTS[0], "return_video": "uri"}).json()
     assert first["shot"]["video_sha256"] == session_run.results[0]["shot"]["video_sha256"]
 
+    job = server.a.post("/v1/stories", json={"script": STORY, "seed": 3}).json()
+    deadline = time.time() + 120
+    while server.a.get(f"/v1/stories/{job['job_id']}").json()["shots_done"] < 1:
+        assert time.time() < deadline, "the story job never started"
+        time.sleep(0.1)
     handle = _generator_handle()
     old_pid = handle.stats.remote().result()["pid"]
     os.kill(old_pid, signal.SIGKILL)
-    deadline = time.time() + 120
+    assert server.a.get(f"/v1/stories/{job['job_id']}").json()["status"] == "running"
+    deadline = time.time() + 180
     while True:
         try:
-            stats = handle.stats.remote().result(timeout_s=30)
-            if stats["pid"] != old_pid:
+            if handle.stats.remote().result(timeout_s=30)["pid"] != old_pid:
                 break
         except Exception:
             pass
@@ -339,53 +407,13 @@ def test_session_survives_generator_restart(server, session_run):
     assert server.a.delete(f"/v1/sessions/{created['session_id']}").status_code == 204
     assert server.a.get(f"/v1/sessions/{created['session_id']}").status_code == 404
 
-
-STORY = {"story_name": "Paper kite", "story_overview": "A kite over the dunes.",
-         "scenes": [{"scene_num": 1, "video_prompts": ["A girl runs with a paper kite on a dune.",
-                                                       "The kite climbs into a pale sky."],
-                     "cut": [True, False]},
-                    {"scene_num": 2, "video_prompts": ["At dusk she folds the kite by a fire."],
-                     "cut": ["True"]}]}
-
-
-def test_story_job_outputs_equal_storymem_render(server, tmp_path):
-    import pyarrow.parquet as pq
-
-    from storymem_model import storage
-
-    submitted = server.a.post("/v1/stories", json={"script": STORY, "seed": 3})
-    assert submitted.status_code == 202, submitted.text
-    job = submitted.json()
-    assert job["status"] in ("queued", "running") and job["shots_total"] == 3
-    assert server.b.get(f"/v1/stories/{job['job_id']}").status_code == 404
-    done = _wait_job(server.a, job["job_id"])
-    assert done["status"] == "succeeded", done
-    assert done["shots_done"] == 3 and len(done["outputs"]["shots"]) == 3
-
-    (tmp_path / "story.json").write_text(json.dumps(STORY))
-    assert _render_like_the_server([
-        "render", str(tmp_path / "story.json"), "--preset", "tiny", "--seed", "3",
-        "--out", str(tmp_path / "out"), "--progress", "none"]) == 0
-    local = tmp_path / "out" / job["story_id"] / job["config_hash"]
-    assert (local / "_COMMITTED.json").exists(), "render used another story id or config hash"
-    remote = done["outputs"]["story_uri"]
-    local_files = storage.list_files(str(local))
-    assert storage.list_files(remote) == local_files
-    volatile = {"video_uri", "generate_seconds", "select_seconds", "write_seconds", "shot_seconds"}
-    for rel in local_files:
-        mine, theirs = (local / rel).read_bytes(), storage.read_bytes(storage.join(remote, rel))
-        if rel == "_COMMITTED.json":
-            continue
-        if rel.endswith(".parquet"):
-            a = pq.read_table(io.BytesIO(mine)).drop_columns(sorted(volatile)).to_pylist()
-            b = pq.read_table(io.BytesIO(theirs)).drop_columns(sorted(volatile)).to_pylist()
-            assert a == b
-        elif rel.startswith("shots/") and rel.endswith(".json"):
-            a, b = json.loads(mine), json.loads(theirs)
-            assert {k: v for k, v in a.items() if k not in volatile} == \
-                   {k: v for k, v in b.items() if k not in volatile}, rel
-        else:
-            assert mine == theirs, f"{rel} differs from storymem render's"
+    resumed = _wait_job(server.a, job["job_id"])
+    assert resumed["status"] == "succeeded", resumed
+    record_key = resumed["outputs"]["story_uri"].split(f"s3://{server.bucket}/", 1)[1]
+    record_key = record_key.split("/out/", 1)[0] + "/job.json"
+    record = json.loads(server.s3.get_object(Bucket=server.bucket, Key=record_key)["Body"].read())
+    assert record["attempts"] >= 2, record  # adopted after the kill, not rendered from scratch
+    _assert_same_story_files(story_job["outputs"]["story_uri"], resumed["outputs"]["story_uri"])
 
 
 def _error(response, status: int, code: str) -> dict:
