@@ -12,7 +12,7 @@ imports `storymem_model.*` with other library versions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,6 @@ class TinyPreset:
     lora_rank: int = 8
     # Which experts are built: the I2V pair always, the T2V pair for `use_t2v` shots.
     with_t2v: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 TINY = TinyPreset()
