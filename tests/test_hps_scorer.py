@@ -59,7 +59,7 @@ def scorer(tiny_hps):
 
 
 def test_scores_real_images_through_the_worker_with_hpsv3(scorer, tiny_hps):
-    assert isinstance(scorer, ImageScorer) and scorer.name == "hpsv3"
+    assert isinstance(scorer, ImageScorer) and scorer.name == "hpsv3:hpsv3.safetensors"
     assert scorer.default_threshold == 3.0
     assert scorer.info["transformers"] == "4.45.2"  # the pinned stack, not the main venv's
     assert scorer.info["pid"] != os.getpid()

@@ -94,7 +94,8 @@ class _DeadlineReader:
 class HPSScorer:
     """HPSv3 preference score per image (higher is better), computed in the HPS environment.
 
-    `name` is "hpsv3"; `default_threshold` is the reference's keyframe gate, 3.0.
+    `name` is "hpsv3:<checkpoint file name>"; `default_threshold` is the reference's
+    keyframe gate, 3.0.
     """
 
     name = "hpsv3"
@@ -110,6 +111,8 @@ class HPSScorer:
         self.python = hps_python(python)
         checkpoint, base = check_model_paths(checkpoint_path, base_model_path)
         self.checkpoint_path, self.base_model_path = str(checkpoint), str(base)
+        # Goes into the render config hash; the same form as the Ray HPS actors' gate name.
+        self.name = f"hpsv3:{checkpoint.name}"
         self.device, self.max_batch_size = device, max_batch_size
         self.request_timeout_s = request_timeout_s
         # Counters for benchmarks: requests answered, wall and CPU seconds inside the model.
