@@ -1,0 +1,75 @@
+"""RenderConfig: every pixel-changing field changes the hash; bad values are refused."""
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from storymem_model.render_config import ConfigError, RenderConfig
+
+BASE = RenderConfig(model_id="tiny", height=64, width=64, num_frames=17,
+                    sampling={"num_inference_steps": 4, "shift": 4.0})
+
+CHANGES = {
+    "model_id": "other", "lora_id": "lora:abc", "t2v_model_id": "t2v", "dtype": "bfloat16",
+    "transition": "mm2v", "seed": 1, "max_memory": 9, "memory_sink": 2, "rope_shift": None,
+    "prompt_aware_memory": True, "negative_prompt": "blurry",
+    "sampling": {"num_inference_steps": 5, "shift": 4.0}, "height": 48, "width": 80,
+    "num_frames": 21, "fps": 24, "keyframe_threshold": 0.8, "keyframe_step": 0.02,
+    "max_keyframes": 2, "gate_threshold": 2.5, "duplicate_threshold": 0.95,
+    "embedder_id": "clip-b", "gate_id": "hps", "references_sha256": ("ab" * 32,),
+}
+
+
+def test_every_field_is_in_the_hash():
+    assert set(CHANGES) == {f.name for f in dataclasses.fields(RenderConfig)}
+    hashes = {BASE.config_hash()}
+    for name, value in CHANGES.items():
+        changed = BASE.replace(**{name: value})
+        hashes.add(changed.config_hash())
+    assert len(hashes) == len(CHANGES) + 1
+    assert len(BASE.config_hash()) == 12
+    assert BASE.config_hash() == RenderConfig.from_dict(BASE.to_dict()).config_hash()
+    reordered = BASE.replace(sampling={"shift": 4.0, "num_inference_steps": 4})
+    assert reordered.config_hash() == BASE.config_hash()
+
+
+def test_frames_per_shot():
+    assert BASE.frames_per_shot == {"t2v": 17, "m2v": 17, "mr2v": 17, "mi2v": 16, "mm2v": 12}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"transition": "fade"}, "transition must be one of mi2v, mm2v, none"),
+    ({"memory_sink": 11}, "memory_sink must be between 0 and max_memory (10)"),
+    ({"max_memory": 0}, "max_memory must be at least 1"),
+    ({"height": 40}, "height must be a positive multiple of 16"),
+    ({"num_frames": 18}, "num_frames must be 4k+1"),
+    ({"seed": -1}, "seed must be a non-negative integer"),
+    ({"sampling": {"steps": 3}}, "unknown sampling keys ['steps']"),
+    ({"keyframe_threshold": 1.5}, "keyframe_threshold must be in (0, 1]"),
+])
+def test_bad_values_are_refused(change, message):
+    with pytest.raises(ConfigError) as info:
+        BASE.replace(**change)
+    assert message in str(info.value)
+    with pytest.raises(ConfigError, match="unknown RenderConfig fields"):
+        RenderConfig.from_dict({**BASE.to_dict(), "colour": "red"})
+
+
+def test_for_pipeline_takes_ids_and_defaults_from_the_loaded_model():
+    pipeline = SimpleNamespace(
+        model_id="/models/i2v", lora_id="lora:x", has_t2v=True, dtype="torch.bfloat16",
+        default_height=480, default_width=832, default_num_frames=81, fps=16,
+        default_sampling={"num_inference_steps": 40, "guidance_scale": 3.5, "other": 1})
+    scorers = SimpleNamespace(embedder=SimpleNamespace(name="clip"),
+                              gate=SimpleNamespace(name="aesthetic"), gate_threshold=4.5)
+    config = RenderConfig.for_pipeline(pipeline, scorers, seed=3,
+                                       sampling={"num_inference_steps": 8, "shift": None})
+    assert (config.model_id, config.lora_id, config.t2v_model_id, config.dtype) == (
+        "/models/i2v", "lora:x", "/models/i2v:t2v", "bfloat16")
+    assert (config.height, config.width, config.num_frames, config.fps) == (480, 832, 81, 16)
+    assert config.sampling == {"guidance_scale": 3.5, "num_inference_steps": 8}
+    assert (config.embedder_id, config.gate_id, config.gate_threshold) == (
+        "clip", "aesthetic", 4.5)
+    assert config.seed == 3
