@@ -90,6 +90,9 @@ def settings_from_args(args: argparse.Namespace, gpus_available: float = 0.0):
 
     if not args.preset and not args.model_dir:
         raise ValueError("give --preset tiny or --model-dir DIR (see --help)")
+    if getattr(args, "references", None):
+        raise ValueError("--references is not a server setting: send reference_images with "
+                         "POST /v1/sessions")
     if args.replicas < 1 or args.scorer_replicas < 1:
         raise ValueError("--replicas and --scorer-replicas must be at least 1")
     if not 0 < args.port < 65536:

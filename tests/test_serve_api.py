@@ -501,6 +501,24 @@ def test_eight_concurrent_shots_while_health_stays_responsive(server):
     assert stats["model_calls"] - calls_before == 8
 
 
+def test_scorer_deployments_are_shared_and_batch_requests(server):
+    from ray import serve
+
+    from pipelines.cli_serve import APP_NAME
+
+    embedder = serve.get_deployment_handle("image_embedder", app_name=APP_NAME)
+    served = embedder.stats.remote().result()
+    assert served["requests"] > 0  # the generator's shots were scored here
+    frames = [np.random.default_rng(i).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+              for i in range(6)]
+    responses = [embedder.embed_images.remote(f) for f in frames]  # sent together
+    vectors = [r.result() for r in responses]
+    assert [v.shape[0] for v in vectors] == [3] * 6
+    assert embedder.stats.remote().result()["max_requests_per_batch"] > 1
+    alone = embedder.embed_images.remote(frames[4]).result()
+    np.testing.assert_allclose(alone, vectors[4], rtol=0, atol=1e-6)  # split back correctly
+
+
 def test_api_keys_never_logged(server):
     import ray
 
