@@ -172,12 +172,18 @@ def test_ray_runs_code_under_the_hps_interpreter(ray_cluster, hps_env):
 
         import hpsv3  # noqa: F401
         import ray as worker_ray
+        import torch
         import transformers
-        return sys.executable, transformers.__version__, worker_ray.__version__
+        return (sys.executable, transformers.__version__, worker_ray.__version__,
+                torch.__file__)
 
-    executable, transformers_version, ray_version = ray.get(versions.remote(), timeout=300)
+    executable, transformers_version, ray_version, torch_file = ray.get(
+        versions.remote(), timeout=300)
     assert executable == hps_env and transformers_version == "4.45.2"
     assert ray_version == ray.__version__ and sys.executable != hps_env
+    # Layered, not a second torch: the HPS interpreter imports the main venv's torch.
+    import torch
+    assert torch_file == torch.__file__
 
 
 def test_worker_death_mid_session_is_reported(scorer):
