@@ -163,11 +163,18 @@ class ShotGenerator:
                 raise ServeRequestError(400, "bad_routing", "session routing id mismatch")
             live = await self._live_session(model_id)
             async with live.lock:
-                if not await asyncio.to_thread(is_current, self.sessions, live):
+                if live.broken or not await asyncio.to_thread(is_current, self.sessions, live):
                     fresh = await asyncio.to_thread(open_session, self.sessions, self.pipeline,
                                                     self.scorers, scope, session_id)
-                    live.story = fresh.story
-                result = await asyncio.to_thread(render_next_shot, self.sessions, live, body)
+                    live.story, live.broken = fresh.story, False
+                try:
+                    result = await asyncio.to_thread(render_next_shot, self.sessions, live, body)
+                except ServeRequestError:
+                    raise  # refused before any state changed
+                except Exception:
+                    # The in-memory state may be half updated: reload from the checkpoint.
+                    live.broken = True
+                    raise
             self._count_shot("session", sum(result["timings_s"].values()))
             if body.get("return_video") in ("base64", "both"):
                 import base64

@@ -50,6 +50,7 @@ class LiveSession:
         self.session_id = session_id
         self.story = story
         self.lock = asyncio.Lock()
+        self.broken = False  # set after a failed shot: reopen from storage before the next
 
 
 def create_session(store: SessionStore, pipeline, scorers, base_config: RenderConfig,

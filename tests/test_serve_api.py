@@ -464,6 +464,11 @@ def test_every_bad_input_gets_its_own_4xx(server):
     _error(a.post("/v1/sessions/" + "x" * 32 + "/shots", json={"prompt": "x"}),
            404, "unknown_session")
     _error(a.get("/v1/stories/" + "y" * 24), 404, "unknown_story_job")
+    _error(a.post("/v1/sessions", json={"reference_images": ["%%%"]}), 400, "invalid_base64")
+    session = a.post("/v1/sessions", json={}).json()["session_id"]
+    _error(a.post(f"/v1/sessions/{session}/shots", json={"prompt": "x", "cut": False}),
+           422, "first_shot_not_a_cut")
+    assert a.get(f"/v1/sessions/{session}").json()["shots"] == []  # nothing was rendered
     bad_script = a.post("/v1/stories", json={"script": {"story_name": "broken", "scenes": [
         {"scene_num": 1, "video_prompts": ["one", ""], "cut": [False]}]}})
     body = _error(bad_script, 422, "invalid_script")
