@@ -205,8 +205,6 @@ class StorySession:
 
     def __init__(self, runner: StoryRunner, story_id: str, story_uri: str,
                  story_name: str = "", script: StoryScript | None = None):
-        from storymem_model.memory_bank import MemoryBank
-
         self.runner = runner
         self.config = runner.config
         self.story_id = story_id
@@ -215,7 +213,7 @@ class StorySession:
         self.script = script
         self.rows: list[dict] = []
         self.tail: np.ndarray | None = None
-        self.bank = MemoryBank(max_size=self.config.max_memory, sink=self.config.memory_sink)
+        self.bank = None  # a MemoryBank, set by _load_checkpoint
         self._load_checkpoint()
 
     # -- state -------------------------------------------------------------------------
@@ -229,8 +227,11 @@ class StorySession:
         return storage.join(self.story_uri, key)
 
     def _load_checkpoint(self) -> None:
+        """(Re)load rows, memory bank and last frames from storage."""
         from storymem_model.memory_bank import MemoryBank
 
+        self.bank = MemoryBank(max_size=self.config.max_memory, sink=self.config.memory_sink)
+        self.tail = None
         records = {}
         for rel in storage.list_files(storage.join(self.story_uri, layout.SHOTS_DIR)):
             if rel.endswith(".json") and "/" not in rel:
@@ -339,20 +340,29 @@ class StorySession:
             prompt=spec.prompt, embeddings=embeddings, scores=scores)
         self.bank.add(entries)
         t2 = time.perf_counter()
-
-        row = self._write_shot(spec, mode, seed, frames, entries, memory_entries, chosen,
-                               scores)
-        t3 = time.perf_counter()
-        row.update(generate_seconds=t1 - t0, select_seconds=t2 - t1, write_seconds=t3 - t2,
-                   shot_seconds=t3 - t0)
-        # The shot's record is its checkpoint: written last, after every file it names.
-        storage.write_bytes(self._uri(layout.shot_record_key(spec.scene, spec.shot)),
-                            json.dumps(row, indent=1, sort_keys=True).encode("utf-8"))
-        if self.rows:
-            prev = self.rows[-1]
-            storage.remove(self._uri(layout.memory_key(prev["scene"], prev["shot"])))
+        try:
+            row = self._write_shot(spec, mode, seed, frames, entries, memory_entries, chosen,
+                                   scores)
+            t3 = time.perf_counter()
+            row.update(generate_seconds=t1 - t0, select_seconds=t2 - t1,
+                       write_seconds=t3 - t2, shot_seconds=t3 - t0)
+            # The shot's record is its checkpoint: written last, after every file it names.
+            storage.write_bytes(self._uri(layout.shot_record_key(spec.scene, spec.shot)),
+                                json.dumps(row, indent=1, sort_keys=True).encode("utf-8"))
+        except Exception:
+            # Back to the last checkpoint, so the same shot can simply be rendered again.
+            self._load_checkpoint()
+            raise
+        previous = self.rows[-1] if self.rows else None
         self.rows.append(row)
         self.tail = frames[-TAIL_FRAMES:].copy()
+        if previous is not None:  # its bank is superseded; finish() also sweeps leftovers
+            try:
+                storage.remove(self._uri(layout.memory_key(previous["scene"],
+                                                           previous["shot"])))
+            except (OSError, storage.StorageError) as exc:
+                log.warning("story %s: could not remove an old memory checkpoint: %s",
+                            self.story_id, exc)
         return row
 
     def _write_shot(self, spec, mode, seed, frames, entries, memory_entries, chosen,

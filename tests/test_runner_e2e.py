@@ -189,3 +189,44 @@ def test_runner_refuses_mismatched_config(tiny):
     with pytest.raises(RenderError, match="references_sha256 differs"):
         StoryRunner(pipeline, scorers, config,
                     references=[np.zeros((64, 64, 3), np.uint8)])
+
+
+def test_a_failed_write_leaves_the_session_at_its_checkpoint(tiny, tmp_path, monkeypatch):
+    """A storage error in the middle of a shot's writes: the session rolls back to its last
+    checkpoint, the same shot renders again, and the story equals an undisturbed one."""
+    import storymem_model.runner as runner_module
+
+    pipeline, scorers = tiny
+    script = load_script({"story_name": "Retry", "scenes": [{
+        "video_prompts": ["A kite over a beach.", "The kite dives."], "cut": [True, False]}]})
+    config = RenderConfig.for_pipeline(pipeline, scorers, seed=5)
+    runner = StoryRunner(pipeline, scorers, config)
+    session = runner.open_session(script, str(tmp_path / "flaky"))
+    session.render_shot(script.shots[0])
+    stored_before = [e.keyframe_id for e in session.bank.stored]
+
+    real_write = runner_module.storage.write_bytes
+    failures = []
+
+    def write_failing_once(uri, data):
+        if uri.endswith("/bank/manifest.json") and "01_02" in uri and not failures:
+            failures.append(uri)
+            raise OSError("connection reset (simulated)")
+        return real_write(uri, data)
+
+    monkeypatch.setattr(runner_module.storage, "write_bytes", write_failing_once)
+    with pytest.raises(OSError, match="connection reset"):
+        session.render_shot(script.shots[1])
+    assert len(session.rows) == 1
+    assert [e.keyframe_id for e in session.bank.stored] == stored_before
+    session.render_shot(script.shots[1])  # the same shot again, no "already stored" error
+    session.finish()
+    monkeypatch.undo()
+
+    steady = runner.render(script, str(tmp_path / "steady"), progress=False)
+    flaky_uri = runner.story_uri(script, str(tmp_path / "flaky"))
+    assert storage.verify_commit(flaky_uri) == []
+    for rel in storage.list_files(steady.story_uri):
+        if rel.endswith((".mp4", ".png")) or rel.startswith("memory/"):
+            assert storage.read_bytes(storage.join(flaky_uri, rel)) == \
+                storage.read_bytes(storage.join(steady.story_uri, rel)), rel
