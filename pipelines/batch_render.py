@@ -159,8 +159,10 @@ def run_batch(scripts: str, out: str,
     storage.filesystem(out)  # an unusable --out fails here, before any actor starts
     listing = _fail_fast(list_scripts(scripts, exclude=out))  # so does a bad --scripts
     with ray_session(ray_address):
-        return _BatchRun(scripts, out, args, run_id, options, pipeline_factory, on_event,
-                         listing).run()
+        batch = _BatchRun(scripts, out, args, run_id, options, pipeline_factory, on_event,
+                          listing)
+        batch.ray_address = ray_address
+        return batch.run()
 
 
 def _check_model_flags(args: argparse.Namespace) -> None:
@@ -220,6 +222,7 @@ class _BatchRun:
         self.seen_ids: dict[str, int] = {}
         self.retry_queue: collections.deque[_StoryTask] = collections.deque()
         self.listing = listing
+        self.ray_address: str | None = None
         self.listing_done = False
         self.listed = 0
         self.refs: dict[Any, tuple[str, _Slot]] = {}
@@ -286,8 +289,8 @@ class _BatchRun:
         if short:
             message = (f"the batch needs {' and '.join(short)}: lower --workers, "
                        f"--cpus-per-worker or --gpus-per-worker")
-            if os.environ.get("STORYMEM_ALLOW_AUTOSCALE"):
-                log.warning("%s (waiting for the autoscaler)", message)
+            if self.ray_address:  # a cluster may scale up: wait for it
+                log.warning("%s; waiting for the cluster to provide them", message)
             else:
                 raise BatchError(message)
 

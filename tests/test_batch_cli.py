@@ -54,3 +54,13 @@ def test_python_entry_point_checks_its_arguments(tmp_path):
         run_batch(str(tmp_path), str(tmp_path / "out"), options=BatchOptions(max_attempts=0))
     with pytest.raises(BatchError, match="run_id"):
         run_batch(str(tmp_path), str(tmp_path / "out"), run_id="../escape")
+
+
+@pytest.mark.ray
+def test_a_batch_bigger_than_the_local_cluster_is_refused(ray_cluster, tmp_path):
+    (tmp_path / "ok.json").write_text(json.dumps(["a lighthouse at night"]))
+    options = BatchOptions(workers=8, cpus_per_worker=1.0, progress=False)
+    with pytest.raises(BatchError, match="CPUs .cluster has 2"):
+        run_batch(str(tmp_path / "ok.json"), str(tmp_path / "out"), ["--preset", "tiny"],
+                  options=options)
+    assert not (tmp_path / "out").exists()
