@@ -55,6 +55,9 @@ class ServeSettings:
     scorer_gpus: float = 0.0
     ingress_replicas: int = 1
     ingress_cpus: float = 0.1
+    # The ingress only awaits other deployments, so it may hold many requests at once;
+    # Serve's default (5) would queue /healthz behind five long shot requests.
+    ingress_max_ongoing: int = 512
     torch_threads: int | None = None
     job_stale_after_s: float = 60.0
 
@@ -289,5 +292,6 @@ def build_app(settings: ServeSettings, model_args) -> serve.Application:
     ).bind(settings, factory, embedder, gate)
     return StorymemIngress.options(
         num_replicas=settings.ingress_replicas,
+        max_ongoing_requests=settings.ingress_max_ongoing,
         ray_actor_options={"num_cpus": settings.ingress_cpus},
     ).bind(settings, generator)

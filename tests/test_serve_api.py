@@ -501,6 +501,9 @@ def test_eight_concurrent_shots_while_health_stays_responsive(server):
     # waited for model work would take that long. (Median: this shared CPU has hiccups.)
     assert len(health_latencies) >= 3, health_latencies
     assert float(np.median(health_latencies)) < 0.5, health_latencies
+    # With Serve's default of 5 ongoing requests per ingress replica the first check here
+    # queued behind the shots (2.7 s measured); now none waits for model work.
+    assert max(health_latencies) < 1.5, health_latencies
     stats = handle.stats.remote().result()
     assert stats["pipelines_loaded"] == 1  # the model was loaded once for all of them
     assert stats["model_calls"] - calls_before == 8

@@ -194,6 +194,7 @@ def test_serve_settings_replicas_gpus_limits_and_deployment_options(monkeypatch,
     generator = ingress.init_args[1]._bound_deployment
     assert (generator.name, generator.num_replicas) == ("shot_generator", 3)
     assert generator.ray_actor_options["num_gpus"] == 0.5
+    assert ingress.max_ongoing_requests >= 64  # health checks never queue behind shots
     # Default GPUs: one per replica when Ray sees a GPU, none on a CPU-only cluster.
     default = _serve_args(["--preset", "tiny"])
     assert settings_from_args(default, gpus_available=0).gpus_per_replica == 0
