@@ -13,7 +13,7 @@ import json
 
 from starlette.exceptions import HTTPException
 
-from pipelines.serve_auth import ApiKeyChecker, AuthError
+from pipelines.serve_auth import AuthError
 from pipelines.serve_limits import LimitExceeded
 
 PROTECTED_PREFIX = "/v1"
