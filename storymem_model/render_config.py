@@ -3,8 +3,8 @@
 A story's outputs live under ``{out}/{story_id}/{config_hash}/``: the same script rendered
 with the same config always lands in the same folder (so a rerun resumes or skips it) and
 any change that could alter a pixel (model or LoRA, transition, seed, memory policy, RoPE
-shift, sampling, size, frames, fps, keyframe selection, scorers, reference images,
-prompt-aware memory, dtype) lands in a new one. Settings that do not change pixels (device,
+shift, sampling, T2V sampling, size, frames, fps, keyframe selection, scorers, reference
+images, prompt-aware memory, memory on/off, dtype) lands in a new one. Settings that do not change pixels (device,
 output URI, progress display) are not part of it.
 """
 from __future__ import annotations
@@ -17,9 +17,13 @@ from typing import Any
 
 TRANSITIONS = ("mi2v", "mm2v", "none")
 CONFIG_HASH_CHARS = 12
-CONFIG_FORMAT = 1  # bump when the meaning of a field changes
+CONFIG_FORMAT = 2  # bump when the meaning of a field changes (2: T2V shots use t2v_sampling)
 SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "guidance_scale_2", "shift",
                  "boundary_ratio", "reference_sigmas", "cfg_mode")
+# User sampling overrides that also apply to T2V shots. Shift, boundary and guidance are
+# tuned per expert pair (M2V: 4.0 / 0.9, T2V: 12.0 / 0.875), so M2V overrides of those
+# never leak into T2V shots; give them through `t2v_sampling=` instead.
+T2V_SHARED_SAMPLING_KEYS = ("num_inference_steps", "cfg_mode", "reference_sigmas")
 
 
 class ConfigError(ValueError):
@@ -41,8 +45,13 @@ class RenderConfig:
     rope_shift: int | None = 5
     prompt_aware_memory: bool = False
     negative_prompt: str | None = None
-    # sampling and output geometry
+    # False: every shot on its own (the "independent shots" baseline): no memory, no
+    # transitions, no keyframe selection; modes "t2v" or "m2v-no-memory".
+    memory: bool = True
+    # sampling and output geometry; `sampling` is for M2V/MR2V/MI2V/MM2V shots,
+    # `t2v_sampling` for T2V shots (the T2V experts' defaults plus shared overrides)
     sampling: dict = field(default_factory=dict)
+    t2v_sampling: dict = field(default_factory=dict)
     height: int = 480
     width: int = 832
     num_frames: int = 81
@@ -63,6 +72,7 @@ class RenderConfig:
         if problems:
             raise ConfigError("; ".join(problems))
         object.__setattr__(self, "sampling", dict(sorted(self.sampling.items())))
+        object.__setattr__(self, "t2v_sampling", dict(sorted(self.t2v_sampling.items())))
         object.__setattr__(self, "references_sha256", tuple(self.references_sha256))
 
     def problems(self) -> list[str]:
@@ -93,9 +103,19 @@ class RenderConfig:
                        f"{self.num_frames} leaves nothing")
         if self.fps < 1:
             out.append(f"fps must be positive, got {self.fps}")
-        unknown = sorted(set(self.sampling) - set(SAMPLING_KEYS))
-        if unknown:
-            out.append(f"unknown sampling keys {unknown}; known: {', '.join(SAMPLING_KEYS)}")
+        for name in ("sampling", "t2v_sampling"):
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                out.append(f"{name} must be a dict, got {type(value).__name__}")
+                continue
+            unknown = sorted(set(value) - set(SAMPLING_KEYS))
+            if unknown:
+                out.append(f"unknown {name} keys {unknown}; known: {', '.join(SAMPLING_KEYS)}")
+        if not isinstance(self.memory, bool):
+            out.append(f"memory must be True or False, got {self.memory!r}")
+        elif not self.memory and self.references_sha256:
+            out.append("memory=False renders every shot without memory, so reference images "
+                       "(the MR2V initial memory) cannot be used with it")
         if not 0.0 < self.keyframe_threshold <= 1.0:
             out.append(f"keyframe_threshold must be in (0, 1], got {self.keyframe_threshold}")
         if not self.keyframe_step > 0:
@@ -139,11 +159,26 @@ class RenderConfig:
     def for_pipeline(cls, pipeline, scorers=None, **choices) -> "RenderConfig":
         """A config filled from a loaded pipeline (ids, size, frames, fps, sampling) and
         scorers (ids, gate threshold); `choices` override any field. Sampling choices are
-        merged over the pipeline's defaults."""
+        merged over the pipeline's M2V defaults (`default_sampling`). T2V sampling (only
+        when the pipeline has T2V experts) is its `default_t2v_sampling`, plus the sampling
+        choices in T2V_SHARED_SAMPLING_KEYS, plus `t2v_sampling=` choices."""
         sampling = dict(getattr(pipeline, "default_sampling", {}) or {})
         sampling = {k: v for k, v in sampling.items() if k in SAMPLING_KEYS}
-        sampling.update({k: v for k, v in (choices.pop("sampling", None) or {}).items()
-                         if v is not None})
+        overrides = {k: v for k, v in (choices.pop("sampling", None) or {}).items()
+                     if v is not None}
+        sampling.update(overrides)
+        t2v_choices = {k: v for k, v in (choices.pop("t2v_sampling", None) or {}).items()
+                       if v is not None}
+        t2v_sampling: dict[str, Any] = {}
+        if getattr(pipeline, "has_t2v", False):
+            t2v_sampling = {k: v for k, v in (
+                getattr(pipeline, "default_t2v_sampling", None) or {}).items()
+                if k in SAMPLING_KEYS}
+            t2v_sampling.update({k: v for k, v in overrides.items()
+                                 if k in T2V_SHARED_SAMPLING_KEYS})
+            t2v_sampling.update(t2v_choices)
+        elif t2v_choices:
+            raise ConfigError("t2v_sampling given, but the pipeline has no T2V experts")
         values: dict[str, Any] = {
             "model_id": pipeline.model_id,
             "lora_id": getattr(pipeline, "lora_id", None),
@@ -155,6 +190,7 @@ class RenderConfig:
             "num_frames": int(pipeline.default_num_frames),
             "fps": int(pipeline.fps),
             "sampling": sampling,
+            "t2v_sampling": t2v_sampling,
         }
         if scorers is not None:
             values["embedder_id"] = str(getattr(scorers.embedder, "name", ""))

@@ -19,6 +19,7 @@ CHANGES = {
     "num_frames": 21, "fps": 24, "keyframe_threshold": 0.8, "keyframe_step": 0.02,
     "max_keyframes": 2, "gate_threshold": 2.5, "duplicate_threshold": 0.95,
     "embedder_id": "clip-b", "gate_id": "hps", "references_sha256": ("ab" * 32,),
+    "memory": False, "t2v_sampling": {"num_inference_steps": 4, "shift": 12.0},
 }
 
 
@@ -48,6 +49,10 @@ def test_frames_per_shot():
     ({"seed": -1}, "seed must be a non-negative integer"),
     ({"sampling": {"steps": 3}}, "unknown sampling keys ['steps']"),
     ({"keyframe_threshold": 1.5}, "keyframe_threshold must be in (0, 1]"),
+    ({"t2v_sampling": {"steps": 3}}, "unknown t2v_sampling keys ['steps']"),
+    ({"memory": "no"}, "memory must be True or False"),
+    ({"memory": False, "references_sha256": ("ab" * 32,)},
+     "reference images (the MR2V initial memory) cannot be used with it"),
 ])
 def test_bad_values_are_refused(change, message):
     with pytest.raises(ConfigError) as info:
@@ -73,3 +78,37 @@ def test_for_pipeline_takes_ids_and_defaults_from_the_loaded_model():
     assert (config.embedder_id, config.gate_id, config.gate_threshold) == (
         "clip", "aesthetic", 4.5)
     assert config.seed == 3
+
+
+def _t2v_pipeline(has_t2v=True):
+    return SimpleNamespace(
+        model_id="/models/i2v", has_t2v=has_t2v, default_height=480, default_width=832,
+        default_num_frames=81, fps=16,
+        default_sampling={"num_inference_steps": 40, "guidance_scale": 3.5,
+                          "guidance_scale_2": 3.5, "shift": 4.0, "boundary_ratio": 0.9},
+        default_t2v_sampling={"num_inference_steps": 40, "guidance_scale": 4.0,
+                              "guidance_scale_2": 3.0, "shift": 12.0, "boundary_ratio": 0.875})
+
+
+def test_for_pipeline_keeps_t2v_sampling_apart_from_m2v_overrides():
+    config = RenderConfig.for_pipeline(_t2v_pipeline(), sampling={
+        "num_inference_steps": 8, "shift": 5.0, "boundary_ratio": 0.8, "cfg_mode": "sequential"})
+    assert config.sampling["shift"] == 5.0 and config.sampling["boundary_ratio"] == 0.8
+    # only the shared overrides (steps, cfg mode, sigma grid) reach the T2V shots
+    assert config.t2v_sampling == {"num_inference_steps": 8, "guidance_scale": 4.0,
+                                   "guidance_scale_2": 3.0, "shift": 12.0,
+                                   "boundary_ratio": 0.875, "cfg_mode": "sequential"}
+    explicit = RenderConfig.for_pipeline(_t2v_pipeline(), t2v_sampling={"shift": 10.0})
+    assert explicit.t2v_sampling["shift"] == 10.0
+    assert explicit.config_hash() != RenderConfig.for_pipeline(_t2v_pipeline()).config_hash()
+    # no T2V experts: no T2V shots, nothing to configure, and asking for it is an error
+    assert RenderConfig.for_pipeline(_t2v_pipeline(has_t2v=False)).t2v_sampling == {}
+    with pytest.raises(ConfigError, match="no T2V experts"):
+        RenderConfig.for_pipeline(_t2v_pipeline(has_t2v=False), t2v_sampling={"shift": 10.0})
+
+
+def test_configs_saved_before_the_new_fields_still_load():
+    old = BASE.to_dict()
+    del old["memory"], old["t2v_sampling"]
+    loaded = RenderConfig.from_dict(old)
+    assert loaded.memory is True and loaded.t2v_sampling == {}
