@@ -7,6 +7,12 @@ write the shot's record (its checkpoint). After the last shot: stitch the story 
 write ``shots.parquet`` and finally ``_COMMITTED.json``. The layout is in
 ``storymem_model/output_layout.py`` and the README.
 
+Without memory (``config.memory`` False, the "independent shots" baseline) every shot is
+generated on its own: T2V when the pipeline has T2V experts (mode "t2v"), else M2V with an
+empty memory (mode "m2v-no-memory"); no transitions, no keyframe selection, no memory bank,
+so ``keyframes/`` and ``memory/`` are never written and a shot's record alone is its
+checkpoint.
+
 Resume: a story whose folder has ``_COMMITTED.json`` is skipped. Otherwise the shot records
 found in storage are trusted in order, the bank and the last frames of the latest recorded
 shot are loaded back (lossless), and rendering continues with the first shot that has no
@@ -39,6 +45,7 @@ log = logging.getLogger("storymem.runner")
 
 TAIL_FRAMES = 5  # MM2V continues from the last 5 frames; MI2V from the last one
 TAIL_FILE = "last_frames.png"
+M2V_NO_MEMORY = "m2v-no-memory"  # mode of a memory=False shot without T2V experts
 
 
 class RenderError(RuntimeError):
@@ -249,7 +256,8 @@ class StorySession:
                         f"{row['shot']} does not match the script; remove "
                         f"{self.story_uri} to render it again")
             rows = rows[:len(self.script.shots)]
-        if rows:
+        # Without memory nothing carries over between shots (no bank, no last frames).
+        if rows and self.config.memory:
             last = rows[-1]
             mem = layout.memory_key(last["scene"], last["shot"])
             self.bank = MemoryBank.load(self._uri(f"{mem}/bank"))
@@ -267,11 +275,16 @@ class StorySession:
 
     # -- one shot ----------------------------------------------------------------------
     def shot_mode(self, spec: ShotSpec) -> str:
-        """t2v | mr2v | m2v | mi2v | mm2v for this shot."""
+        """t2v | mr2v | m2v | mi2v | mm2v for this shot; t2v | m2v-no-memory without
+        memory."""
+        has_t2v = bool(self.config.t2v_model_id and getattr(self.runner.pipeline, "has_t2v",
+                                                            False))
+        if not self.config.memory:
+            return "t2v" if has_t2v else M2V_NO_MEMORY
         if spec.shot_index == 0:
             if self.runner.references:
                 return "mr2v"
-            if self.config.t2v_model_id and getattr(self.runner.pipeline, "has_t2v", False):
+            if has_t2v:
                 return "t2v"
             return "m2v"
         if not spec.cut and self.config.transition != "none":
@@ -297,11 +310,15 @@ class StorySession:
         seed = shot_seed(cfg.seed, spec.scene, spec.shot)
         t0 = time.perf_counter()
 
-        memory_entries = [] if mode == "t2v" else list(self.bank.memory_for_shot(
-            spec.prompt, scorers.embedder, prompt_aware=cfg.prompt_aware_memory))
+        uses_memory = cfg.memory and mode != "t2v"
+        memory_entries = list(self.bank.memory_for_shot(
+            spec.prompt, scorers.embedder, prompt_aware=cfg.prompt_aware_memory)) \
+            if uses_memory else []
+        # T2V shots run with the T2V experts' sampling, every other mode with the M2V one
+        sampling = cfg.t2v_sampling if mode == "t2v" else cfg.sampling
         kwargs: dict[str, Any] = dict(
             seed=seed, rope_shift=cfg.rope_shift, negative_prompt=cfg.negative_prompt,
-            height=cfg.height, width=cfg.width, num_frames=cfg.num_frames, **cfg.sampling)
+            height=cfg.height, width=cfg.width, num_frames=cfg.num_frames, **sampling)
         if mode == "t2v":
             kwargs["use_t2v"] = True
         elif memory_entries:
@@ -318,27 +335,30 @@ class StorySession:
             frames = np.asarray(pipeline.generate_shot(spec.prompt, **kwargs))
         except Exception as exc:
             raise RenderError(f"{where}: generation failed: {exc}") from exc
-        expected = cfg.frames_per_shot[mode]
+        expected = cfg.frames_per_shot["m2v" if mode == M2V_NO_MEMORY else mode]
         if frames.shape != (expected, cfg.height, cfg.width, 3) or frames.dtype != np.uint8:
             raise RenderError(f"{where}: the pipeline returned frames of shape "
                               f"{frames.shape} {frames.dtype}, expected "
                               f"{(expected, cfg.height, cfg.width, 3)} uint8 ({mode})")
         t1 = time.perf_counter()
 
-        # Every frame embedded and gate-scored once, in one batch each; new keyframes must
-        # not duplicate any keyframe stored earlier in the story.
-        stored = [e for e in self.bank.stored if e.kind == "keyframe"]
-        selected = extract_keyframes(
-            frames, scorers, self.bank.stored_embeddings() if stored else None,
-            threshold=cfg.keyframe_threshold, step=cfg.keyframe_step,
-            max_keyframes=cfg.max_keyframes, min_score=cfg.gate_threshold,
-            duplicate_threshold=cfg.duplicate_threshold)
-        embeddings, scores = selected.embeddings, selected.scores
-        chosen = [int(i) for i in selected.indices]
-        entries = KeyframeEntry.from_shot(
-            frames, chosen, story_id=self.story_id, scene=spec.scene, shot=spec.shot,
-            prompt=spec.prompt, embeddings=embeddings, scores=scores)
-        self.bank.add(entries)
+        if cfg.memory:
+            # Every frame embedded and gate-scored once, in one batch each; new keyframes
+            # must not duplicate any keyframe stored earlier in the story.
+            stored = [e for e in self.bank.stored if e.kind == "keyframe"]
+            selected = extract_keyframes(
+                frames, scorers, self.bank.stored_embeddings() if stored else None,
+                threshold=cfg.keyframe_threshold, step=cfg.keyframe_step,
+                max_keyframes=cfg.max_keyframes, min_score=cfg.gate_threshold,
+                duplicate_threshold=cfg.duplicate_threshold)
+            embeddings, scores = selected.embeddings, selected.scores
+            chosen = [int(i) for i in selected.indices]
+            entries = KeyframeEntry.from_shot(
+                frames, chosen, story_id=self.story_id, scene=spec.scene, shot=spec.shot,
+                prompt=spec.prompt, embeddings=embeddings, scores=scores)
+            self.bank.add(entries)
+        else:  # no memory: no keyframes to select, no bank to update
+            scores, chosen, entries = None, [], []
         t2 = time.perf_counter()
         try:
             row = self._write_shot(spec, mode, seed, frames, entries, memory_entries, chosen,
@@ -356,7 +376,8 @@ class StorySession:
         previous = self.rows[-1] if self.rows else None
         self.rows.append(row)
         self.tail = frames[-TAIL_FRAMES:].copy()
-        if previous is not None:  # its bank is superseded; finish() also sweeps leftovers
+        if previous is not None and cfg.memory:  # its bank is superseded; finish() also
+            # sweeps leftovers
             try:
                 storage.remove(self._uri(layout.memory_key(previous["scene"],
                                                            previous["shot"])))
@@ -380,12 +401,13 @@ class StorySession:
         for entry in entries:
             storage.write_bytes(self._uri(layout.keyframe_key(entry.keyframe_id)),
                                 image_png(entry.image))
-        mem = layout.memory_key(spec.scene, spec.shot)
-        self.bank.save(self._uri(f"{mem}/bank"))
-        # The last frames, lossless, stacked top to bottom in one PNG.
-        tail = frames[-TAIL_FRAMES:]
-        storage.write_bytes(self._uri(f"{mem}/{TAIL_FILE}"),
-                            image_png(tail.reshape(-1, *tail.shape[2:])))
+        if cfg.memory:
+            mem = layout.memory_key(spec.scene, spec.shot)
+            self.bank.save(self._uri(f"{mem}/bank"))
+            # The last frames, lossless, stacked top to bottom in one PNG.
+            tail = frames[-TAIL_FRAMES:]
+            storage.write_bytes(self._uri(f"{mem}/{TAIL_FILE}"),
+                                image_png(tail.reshape(-1, *tail.shape[2:])))
         return {
             "story_id": self.story_id, "story_name": self.story_name,
             "config_hash": self.runner.config_hash,

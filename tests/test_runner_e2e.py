@@ -1,6 +1,7 @@
 """End to end with the tiny preset: the 3-scene lighthouse example (mixed cuts) rendered to a
 local folder and to S3 (moto server), every output checked; MM2V frame counts; a failing
-shot loses no earlier work and the story resumes."""
+shot loses no earlier work and the story resumes; T2V shots get the T2V sampling; renders
+without memory (the independent-shots baseline) skip memory, transitions and keyframes."""
 from __future__ import annotations
 
 import io
@@ -230,3 +231,88 @@ def test_a_failed_write_leaves_the_session_at_its_checkpoint(tiny, tmp_path, mon
         if rel.endswith((".mp4", ".png")) or rel.startswith("memory/"):
             assert storage.read_bytes(storage.join(flaky_uri, rel)) == \
                 storage.read_bytes(storage.join(steady.story_uri, rel)), rel
+
+
+# ---------------------------------------------------------------------------------------
+# T2V sampling and memory off (the independent-shots baseline)
+SMALL = dict(height=32, width=32, num_frames=9)
+THREE_SHOTS = {"story_name": "Lantern Walk", "scenes": [{
+    "video_prompts": ["A girl lights a paper lantern.", "She carries it down the path.",
+                      "The lantern glows above a dark lake."], "cut": [True, False, True]}]}
+
+
+class RecordingPipeline:
+    """A spy around the real tiny pipeline: records every generate_shot call's kwargs."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate_shot(self, prompt, **kwargs):
+        self.calls.append(kwargs)
+        return self.inner.generate_shot(prompt, **kwargs)
+
+
+class NoScorers:
+    """Scorers that must never be called (memory off means no keyframe work)."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"scorers.{name} used by a render without memory")
+
+
+def test_t2v_first_shot_gets_the_t2v_sampling_and_the_rest_m2v(tiny, tmp_path):
+    pipeline, scorers = tiny
+    assert pipeline.has_t2v  # the tiny preset has T2V experts
+    spy = RecordingPipeline(pipeline)
+    config = RenderConfig.for_pipeline(
+        pipeline, scorers, **SMALL, sampling={"num_inference_steps": 1, "shift": 5.0})
+    script = load_script({"story_name": "Kite", "scenes": [{
+        "video_prompts": ["A red kite on a hill.", "It climbs higher."], "cut": [True, False]}]})
+    result = StoryRunner(spy, scorers, config).render(script, str(tmp_path), progress=False)
+    assert [r["mode"] for r in result.rows] == ["t2v", "mi2v"]
+    t2v, mi2v = spy.calls
+    expected_t2v = {**pipeline.default_t2v_sampling, "num_inference_steps": 1}
+    assert t2v["use_t2v"] is True
+    assert {k: t2v[k] for k in expected_t2v} == expected_t2v
+    assert (t2v["shift"], t2v["boundary_ratio"]) == (12.0, 0.875)
+    assert (t2v["guidance_scale"], t2v["guidance_scale_2"]) == (4.0, 3.0)
+    assert "use_t2v" not in mi2v
+    assert (mi2v["shift"], mi2v["boundary_ratio"], mi2v["num_inference_steps"]) == (5.0, 0.9, 1)
+    saved = json.loads(storage.read_bytes(storage.join(result.story_uri, "config.json")))
+    assert saved["t2v_sampling"] == config.t2v_sampling and saved["sampling"]["shift"] == 5.0
+
+
+@pytest.mark.parametrize("with_t2v", [True, False])
+def test_without_memory_every_shot_is_independent(tiny, tmp_path, with_t2v):
+    pipeline, scorers = tiny
+    spy = RecordingPipeline(pipeline)
+    config = RenderConfig.for_pipeline(pipeline, scorers, **SMALL, memory=False,
+                                       sampling={"num_inference_steps": 1})
+    assert config.transition == "mi2v"  # ignored without memory
+    if not with_t2v:
+        config = config.replace(t2v_model_id=None)  # M2V with an empty memory
+    assert config.config_hash() != config.replace(memory=True).config_hash()
+    script = load_script(THREE_SHOTS)
+    runner = StoryRunner(spy, NoScorers(), config)
+    # one shot, then a fresh runner resumes the story from the shot records alone
+    runner.open_session(script, str(tmp_path)).render_shot(script.shots[0])
+    result = runner.render(script, str(tmp_path), progress=False)
+    assert result.status == "resumed" and result.shots_rendered == 2
+    mode = "t2v" if with_t2v else "m2v-no-memory"
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(result.parquet_uri))).to_pylist()
+    assert [r["mode"] for r in rows] == [mode] * 3
+    assert [r["num_frames"] for r in rows] == [9, 9, 9]  # no MI2V: nothing dropped
+    assert all(r["memory_keyframe_ids"] == [] and r["keyframe_ids"] == []
+               and r["keyframe_scores"] == [] for r in rows)
+    for call in spy.calls:
+        assert not {"memory", "memory_latents", "first_frame", "motion_frames"} & set(call)
+        assert call.get("use_t2v", False) is with_t2v
+        assert call["shift"] == (12.0 if with_t2v else 4.0)
+    files = storage.list_files(result.story_uri)
+    assert not [f for f in files if f.startswith(("keyframes/", "memory/"))]
+    assert storage.verify_commit(result.story_uri) == []
+    marker = storage.read_commit_marker(result.story_uri)
+    assert marker["config"]["memory"] is False and marker["shots"] == 3
+    assert [e["path"] for e in marker["files"]] == [f for f in files if f != "_COMMITTED.json"]
