@@ -46,8 +46,16 @@ def shot_config(config, overrides: dict):
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     geometry = {k: overrides.pop(k) for k in GEOMETRY_KEYS if k in overrides}
     sampling = {**config.sampling, **{k: v for k, v in overrides.items() if k in SAMPLING_KEYS}}
+    changes = dict(sampling=sampling, **geometry)
+    if getattr(config, "t2v_sampling", None):
+        # T2V shots use the T2V experts' own settings; a request's overrides reach them
+        # the way render's flags do (RenderConfig's shared keys only).
+        from storymem_model.render_config import T2V_SHARED_SAMPLING_KEYS
+
+        changes["t2v_sampling"] = {**config.t2v_sampling, **{
+            k: v for k, v in overrides.items() if k in T2V_SHARED_SAMPLING_KEYS}}
     try:
-        return config.replace(sampling=sampling, **geometry)
+        return config.replace(**changes)
     except ConfigError as exc:
         raise ServeRequestError(422, "invalid_sampling", str(exc)) from None
 
@@ -90,10 +98,13 @@ def render_single_shot(pipeline, scorers, config, root: str, scope: str, request
         raise ServeRequestError(422, "invalid_sampling",
                                 f"num_frames {cfg.num_frames} leaves no frame in mode {mode}")
     started = time.perf_counter()
+    sampling = cfg.sampling
+    if mode == "t2v" and getattr(cfg, "t2v_sampling", None):
+        sampling = cfg.t2v_sampling  # as the story runner does for T2V shots
     kwargs = dict(seed=int(request.get("seed", 0)), rope_shift=cfg.rope_shift,
                   negative_prompt=request.get("negative_prompt") or cfg.negative_prompt,
                   height=cfg.height, width=cfg.width, num_frames=cfg.num_frames,
-                  **cfg.sampling)
+                  **sampling)
     if mode == "t2v":
         kwargs["use_t2v"] = True
     elif memory:

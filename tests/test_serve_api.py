@@ -231,6 +231,9 @@ def test_single_shots_memory_images_and_modes(server):
         "prompt": "the boat drifts on", "motion_frames": [png_b64(i) for i in range(5)],
         "mode": "mm2v", "sampling": FAST, "return_video": "uri"}).json()
     assert (mm2v["mode"], mm2v["num_frames"]) == ("mm2v", FAST["num_frames"] - 5)
+    t2v = server.a.post("/v1/shots", json={"prompt": "an empty beach", "mode": "t2v",
+                                           "sampling": FAST, "return_video": "uri"}).json()
+    assert (t2v["mode"], t2v["num_frames"], t2v["memory_count"]) == ("t2v", 9, 0)
 
 
 SESSION_SHOTS = [
