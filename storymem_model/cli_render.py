@@ -81,6 +81,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="negative RoPE gap S between memory frames and the shot; 0 = "
                              "contiguous positions like the December reference "
                              "(default %(default)s)")
+    method.add_argument("--no-memory", dest="memory", action="store_false", default=True,
+                        help="render every shot on its own (the paper's independent-shots "
+                             "baseline): no memory, no transitions (implies --transition "
+                             "none), no keyframes; T2V when the model has T2V experts, else "
+                             "M2V with an empty memory")
     method.add_argument("--prompt-aware-memory", action="store_true",
                         help="condition each shot on the memory entries closest to its "
                              "prompt instead of the whole bank")
@@ -94,7 +99,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
     sampling = parser.add_argument_group(
         "sampling overrides", "Unset flags keep the model's defaults (real: 40 steps, "
-        "guidance 3.5, shift 4.0; tiny: see storymem_model/presets.py).")
+        "guidance 3.5, shift 4.0; tiny: see storymem_model/presets.py). T2V shots keep the "
+        "T2V defaults (shift 12.0, boundary 0.875, guidance 4.0/3.0) and take only --steps, "
+        "--cfg-mode and --reference-sigmas from these flags.")
     sampling.add_argument("--steps", type=int, dest="num_inference_steps",
                           help="denoising steps")
     sampling.add_argument("--guidance-scale", type=float, help="CFG scale, high-noise expert")
@@ -177,12 +184,19 @@ def config_from_args(args: argparse.Namespace, pipeline, scorers=None,
     if references is None:
         references = references_from_args(args)
     extra = {}
+    memory = getattr(args, "memory", True)
+    if memory is False:
+        extra.update(memory=False, transition="none")  # no transitions without memory
+        if references:
+            raise ArgumentsError("--no-memory renders every shot without memory; it cannot "
+                                 "use --references (the initial memory)")
     if getattr(args, "t2v_model_dir", None):
         from pathlib import Path
 
         extra["t2v_model_id"] = str(Path(args.t2v_model_dir).resolve())
+    extra.setdefault("transition", args.transition)
     return RenderConfig.for_pipeline(
-        pipeline, scorers, sampling=sampling, transition=args.transition, seed=args.seed,
+        pipeline, scorers, sampling=sampling, seed=args.seed,
         max_memory=args.max_memory, memory_sink=args.memory_sink,
         rope_shift=args.rope_shift or None, prompt_aware_memory=args.prompt_aware_memory,
         negative_prompt=args.negative_prompt, keyframe_threshold=args.keyframe_threshold,
@@ -246,7 +260,7 @@ def run_render(args: argparse.Namespace) -> int:
         try:
             storage.filesystem(args.out)
             references = references_from_args(args)
-            _check_config_flags(args)  # seconds, before minutes of model loading
+            _check_config_flags(args, references)  # seconds, before minutes of model loading
             pipeline = pipeline_from_args(args)
             scorers = _with_hps_gate(args, scorers_from_args(args))
             config = config_from_args(args, pipeline, scorers, references)
@@ -277,7 +291,7 @@ def run_render(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _check_config_flags(args: argparse.Namespace) -> None:
+def _check_config_flags(args: argparse.Namespace, references: list | None = None) -> None:
     """Raise ConfigError for unusable setting values, with the model's usual defaults
     standing in for the loaded pipeline."""
     from types import SimpleNamespace
@@ -288,7 +302,7 @@ def _check_config_flags(args: argparse.Namespace) -> None:
     stand_in = SimpleNamespace(
         model_id="(not loaded yet)", default_height=shot.height, default_width=shot.width,
         default_num_frames=shot.num_frames, fps=shot.fps, default_sampling={})
-    config_from_args(args, stand_in, None, references=[])
+    config_from_args(args, stand_in, None, references=list(references or []))
 
 
 def _with_hps_gate(args: argparse.Namespace, scorers):

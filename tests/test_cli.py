@@ -124,3 +124,38 @@ def test_references_make_the_first_shot_mr2v_with_bars_on_a_terminal(tmp_path, c
                  "--references", str(tmp_path / "nope.png")])
     assert code == 2
     assert "reference image" in capsys.readouterr().err
+
+
+def test_no_memory_flag_makes_a_no_memory_config_and_refuses_references(tmp_path, capsys):
+    """--no-memory -> memory=False and transition none (the render itself is covered by
+    test_runner_e2e and the bench-stbench baseline in test_eval_e2e)."""
+    import argparse
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from storymem_model.cli_render import add_model_arguments, config_from_args
+
+    with pytest.raises(SystemExit):
+        main(["render", "--help"])
+    assert "--no-memory" in capsys.readouterr().out
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    stand_in = SimpleNamespace(model_id="tiny", default_height=32, default_width=32,
+                               default_num_frames=9, fps=16, default_sampling={})
+    config = config_from_args(parser.parse_args(["--preset", "tiny", "--no-memory"]),
+                              stand_in, references=[])
+    assert config.memory is False and config.transition == "none"
+    default = config_from_args(parser.parse_args(["--preset", "tiny"]), stand_in,
+                               references=[])
+    assert default.memory is True and default.transition == "mi2v"
+
+    script = _write(tmp_path / "s.json", TWO_SHOTS)
+    ref = tmp_path / "hero.png"
+    Image.fromarray(np.full((40, 56, 3), 120, np.uint8)).save(ref)
+    code = main(["render", str(script), "--preset", "tiny", "--out", str(tmp_path / "o2"),
+                 "--no-memory", "--references", str(ref)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--no-memory" in err and "cannot use --references" in err
+    assert not (tmp_path / "o2").exists()
