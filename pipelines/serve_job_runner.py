@@ -49,7 +49,10 @@ def prepare_job(registry: JobRegistry, limits: ServeLimits, base_config, scope: 
     except LimitExceeded as exc:
         raise ServeRequestError(exc.status_code, "limit_exceeded", exc.detail,
                                 limit=exc.limit, maximum=exc.maximum, got=exc.got) from None
-    config = job_config(base_config, body.get("seed"), body.get("transition"))
+    try:
+        config = job_config(base_config, body.get("seed"), body.get("transition"))
+    except ValueError as exc:  # ConfigError naming the setting
+        raise ServeRequestError(422, "invalid_story_settings", str(exc)) from None
     job = registry.create(scope, script.to_dict(), story_id=script.story_id,
                           config_hash=config.config_hash(), shots_total=len(script.shots),
                           seed=config.seed, transition=config.transition)

@@ -58,9 +58,12 @@ def create_session(store: SessionStore, pipeline, scorers, base_config: RenderCo
     """Write a new session (config, references, record) and open it. Runs in a thread."""
     session_id = new_session_id()
     # What `storymem render --seed S --transition T --references ...` would use.
-    config = base_config.replace(seed=int(body.get("seed") or 0),
-                                 transition=body.get("transition") or base_config.transition,
-                                 references_sha256=images_sha256(references))
+    try:
+        config = base_config.replace(seed=int(body.get("seed") or 0),
+                                     transition=body.get("transition") or base_config.transition,
+                                     references_sha256=images_sha256(references))
+    except ValueError as exc:  # ConfigError: e.g. references on a --no-memory server
+        raise ServeRequestError(422, "invalid_session_settings", str(exc)) from None
     for index, image in enumerate(references):
         storage.write_bytes(_reference_uri(store, scope, session_id, index), image_png(image))
     # The PNG round trip is lossless, so these are the pixels a reopened session sees.
