@@ -87,6 +87,7 @@ def settings_from_args(args: argparse.Namespace, gpus_available: float = 0.0):
     from pipelines.serve_app import ServeSettings
     from pipelines.serve_auth import load_key_digests
     from pipelines.serve_limits import ServeLimits
+    from pipelines.serve_model_factory import ModelFactory
 
     if not args.preset and not args.model_dir:
         raise ValueError("give --preset tiny or --model-dir DIR (see --help)")
@@ -104,6 +105,7 @@ def settings_from_args(args: argparse.Namespace, gpus_available: float = 0.0):
         raise ValueError("--job-stale-after-s must be at least 2 seconds")
     if gpus < 0 or args.cpus_per_replica < 0:
         raise ValueError("--gpus-per-replica and --cpus-per-replica must be >= 0")
+    ModelFactory(args).check_flags()  # seconds, before replicas spend minutes loading
     limits = ServeLimits.from_overrides(dict(args.limit))
     storage_root = args.storage
     if "://" not in storage_root:  # replicas do not share the driver's working directory

@@ -33,3 +33,16 @@ class ModelFactory:
         from storymem_model.cli_render import config_from_args
 
         return config_from_args(self.args, pipeline, scorers, list(references))
+
+    def check_flags(self) -> None:
+        """Raise ValueError (ConfigError) for unusable setting values before any replica
+        loads a model, with the model's usual shot defaults standing in for the pipeline."""
+        from types import SimpleNamespace
+
+        from storymem_model.presets import REAL_SHOT, TINY
+
+        shot = TINY.shot if self.args.preset == "tiny" else REAL_SHOT
+        stand_in = SimpleNamespace(
+            model_id="(not loaded yet)", default_height=shot.height, default_width=shot.width,
+            default_num_frames=shot.num_frames, fps=shot.fps, default_sampling={})
+        self.base_config(stand_in, None, [])

@@ -209,6 +209,8 @@ def test_serve_settings_replicas_gpus_limits_and_deployment_options(monkeypatch,
     (["--preset", "tiny", "--replicas", "0"], {"STORYMEM_API_KEYS": KEY}, "at least 1"),
     (["--preset", "tiny", "--references", "a.png"], {"STORYMEM_API_KEYS": KEY},
      "reference_images"),
+    (["--preset", "tiny", "--height", "50"], {"STORYMEM_API_KEYS": KEY},
+     "height must be a positive multiple of 16"),
 ])
 def test_serve_refuses_bad_setup_before_starting_ray(argv, environ, message, monkeypatch, capsys):
     import ray
