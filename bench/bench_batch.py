@@ -3,7 +3,8 @@
 Tiny preset, the same 6 stories (2-3 shots each) rendered three ways into fresh folders:
 1. in process, one after another, as `storymem render` does (`StoryRunner.render`);
 2. `run_batch(..., workers=1)` on an embedded local Ray;
-3. `run_batch(..., workers=2)`.
+3. `run_batch(..., workers=2)` with the default scorer batching (64 images, 50 ms wait),
+   and with requests waiting up to 1 s for the other worker's (34 images per forward).
 Reported: wall times and the ratio batch(1 worker) / in-process (target <= 1.15), both for
 the whole command (model loading and Ray start included) and for the rendering part only
 (first worker ready -> last story done, vs the runner loop without loading); scorer calls
@@ -79,12 +80,17 @@ def in_process(paths: list[str], out: str) -> dict:
     return {"wall_s": done - started, "render_s": done - loaded, "shots": shots}
 
 
-def batch(folder: str, out: str, workers: int) -> dict:
+def batch(folder: str, out: str, workers: int, max_wait_s: float | None = None,
+          max_batch_size: int | None = None) -> dict:
     from pipelines.batch_render import BatchOptions, run_batch
+    from pipelines.scorer_pools import ScorerPoolOptions
 
+    scorers = ScorerPoolOptions()
+    if max_wait_s is not None:
+        scorers = ScorerPoolOptions(max_wait_s=max_wait_s, max_batch_size=max_batch_size)
     started = time.perf_counter()
     summary = run_batch(folder, out, MODEL_FLAGS, options=BatchOptions(
-        workers=workers, cpus_per_worker=0.25, progress=False))
+        workers=workers, cpus_per_worker=0.25, progress=False, scorers=scorers))
     wall = time.perf_counter() - started
     return {"wall_s": wall, "render_s": summary["render_wall_s"],
             "shots": summary["shots_rendered"], "failed": summary["failed"],
@@ -104,7 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
         results = {"stories": args.stories,
                    "in_process": in_process(paths, os.path.join(root, "out_inprocess")),
                    "batch_1_worker": batch(scripts, os.path.join(root, "out_batch1"), 1),
-                   "batch_2_workers": batch(scripts, os.path.join(root, "out_batch2"), 2)}
+                   "batch_2_workers": batch(scripts, os.path.join(root, "out_batch2"), 2),
+                   # requests wait up to 1 s for the other worker's: two shots per forward
+                   "batch_2_workers_wait": batch(scripts, os.path.join(root, "out_batch2w"), 2,
+                                                 max_wait_s=1.0, max_batch_size=2 * 17)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     base = results["in_process"]
@@ -116,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["meets_target_render"] = results["ratio_1_worker_render"] <= TARGET_RATIO
     print(f"in-process runner : {base['wall_s']:7.1f} s total, {base['render_s']:7.1f} s "
           f"rendering, {base['shots']} shots")
-    for label, r in (("batch, 1 worker", one), ("batch, 2 workers", two)):
+    for label, r in (("batch, 1 worker", one), ("batch, 2 workers", two),
+                     ("2 workers, 1 s wait", results["batch_2_workers_wait"])):
         print(f"{label:18s}: {r['wall_s']:7.1f} s total, {r['render_s']:7.1f} s rendering, "
               f"{r['shots']} shots, {r['scorer_calls_per_shot']:.2f} scorer calls/shot, "
               f"{r['scorer_mean_batch_requests']:.2f} requests/scorer batch")
