@@ -4,7 +4,7 @@ Tiny preset, the same 6 stories (2-3 shots each) rendered three ways into fresh 
 1. in process, one after another, as `storymem render` does (`StoryRunner.render`);
 2. `run_batch(..., workers=1)` on an embedded local Ray;
 3. `run_batch(..., workers=2)` with the default scorer batching (64 images, 50 ms wait),
-   and with requests waiting up to 1 s for the other worker's (34 images per forward).
+   and with requests waiting up to 1 s for the other worker's (32 images per forward).
 Reported: wall times and the ratio batch(1 worker) / in-process (target <= 1.15), both for
 the whole command (model loading and Ray start included) and for the rendering part only
 (first worker ready -> last story done, vs the runner loop without loading); scorer calls
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "batch_2_workers": batch(scripts, os.path.join(root, "out_batch2"), 2),
                    # requests wait up to 1 s for the other worker's: two shots per forward
                    "batch_2_workers_wait": batch(scripts, os.path.join(root, "out_batch2w"), 2,
-                                                 max_wait_s=1.0, max_batch_size=2 * 17)}
+                                                 max_wait_s=1.0, max_batch_size=32)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     base = results["in_process"]
