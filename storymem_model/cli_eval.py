@@ -228,12 +228,16 @@ def _evaluate_and_print(args, out_uri, encoder, aesthetic, scripts) -> int:
 def run_bench_stbench(args: argparse.Namespace) -> int:
     from storymem_model.cli_render import config_from_args, pipeline_from_args, \
         references_from_args, scorers_from_args
-    from storymem_model.independent_shots import IndependentShotsPipeline
     from storymem_model.runner import StoryRunner
 
     _setup_logging()
     if not args.preset and not args.model_dir:
         print("storymem bench-stbench: error: give --preset tiny or --model-dir DIR",
+              file=sys.stderr)
+        return 2
+    if not getattr(args, "memory", True):
+        print("storymem bench-stbench: error: --no-memory would render the StoryMem row "
+              "without memory; use --baseline independent for the no-memory row",
               file=sys.stderr)
         return 2
     try:
@@ -248,10 +252,10 @@ def run_bench_stbench(args: argparse.Namespace) -> int:
         runners = {"storymem": StoryRunner(
             pipeline, scorers, config_from_args(args, pipeline, scorers, references),
             references=references)}
-        if "independent" in args.baseline:
-            baseline = IndependentShotsPipeline(pipeline)
-            config = config_from_args(args, baseline, scorers, []).replace(transition="none")
-            runners["independent"] = StoryRunner(baseline, scorers, config)
+        if "independent" in args.baseline:  # same model and flags, memory off
+            config = config_from_args(args, pipeline, scorers, []).replace(
+                memory=False, transition="none")
+            runners["independent"] = StoryRunner(pipeline, scorers, config)
     except Exception as exc:  # noqa: BLE001 - bad flags, missing weights: a message, exit 2
         print(f"storymem bench-stbench: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

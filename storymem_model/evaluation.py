@@ -3,9 +3,10 @@
 Input: an output folder/URI with `{out}/{story_id}/{config_hash}/` story renders. Only
 committed renders (`_COMMITTED.json`) count; anything else is reported as not evaluated.
 Each config hash is one "method" (a Table 1 row): "storymem", or "independent" for the
-no-memory baseline that `storymem bench-stbench --baseline independent` renders (its
-model id ends in "+independent"); two different configs with the same label get their
-hash appended.
+no-memory baseline that `storymem bench-stbench --baseline independent` (or `storymem
+render --no-memory`) renders (its config has `memory: false`; renders made before that
+option have a model id ending in "+independent"); two different configs with the same
+label get their hash appended.
 
 Per story render, with a `VideoTextEncoder` (ViCLIP in the paper) and an aesthetic
 `ImageScorer` (LAION predictor on CLIP ViT-L/14):
@@ -42,11 +43,12 @@ import numpy as np
 
 from storymem_model import eval_report, metrics, storage
 from storymem_model import output_layout as layout
-from storymem_model.independent_shots import INDEPENDENT_SUFFIX
 from storymem_model.video_encoders import sample_frame_indices
 
 log = logging.getLogger("storymem.eval")
 
+# model id suffix of the no-memory baseline before RenderConfig.memory existed (old renders)
+LEGACY_INDEPENDENT_SUFFIX = "+independent"
 EVAL_DIR = "_eval"
 EVAL_PARQUET = "eval.parquet"
 SUMMARY_JSON = "summary.json"
@@ -90,8 +92,10 @@ class EvaluationResult:
 
 def method_label(config: dict) -> str:
     """"independent" for the no-memory baseline, else "storymem"."""
-    return "independent" if str(config.get("model_id", "")).endswith(INDEPENDENT_SUFFIX) \
-        else "storymem"
+    if config.get("memory") is False \
+            or str(config.get("model_id", "")).endswith(LEGACY_INDEPENDENT_SUFFIX):
+        return "independent"
+    return "storymem"
 
 
 def _child_names(fs, path: str) -> list[str]:

@@ -1,6 +1,6 @@
-"""End to end: tiny renders of 2 stories (StoryMem and the independent baseline) through
-`storymem bench-stbench`, then `storymem eval`; the table, report and charts agree with
-each other and with metrics recomputed from the videos."""
+"""End to end: tiny renders of 2 stories (StoryMem and the independent baseline, i.e.
+memory off) through `storymem bench-stbench`, then `storymem eval`; the table, report and
+charts agree with each other and with metrics recomputed from the videos."""
 from __future__ import annotations
 
 import contextlib
@@ -101,13 +101,19 @@ def test_baseline_renders_every_shot_without_memory(bench):
     configs = {}
     for path in bench["out"].glob("*/*/config.json"):
         config = json.loads(path.read_text())
-        configs[config["model_id"]] = (config, path.parent)
-    assert set(configs) == {"tiny", "tiny+independent"}
-    config, folder = configs["tiny+independent"]
+        configs[(config["model_id"], config["memory"])] = (config, path.parent)
+    # the same model, memory on (StoryMem) and off (the baseline; no "+independent" wrapper)
+    assert set(configs) == {("tiny", True), ("tiny", False)}
+    config, folder = configs[("tiny", False)]
     assert config["transition"] == "none"
     kite = next(f for f in bench["out"].glob("kite-day-*/*") if f.name == folder.name)
     shots = pq.read_table(kite / "shots.parquet").to_pylist()
     assert [s["num_frames"] for s in shots] == [9, 9]  # no MI2V frame dropped: no continuation
+    # the table says what was done: T2V shots, no memory used, no keyframes selected
+    assert [s["mode"] for s in shots] == ["t2v", "t2v"]
+    assert all(s["memory_keyframe_ids"] == [] and s["keyframe_ids"] == [] for s in shots)
+    assert not (kite / "keyframes").exists() and not (kite / "memory").exists()
+    assert storage.verify_commit(str(kite)) == []
     storymem = next(f for f in bench["out"].glob("kite-day-*/*") if f.name != folder.name)
     assert [s["mode"] for s in pq.read_table(storymem / "shots.parquet").to_pylist()] == ["t2v", "mi2v"]
 
@@ -236,9 +242,18 @@ def test_two_configs_of_one_method_get_their_hash_in_the_label(bench, tmp_path):
     out = tmp_path / "out"
     kite = next(bench["out"].glob("kite-day-*"))
     storymem = next(d for d in kite.iterdir()
-                    if json.loads((d / "config.json").read_text())["model_id"] == "tiny")
+                    if json.loads((d / "config.json").read_text())["memory"])
     shutil.copytree(storymem, out / kite.name / storymem.name)
     shutil.copytree(storymem, out / kite.name / "0123456789ab")
     found, problems = find_rendered_stories(str(out))
     assert not problems
     assert sorted(s.method for s in found) == ["storymem-0123456789ab", f"storymem-{storymem.name}"]
+
+
+def test_method_label_reads_the_memory_flag_and_old_baseline_renders():
+    from storymem_model.evaluation import method_label
+
+    assert method_label({"model_id": "tiny", "memory": True}) == "storymem"
+    assert method_label({"model_id": "tiny"}) == "storymem"  # configs before the flag
+    assert method_label({"model_id": "tiny", "memory": False}) == "independent"
+    assert method_label({"model_id": "tiny+independent"}) == "independent"  # old baseline
