@@ -32,7 +32,7 @@ def dataset(s3_endpoint, ray_cluster):
                              preset="tiny", render_args=support.TINY_RENDER_ARGS,
                              validation_percent=34.0, dataset_name="tiny-shots",
                              run_id="dataset-1", retry_backoff_s=0.2, return_state=True)
-    return {"state": state, "out": out, "renders": nightly["out"]}
+    return {"state": state, "out": out, "renders": nightly["out"], "source": nightly["source"]}
 
 
 def _committed_stories(renders: str) -> list[str]:
@@ -98,7 +98,7 @@ def test_dataset_embeddings_equal_the_runners_memory_embeddings(dataset):
     from storymem_model.memory_bank import MemoryBank
 
     table = read_dataset(dataset["out"]).to_pylist()
-    embeddings = {kf: np.asarray(e) for row in table
+    embeddings = {(row["story_id"], kf): np.asarray(e) for row in table
                   for kf, e in zip(row["keyframe_ids"], row["keyframe_clip_embeddings"])}
     checked = 0
     for story_uri in _committed_stories(dataset["renders"]):
@@ -106,8 +106,8 @@ def test_dataset_embeddings_equal_the_runners_memory_embeddings(dataset):
         banks = sorted(fs.glob(f"{path}/memory/*/bank"))
         bank = MemoryBank.load("s3://" + banks[-1])
         for entry in bank.stored:
-            assert np.allclose(embeddings[entry.keyframe_id], entry.clip_embedding,
-                               atol=1e-4), entry.keyframe_id
+            assert np.allclose(embeddings[entry.story_id, entry.keyframe_id],
+                               entry.clip_embedding, atol=1e-4), entry.keyframe_id
             checked += 1
     assert checked == len(embeddings) > 0
 
@@ -139,3 +139,22 @@ def test_dataset_of_an_uncommitted_story_is_refused(dataset, s3_endpoint):
         write_dataset([stories[0], half_done], target, embedder=None)
     assert "not-a-config-hash" in str(error.value)
     assert storage.list_files(target) == []  # checked before anything was written
+
+
+def test_dataset_command_line(dataset, capsys):
+    """`storymem flow dataset` on the same renders: nothing rendered, every story in the
+    validation split, exit status 1 because one script of the source is invalid."""
+    from flows.cli import main
+    from pipelines.dataset_writer import read_dataset
+
+    out = dataset["out"] + "-cli"
+    rc = main(["flow", "dataset", "--source", dataset["source"], "--out", out,
+               "--render-out", dataset["renders"], "--validation-percent", "100",
+               "--run-id", "dataset-cli", "--retry-backoff", "0.2",
+               "--preset", "tiny", *support.TINY_RENDER_ARGS])
+    printed = capsys.readouterr().out
+    assert rc == 1 and f"dataset of {support.VALID_SHOTS} shots from 3 stories" in printed
+    assert "dataset_card_uri" in printed and "errors.parquet" in printed
+    table = read_dataset(out)
+    assert table.num_rows == support.VALID_SHOTS
+    assert set(table.column("split").to_pylist()) == {"validation"}
