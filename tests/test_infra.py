@@ -201,6 +201,15 @@ def _flow_of(entrypoint: str):
     return flow
 
 
+def test_prefect_yaml_passes_prefects_own_deploy_schema():
+    """The model `prefect deploy` validates prefect.yaml with (Prefect 3.9)."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    model = PrefectYamlModel.model_validate(_yaml("prefect.yaml"))
+    assert {d.name for d in model.deployments} == {"nightly", "dataset"}
+    assert all(d.work_pool and d.work_pool.name == "storymem-k8s" for d in model.deployments)
+
+
 def test_prefect_deployments_point_at_the_flows_with_valid_parameters():
     from flows.batch_launch import BatchRequest
     from flows.render_options import model_argv
