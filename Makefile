@@ -29,7 +29,7 @@ demo: install
 	$(VENV)/bin/storymem render $(DEMO_SCRIPT) --preset tiny --out $(DEMO_OUT)
 
 test: install hps-env
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 bench: install
 	$(PY) -m bench.run_all
