@@ -32,6 +32,8 @@ import datetime as _dt
 import itertools
 import logging
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -173,6 +175,9 @@ def _check_model_flags(args: argparse.Namespace) -> None:
     from storymem_model.cli_render import config_from_args, references_from_args
     from storymem_model.presets import REAL_SHOT, TINY
 
+    if getattr(args, "preset", None) != "tiny" and not getattr(args, "clip_checkpoint", None):
+        raise BatchError("real models need real keyframe scorers: give --clip-checkpoint, "
+                         "--aesthetic-head and --aesthetic-clip-checkpoint")
     shot = TINY.shot if getattr(args, "preset", None) == "tiny" else REAL_SHOT
     stand_in = SimpleNamespace(
         model_id="(not loaded yet)", default_height=shot.height, default_width=shot.width,
@@ -202,7 +207,6 @@ class _Slot:
     name: str = ""
     state: str = "starting"  # starting | idle | busy | recovering
     task: _StoryTask | None = None
-    restarts_seen: int = 0
     pid: int | None = None
 
 
@@ -233,7 +237,7 @@ class _BatchRun:
         self.shots_rendered = 0
         self.shot_events: collections.Counter = collections.Counter()
         self.story_wall_s = 0.0
-        self.log_dir = tempfile.mkdtemp(prefix=f"storymem-batch-{run_id}-")
+        self.log_dir = ""
         self.bar = None
         self.first_ready: float | None = None
         self.loop_end = 0.0
@@ -244,6 +248,7 @@ class _BatchRun:
 
         self.started = time.time()
         self._check_resources()
+        self.log_dir = tempfile.mkdtemp(prefix=f"storymem-batch-{self.run_id}-")
         prefix = f"storymem-{self.run_id}"
         # Scorer models and worker pipelines load at the same time; workers wait for the
         # scorers only after their own model is loaded.
@@ -270,6 +275,7 @@ class _BatchRun:
                     ray.kill(slot.handle, no_restart=True)
             self.pools.kill()
             ray.kill(self.progress, no_restart=True)
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def _check_resources(self) -> None:
         import ray
@@ -459,6 +465,12 @@ class _BatchRun:
             slot.handle = None
             return
         self.replacements += 1
+        try:  # make sure the old one is gone for good before its replacement starts
+            import ray
+
+            ray.kill(slot.handle, no_restart=True)
+        except Exception:
+            pass
         self._start_worker(slot)
 
     def _check_timeouts(self) -> None:
@@ -684,9 +696,19 @@ def _fail_fast(items: Iterator) -> Iterator:
     return itertools.chain([first], iterator)
 
 
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)\w*): .+")
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """One line about an actor error: the underlying exception's own line when the
+    message carries a traceback (e.g. why an actor constructor failed), else the first."""
+    lines = str(exc).strip().splitlines()
+    causes = [line.strip() for line in lines if _ERROR_LINE.match(line)]
+    causes = [c for c in causes if not c.startswith(("ray.exceptions.", "RayActorError",
+                                                      "ActorDiedError"))]
+    if causes:
+        return causes[-1]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _iso(ts: float) -> str:

@@ -29,6 +29,7 @@ def test_help_lists_the_batch_flags(capsys):
     (["--scripts", "{tmp}/ok.json", "--preset", "tiny", "--num-frames", "10"],
      "num_frames must be 4k+1"),
     (["--scripts", "{tmp}/ok.json"], "give --preset tiny or --model-dir"),
+    (["--scripts", "{tmp}/ok.json", "--model-dir", "{tmp}"], "--clip-checkpoint"),
     (["--scripts", "{tmp}/ok.json", "--preset", "tiny", "--references", "{tmp}/nope.png"],
      "nope.png"),
 ])
@@ -63,4 +64,15 @@ def test_a_batch_bigger_than_the_local_cluster_is_refused(ray_cluster, tmp_path)
     with pytest.raises(BatchError, match="CPUs .cluster has 2"):
         run_batch(str(tmp_path / "ok.json"), str(tmp_path / "out"), ["--preset", "tiny"],
                   options=options)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.ray
+def test_a_model_no_worker_can_load_stops_the_batch_with_the_cause(ray_cluster, tmp_path):
+    (tmp_path / "ok.json").write_text(json.dumps(["a lighthouse at night"]))
+    options = BatchOptions(workers=1, cpus_per_worker=0.25, progress=False)
+    args = ["--preset", "tiny", "--lora-dir", str(tmp_path / "no-such-lora")]
+    with pytest.raises(BatchError, match="could not load the model") as info:
+        run_batch(str(tmp_path / "ok.json"), str(tmp_path / "out"), args, options=options)
+    assert "no-such-lora" in str(info.value)
     assert not (tmp_path / "out").exists()
