@@ -43,7 +43,8 @@ from typing import Any, Callable, Iterator
 
 from pipelines import run_tables
 from pipelines.ray_runtime import ray_session
-from pipelines.scorer_pools import HPSOptions, ScorerPoolOptions, start_scorer_pools
+from pipelines.scorer_pools import (HPSOptions, ScorerPoolError, ScorerPoolOptions,
+                                    start_scorer_pools)
 from pipelines.script_source import ListingProblem, list_scripts, read_script
 from storymem_model import storage
 
@@ -250,8 +251,9 @@ class _BatchRun:
         self._check_resources()
         self.log_dir = tempfile.mkdtemp(prefix=f"storymem-batch-{self.run_id}-")
         prefix = f"storymem-{self.run_id}"
-        # Scorer models and worker pipelines load at the same time; workers wait for the
-        # scorers only after their own model is loaded.
+        # Scorer models and worker pipelines load at the same time; each worker waits for
+        # the scorers only after its own model is loaded (a scorer that cannot load makes
+        # the workers fail to start, with its error).
         self.pools = start_scorer_pools(self.args, self.options.scorers, self.options.hps,
                                         name_prefix=prefix, wait=False)
         from actors.progress_reporter import ProgressReporter
@@ -263,7 +265,6 @@ class _BatchRun:
                 slot = _Slot(index)
                 self.slots.append(slot)
                 self._start_worker(slot)
-            self.pools.wait_ready()
             self._loop()
             self.loop_end = time.time()
             self._drain_progress()
@@ -626,6 +627,10 @@ class _BatchRun:
     # -- the run folder ------------------------------------------------------------------
     def _finish(self) -> dict:
         wall_s = time.time() - self.started
+        try:  # names and threshold of the pools (the workers already waited for them)
+            self.pools.wait_ready()
+        except ScorerPoolError as exc:
+            log.warning("scorer pool info unavailable: %s", exc)
         scorer_stats = self.pools.stats()
         stories_uri = self.tables.write_stories()
         shots_uri, shot_rows = self.tables.write_shots()
