@@ -6,7 +6,9 @@ per shot (all frames of the shot); this batcher groups requests that arrive clos
 
 - requests are grouped per key (e.g. "embed_images"), in arrival order;
 - a group is run as soon as it holds `max_batch_size` items (images, texts), or when its
-  oldest request has waited `max_wait_s`;
+  oldest request has waited `max_wait_s`; requests are never split, so a batch may hold a
+  little more than `max_batch_size` items (the scorer actor then runs forwards of at most
+  `max_batch_size`);
 - one batch runs at a time, in a worker thread, so the event loop keeps accepting
   requests while the model computes; requests arriving during a run join the next batch.
 
@@ -116,12 +118,14 @@ class RequestBatcher:
         asyncio.ensure_future(self._run(key))
 
     def _take(self, key: Hashable) -> list[_Request]:
-        """Remove up to max_batch_size items (at least one request) from the key's group."""
+        """Remove requests in arrival order until they hold max_batch_size items (the last
+        one may go past it: requests are never split, the handler runs forwards of at most
+        max_batch_size items)."""
         group = self._groups.pop(key)
         if group.timer is not None:
             group.timer.cancel()
         taken, size = [], 0
-        while group.requests and (not taken or size + group.requests[0].size <= self.max_batch_size):
+        while group.requests and size < self.max_batch_size:
             request = group.requests.pop(0)
             taken.append(request)
             size += request.size

@@ -160,7 +160,8 @@ def test_scorers_are_shared_and_really_batch_requests_of_different_stories(clean
     # timing; at least once per run with a 1.5 s wait and 16-image batches).
     assert max(embed["max_requests_per_batch"], gate["max_requests_per_batch"]) > 1
     assert embed["batches"] + gate["batches"] < embed["requests"] + gate["requests"]
-    assert embed["max_items_per_batch"] <= 16 and gate["max_items_per_batch"] <= 16
+    # a batch closes once it holds 16 frames; the request that fills it may pass 16
+    assert embed["max_items_per_batch"] <= 16 + 9 and gate["max_items_per_batch"] <= 16 + 9
     assert clean_run["summary"]["scorer_mean_batch_requests"] > 1.0
 
 

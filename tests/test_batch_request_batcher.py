@@ -108,3 +108,22 @@ def test_bad_settings_are_refused():
         RequestBatcher(lambda k, p: p, max_batch_size=0, max_wait_s=0.1)
     with pytest.raises(ValueError, match="max_wait_s"):
         RequestBatcher(lambda k, p: p, max_batch_size=1, max_wait_s=-1)
+
+
+def test_requests_that_together_pass_the_limit_are_served_together():
+    """Two shots of 3 frames with a limit of 4: the second fills the batch, both run at
+    once (requests are not split and nobody waits for max_wait_s)."""
+    handler = _Recorder()
+
+    async def main():
+        batcher = RequestBatcher(handler, max_batch_size=4, max_wait_s=10.0)
+        started = time.monotonic()
+        first = asyncio.ensure_future(batcher.submit("k", [1, 2, 3], size=3))
+        await asyncio.sleep(0.05)
+        second = await batcher.submit("k", [4, 5, 6], size=3)
+        return await first, second, time.monotonic() - started
+
+    first, second, elapsed = _run(main())
+    assert (first, second) == ([2, 4, 6], [8, 10, 12])
+    assert elapsed < 5.0
+    assert handler.batches == [("k", [[1, 2, 3], [4, 5, 6]])]
