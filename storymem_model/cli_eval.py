@@ -21,6 +21,8 @@ import logging
 import posixpath
 import sys
 
+from storymem_model.cli_logging import setup_cli_logging
+
 log = logging.getLogger("storymem.eval")
 
 SCRIPT_SUFFIXES = (".json", ".json5")
@@ -189,7 +191,7 @@ def add_eval_commands(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    _setup_logging()
+    setup_cli_logging()
     try:
         scripts = None
         if args.scripts:
@@ -230,7 +232,7 @@ def run_bench_stbench(args: argparse.Namespace) -> int:
         references_from_args, scorers_from_args
     from storymem_model.runner import StoryRunner
 
-    _setup_logging()
+    setup_cli_logging()
     if not args.preset and not args.model_dir:
         print("storymem bench-stbench: error: give --preset tiny or --model-dir DIR",
               file=sys.stderr)
@@ -278,13 +280,3 @@ def run_bench_stbench(args: argparse.Namespace) -> int:
     for story_id, method, reason in render_failures:
         print(f"RENDER FAILED {story_id} ({method}): {reason}")
     return 1 if (render_failures or failures or status) else 0
-
-
-def _setup_logging() -> None:
-    root = logging.getLogger("storymem")
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                               "%H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)

@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 
+from storymem_model.cli_logging import setup_cli_logging
 from storymem_model.render_config import TRANSITIONS, RenderConfig
 
 log = logging.getLogger("storymem.render")
@@ -241,7 +242,7 @@ def run_render(args: argparse.Namespace) -> int:
     from storymem_model.runner import RenderError, StoryRunner
     from storymem_model.story_script import ScriptError, load_script
 
-    _setup_logging()
+    setup_cli_logging()
     if not args.preset and not args.model_dir:
         print("storymem render: error: give --preset tiny or --model-dir DIR", file=sys.stderr)
         return 2
@@ -351,14 +352,3 @@ def _print_summary(results, failures) -> None:
                 print(f"    {line}", file=out)
     else:
         print(f"all {len(results)} stories done", file=out)
-
-
-def _setup_logging() -> None:
-    root = logging.getLogger("storymem")
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                               "%H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False  # a root handler set up by a library would print it twice
