@@ -1,4 +1,5 @@
-"""Shared test fixtures: one local Ray cluster, one moto S3 server on 127.0.0.1."""
+"""Shared test fixtures: one local Ray cluster, one moto S3 server on 127.0.0.1, one Prefect
+test server, the tiny pipeline."""
 from __future__ import annotations
 
 import os
@@ -66,6 +67,28 @@ def ray_cluster(s3_endpoint):
                  log_to_driver=False, configure_logging=False)
     yield ray
     # Left running until the session ends: ray.shutdown() happens at interpreter exit.
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server (temporary SQLite) for the session: the flow tests'
+    `pytest.mark.usefixtures("prefect_server")`."""
+    import flows_support
+
+    flows_support.prefect_server()
+    yield
+    flows_support.stop_prefect_server()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """The tiny-preset pipeline (seeded random weights), built once per test module."""
+    import torch
+
+    import storymem_model
+
+    torch.set_num_threads(1)
+    return storymem_model.load_pipeline("tiny")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-import storymem_model
 from storymem_model import conditioning as cond
 from storymem_model.presets import TINY
 
@@ -71,12 +70,6 @@ class InputSpy:
     def close(self):
         for handle in self.handles:
             handle.remove()
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    torch.set_num_threads(1)
-    return storymem_model.load_pipeline("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import storymem_model
 from storymem_model.presets import TINY
 
 PROMPT = "A lighthouse keeper climbs the stairs and lights the lamp."
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    torch.set_num_threads(1)
-    return storymem_model.load_pipeline("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import storymem_model
 from storymem_model.sampling import M2V_SAMPLING, T2V_SAMPLING, SamplingConfig, make_scheduler
 from storymem_model.seeds import shot_seed
 from storymem_model.text_encoding import WAN_NEGATIVE_PROMPT
@@ -54,12 +53,6 @@ class CallCounter:
     def close(self):
         for handle in self.handles:
             handle.remove()
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    torch.set_num_threads(1)
-    return storymem_model.load_pipeline("tiny")
 
 
 def run_counted(pipe, t2v=False, **kwargs):
