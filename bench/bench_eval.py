@@ -15,11 +15,12 @@ Reported (median of --repeats):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import numpy as np
+
+from bench.json_results import write_json_results
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -114,9 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"decode {d['frames']} frames: {d['decode_seconds'] * 1000:.1f} ms; "
           f"{d['aesthetic_scorer']}: {d['aesthetic_seconds'] * 1000:.1f} ms")
     print(f"metrics for {m['stories']} stories x {m['shots']} shots: {m['seconds'] * 1000:.1f} ms")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+    write_json_results(args.json, results, indent=1)
     return results
 
 

@@ -21,7 +21,6 @@ Needs the HPS environment (`make hps-env`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -29,6 +28,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from bench.json_results import write_json_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -134,9 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  {'reference / batched':28s} {results['ratio_reference_over_batched_wall']:8.2f} "
           f"{results['ratio_reference_over_batched_cpu']:8.2f}")
     print(f"  max |batched - single| score: {results['max_abs_score_diff_batched_vs_single']:.2e}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+    write_json_results(args.json, results, indent=2)
     return results
 
 

@@ -22,11 +22,12 @@ benchmark, reached through `hps_batch_vs_single` below.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 
 import numpy as np
+
+from bench.json_results import write_json_results
 
 
 def shot_frames(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -163,9 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  same keyframes    {result['same_keyframes']} {result['keyframes']}")
     print(f"  tiny CLIP, 17 frames 64x64: {result['tiny_clip_17x64x64_s'] * 1000:.1f} ms")
     print(f"  HPS batch vs single: {result['hps']}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
+    write_json_results(args.json, result, indent=1)
     if not result["same_keyframes"]:
         raise AssertionError("batched and frame-by-frame extraction picked different frames")
     return result

@@ -17,7 +17,6 @@ are in facts §9 (attention dominates with 10 memory frames).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import weakref
@@ -26,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from bench.json_results import write_json_results
 
 MEMORY_SIZES = (0, 3, 10)
 
@@ -135,9 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['time_ratio']:>8.2f}{row['memory_ratio']:>7.2f}{row['denoise_memory_ratio']:>10.2f}")
     print("ratios: memory rows vs memory=0; cfg rows vs batched CFG with 10 memory frames")
     result = {"model_id": pipe.model_id, "device": str(pipe.device), "load_seconds": load_seconds, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    write_json_results(args.json, result, indent=2)
     return result
 
 
