@@ -84,32 +84,49 @@ class ScorerActor:
         return {"role": self.role, "name": self.name, "pid": os.getpid(), "methods": merged}
 
     # ---- the batch handler (runs in the batcher's worker thread) ----
+    # Every forward has exactly `max_batch_size` rows (the last one padded with black
+    # frames / empty texts): kernels are chosen by shape, so a fixed shape makes a frame's
+    # numbers independent of what it was batched with - a resumed or re-run story gets
+    # byte-identical embeddings and scores.
     def _run_batch(self, key: Hashable, payloads: Sequence[Any]) -> list:
         method = key if isinstance(key, str) else key[0]
         if method == EMBED_TEXTS:
             texts = [t for payload in payloads for t in payload]
-            out = self._chunked(lambda lo, hi: self._model.embed_texts(texts[lo:hi]), len(texts))
+            out = self._forward(lambda rows: self._model.embed_texts(rows), texts, "")
             return _split(out, [len(p) for p in payloads])
         if method == EMBED_IMAGES:
             frames = np.concatenate(list(payloads), axis=0)
-            out = self._chunked(lambda lo, hi: self._model.embed_images(frames[lo:hi]), len(frames))
+            out = self._forward(lambda rows: self._model.embed_images(rows), frames, 0)
             return _split(out, [len(p) for p in payloads])
         if method == SCORE_IMAGES:
             frames = np.concatenate([images for images, _ in payloads], axis=0)
-            with_prompts = payloads[0][1] is not None
-            prompts = [p for _, ps in payloads for p in ps] if with_prompts else None
-            out = self._chunked(
-                lambda lo, hi: self._model.score_images(
-                    frames[lo:hi], prompts[lo:hi] if prompts is not None else None),
-                len(frames))
+            if payloads[0][1] is None:
+                out = self._forward(lambda rows: self._model.score_images(rows), frames, 0)
+            else:
+                prompts = [p for _, ps in payloads for p in ps]
+                pairs = list(zip(frames, prompts))
+                out = self._forward(lambda rows: self._model.score_images(
+                    np.stack([f for f, _ in rows]), [p for _, p in rows]), pairs,
+                    (np.zeros_like(frames[0]), ""))
             return _split(out, [len(images) for images, _ in payloads])
         raise ValueError(f"unknown scorer method {method!r}")
 
-    def _chunked(self, call: Callable[[int, int], Any], total: int) -> np.ndarray:
-        if total == 0:
-            return np.asarray(call(0, 0))
-        parts = [np.asarray(call(lo, min(lo + self.max_batch_size, total)))
-                 for lo in range(0, total, self.max_batch_size)]
+    def _forward(self, call: Callable[[Any], Any], rows, filler) -> np.ndarray:
+        """`call` over `rows` in forwards of exactly max_batch_size rows."""
+        size = self.max_batch_size
+        parts = []
+        for lo in range(0, len(rows), size):
+            chunk = rows[lo:lo + size]
+            real = len(chunk)
+            if real < size:
+                if isinstance(chunk, np.ndarray):
+                    pad = np.full((size - real, *chunk.shape[1:]), filler, dtype=chunk.dtype)
+                    chunk = np.concatenate([chunk, pad], axis=0)
+                else:
+                    chunk = list(chunk) + [filler] * (size - real)
+            parts.append(np.asarray(call(chunk))[:real])
+        if not parts:
+            return np.asarray(call(rows))
         return np.concatenate(parts, axis=0)
 
 
