@@ -40,7 +40,8 @@ _rendered: dict = {}
 
 def prefect_server():
     """Enter one `prefect_test_harness` (temporary SQLite + server) for the process; the
-    test modules' session fixture calls `stop_prefect_server` at the end of the session."""
+    `prefect_server` fixture of tests/conftest.py calls `stop_prefect_server` at the end of
+    the session."""
     global _harness
     if _harness is None:
         from prefect.testing.utilities import prefect_test_harness

@@ -13,14 +13,7 @@ import pytest
 import flows_support as support
 from storymem_model import storage
 
-pytestmark = [pytest.mark.ray, pytest.mark.s3]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def prefect_server():
-    support.prefect_server()
-    yield
-    support.stop_prefect_server()
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.usefixtures("prefect_server")]
 
 
 @pytest.fixture(scope="module")
