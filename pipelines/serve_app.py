@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipelines.serve_auth import ApiKeyChecker
 from pipelines.serve_errors import ServeRequestError, unknown_job
 from pipelines.serve_generation import ShotGenerator
-from pipelines.serve_images import ImageInputError, load_images
+from pipelines.serve_images import load_images
 from pipelines.serve_jobs import JobRegistry, UnknownJob
 from pipelines.serve_limits import LimitExceeded, ServeLimits
 from pipelines.serve_request_guard import RequestGuard
@@ -91,11 +91,6 @@ async def _serve_error(_request, exc: ServeRequestError):
 @app.exception_handler(LimitExceeded)
 async def _limit_error(_request, exc: LimitExceeded):
     return _json_error(exc.status_code, exc.body())
-
-
-@app.exception_handler(ImageInputError)
-async def _image_error(_request, exc: ImageInputError):
-    return _json_error(exc.status_code, {"error": exc.code, "detail": exc.detail})
 
 
 @app.exception_handler(RequestValidationError)

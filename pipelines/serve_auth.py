@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.serve_errors import ServeRequestError
+
 API_KEYS_ENV = "STORYMEM_API_KEYS"
 API_KEY_FILE_ENV = "STORYMEM_API_KEY_FILE"
 MIN_KEY_LENGTH = 16
@@ -29,14 +31,8 @@ class ApiKeyConfigError(ValueError):
     """The server cannot start: no usable API keys (the message never contains a key)."""
 
 
-class AuthError(Exception):
+class AuthError(ServeRequestError):
     """A request that is not authenticated (401) or not authorised (403)."""
-
-    def __init__(self, status_code: int, code: str, detail: str):
-        super().__init__(detail)
-        self.status_code = status_code
-        self.code = code
-        self.detail = detail
 
 
 def key_digest(key: str) -> str:

@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from pipelines.serve_errors import ServeRequestError
 from pipelines.serve_limits import ServeLimits
 from storymem_model import storage
 
@@ -31,14 +32,8 @@ _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+/-]*)(?P<params>(;[\w.+-]+=[\w.+-]+
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 
 
-class ImageInputError(ValueError):
+class ImageInputError(ServeRequestError, ValueError):
     """One request image that cannot be used."""
-
-    def __init__(self, status_code: int, code: str, detail: str):
-        super().__init__(detail)
-        self.status_code = status_code
-        self.code = code
-        self.detail = detail
 
 
 def _b64decode(text: str, where: str) -> bytes:

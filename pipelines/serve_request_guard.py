@@ -61,8 +61,7 @@ class RequestGuard:
                 caller = checker.authenticate(raw.decode("latin-1") if raw else None)
             except AuthError as exc:
                 extra = [(b"www-authenticate", b"Bearer")] if exc.status_code == 401 else []
-                return await _send_json(send, exc.status_code,
-                                        {"error": exc.code, "detail": exc.detail}, extra)
+                return await _send_json(send, exc.status_code, exc.body(), extra)
             scope.setdefault("state", {})["caller"] = caller
             declared = headers.get(b"content-length")
             if declared is not None:
