@@ -93,6 +93,11 @@ def read_png_numbers(data: bytes) -> dict:
         return json.loads(image.text[PNG_TEXT_KEY])
 
 
+def _finite_or_none(value) -> float | None:
+    """A chart value as a float; None for a missing or NaN one (plotted as 0)."""
+    return None if value is None or math.isnan(value) else float(value)
+
+
 def metrics_chart(summary_rows: Sequence[dict]) -> bytes:
     """Grouped bars: the five Table-1 metrics, one bar per method, values on the bars."""
     from matplotlib.figure import Figure
@@ -105,15 +110,15 @@ def metrics_chart(summary_rows: Sequence[dict]) -> bytes:
     numbers = {}
     for i, row in enumerate(summary_rows):
         values = [row.get(c) for c in TABLE1_COLUMNS]
-        plotted = [0.0 if v is None or math.isnan(v) else float(v) for v in values]
+        finite = [_finite_or_none(v) for v in values]
+        plotted = [0.0 if v is None else v for v in finite]
         bars = axes.bar(x + (i - (len(methods) - 1) / 2) * width, plotted, width,
                         label=methods[i])
         for bar, value in zip(bars, values):
             axes.annotate(format_number(value), (bar.get_x() + bar.get_width() / 2,
                                                   bar.get_height()),
                           ha="center", va="bottom", fontsize=7)
-        numbers[methods[i]] = {c: (None if v is None or math.isnan(v) else float(v))
-                               for c, v in zip(TABLE1_COLUMNS, values)}
+        numbers[methods[i]] = dict(zip(TABLE1_COLUMNS, finite))
     axes.set_xticks(x, [TABLE1_HEADERS[c].replace(" (", "\n(") for c in TABLE1_COLUMNS],
                     fontsize=8)
     axes.set_ylabel("score")
@@ -139,11 +144,10 @@ def stories_chart(story_rows: Sequence[dict]) -> bytes:
     for i, method in enumerate(methods):
         by_story = {r["story_id"]: r.get("consistency_all_pairs") for r in rows
                     if r["method"] == method}
-        values = [by_story.get(s) for s in stories]
-        plotted = [0.0 if v is None or math.isnan(v) else float(v) for v in values]
+        finite = [_finite_or_none(by_story.get(s)) for s in stories]
+        plotted = [0.0 if v is None else v for v in finite]
         axes.bar(x + (i - (len(methods) - 1) / 2) * width, plotted, width, label=method)
-        numbers[method] = {s: (None if v is None or math.isnan(v) else float(v))
-                           for s, v in zip(stories, values)}
+        numbers[method] = dict(zip(stories, finite))
     axes.set_xticks(x, [s[:24] for s in stories], rotation=45, ha="right", fontsize=7)
     axes.set_ylabel("cross-shot consistency (all pairs)")
     axes.set_title("Consistency per story")
