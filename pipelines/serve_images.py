@@ -135,9 +135,3 @@ def load_images(specs, field: str, limits: ServeLimits, allowed_prefixes=(),
     return [decode_image(image_bytes(spec, f"{field}[{i}]", limits, allowed_prefixes),
                          f"{field}[{i}]", limits)
             for i, spec in enumerate(specs)]
-
-
-def encode_png_base64(image: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
