@@ -69,8 +69,7 @@ class ImageEmbedderDeployment:
         return np.asarray(self.embedder.embed_texts(list(texts)))
 
     async def stats(self) -> dict:
-        return {"batches": len(self.batches_served), "requests": sum(self.batches_served),
-                "max_requests_per_batch": max(self.batches_served, default=0)}
+        return _batch_stats(self.batches_served)
 
 
 @serve.deployment(name="image_gate", ray_actor_options={"num_cpus": 0.1},
@@ -103,8 +102,13 @@ class ImageGateDeployment:
         return results
 
     async def stats(self) -> dict:
-        return {"batches": len(self.batches_served), "requests": sum(self.batches_served),
-                "max_requests_per_batch": max(self.batches_served, default=0)}
+        return _batch_stats(self.batches_served)
+
+
+def _batch_stats(batch_sizes: list[int]) -> dict:
+    """How a deployment's requests were batched."""
+    return {"batches": len(batch_sizes), "requests": sum(batch_sizes),
+            "max_requests_per_batch": max(batch_sizes, default=0)}
 
 
 def _limit_threads(torch_threads: int | None) -> None:
