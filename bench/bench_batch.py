@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from bench.json_results import write_json_results
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -134,9 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"overhead ratio (1 worker / in-process): rendering {results['ratio_1_worker_render']:.2f}"
           f" (target <= {TARGET_RATIO}), whole command {results['ratio_1_worker_wall']:.2f}; "
           f"2 workers rendering ratio {results['ratio_2_workers_render']:.2f}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+    write_json_results(args.json, results, indent=2)
     return results
 
 

@@ -109,9 +109,10 @@ def run_batch_command(args: argparse.Namespace) -> int:
     from pipelines.ray_runtime import RayConnectionError
     from pipelines.scorer_pools import ScorerPoolError
     from pipelines.script_source import ScriptSourceError
+    from storymem_model.cli_logging import setup_cli_logging
     from storymem_model.storage import StorageError
 
-    _setup_logging()
+    setup_cli_logging()
     try:
         options = options_from_args(args)
         model_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
@@ -137,16 +138,6 @@ def _print_summary(summary: dict) -> None:
     if summary["failed"]:
         print(f"  {summary['failed']} script(s)/story(ies) failed: see errors.parquet",
               file=out)
-
-
-def _setup_logging() -> None:
-    root = logging.getLogger("storymem")
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                               "%H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":  # python -m pipelines.cli_batch ... (same as `storymem batch`)
