@@ -9,6 +9,9 @@ per shot (all frames of the shot); this batcher groups requests that arrive clos
   oldest request has waited `max_wait_s`; requests are never split, so a batch may hold a
   little more than `max_batch_size` items (the scorer actor then runs forwards of at most
   `max_batch_size`);
+- with `expected_clients` (the number of story workers that send to this actor), a group
+  also runs as soon as it holds a request from each of them: no one else can join, so
+  waiting longer only adds latency (with one worker, requests never wait);
 - one batch runs at a time, in a worker thread, so the event loop keeps accepting
   requests while the model computes; requests arriving during a run join the next batch.
 
@@ -34,6 +37,7 @@ class _Request:
     size: int
     future: asyncio.Future
     arrived: float
+    client: Hashable | None = None
 
 
 @dataclass
@@ -41,6 +45,7 @@ class _Group:
     requests: list = field(default_factory=list)
     size: int = 0
     timer: asyncio.TimerHandle | None = None
+    clients: set = field(default_factory=set)
 
 
 @dataclass
@@ -78,14 +83,18 @@ class BatchStats:
 class RequestBatcher:
     """Groups `submit`ted requests per key and runs them through `handler` in batches."""
 
-    def __init__(self, handler: BatchHandler, *, max_batch_size: int, max_wait_s: float):
+    def __init__(self, handler: BatchHandler, *, max_batch_size: int, max_wait_s: float,
+                 expected_clients: int | None = None):
         if int(max_batch_size) < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
         if float(max_wait_s) < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s!r}")
+        if expected_clients is not None and int(expected_clients) < 1:
+            raise ValueError(f"expected_clients must be >= 1 or None, got {expected_clients!r}")
         self._handler = handler
         self.max_batch_size = int(max_batch_size)
         self.max_wait_s = float(max_wait_s)
+        self.expected_clients = None if expected_clients is None else int(expected_clients)
         self._groups: dict[Hashable, _Group] = {}
         self._scheduled: set[Hashable] = set()
         self._lock: asyncio.Lock | None = None
@@ -93,20 +102,30 @@ class RequestBatcher:
             max_workers=1, thread_name_prefix="batch-handler")
         self.stats: dict[Hashable, BatchStats] = collections.defaultdict(BatchStats)
 
-    async def submit(self, key: Hashable, payload: Any, size: int = 1) -> Any:
-        """Queue one request of `size` items; returns its own result once its batch ran."""
+    async def submit(self, key: Hashable, payload: Any, size: int = 1,
+                     client: Hashable | None = None) -> Any:
+        """Queue one request of `size` items; returns its own result once its batch ran.
+        `client` names the sender (a story worker); None counts as nobody for the
+        every-client-is-waiting rule."""
         loop = asyncio.get_running_loop()
         if self._lock is None:
             self._lock = asyncio.Lock()
-        request = _Request(payload, max(int(size), 1), loop.create_future(), time.monotonic())
+        request = _Request(payload, max(int(size), 1), loop.create_future(), time.monotonic(),
+                           client)
         group = self._groups.setdefault(key, _Group())
         group.requests.append(request)
         group.size += request.size
-        if group.size >= self.max_batch_size:
+        if client is not None:
+            group.clients.add(client)
+        if group.size >= self.max_batch_size or self._all_clients_waiting(group):
             self._schedule(key)
         elif group.timer is None:
             group.timer = loop.call_later(self.max_wait_s, self._schedule, key)
         return await request.future
+
+    def _all_clients_waiting(self, group: _Group) -> bool:
+        return (self.expected_clients is not None
+                and len(group.clients) >= self.expected_clients)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -130,11 +149,13 @@ class RequestBatcher:
             taken.append(request)
             size += request.size
         if group.requests:  # the rest starts a new group that keeps its oldest deadline
-            rest = _Group(requests=group.requests, size=sum(r.size for r in group.requests))
+            rest = _Group(requests=group.requests, size=sum(r.size for r in group.requests),
+                          clients={r.client for r in group.requests if r.client is not None})
             self._groups[key] = rest
             loop = asyncio.get_running_loop()
             waited = time.monotonic() - rest.requests[0].arrived
-            if rest.size >= self.max_batch_size or waited >= self.max_wait_s:
+            if (rest.size >= self.max_batch_size or waited >= self.max_wait_s
+                    or self._all_clients_waiting(rest)):
                 loop.call_soon(self._schedule, key)
             else:
                 rest.timer = loop.call_later(self.max_wait_s - waited, self._schedule, key)

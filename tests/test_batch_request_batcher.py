@@ -127,3 +127,57 @@ def test_requests_that_together_pass_the_limit_are_served_together():
     assert (first, second) == ([2, 4, 6], [8, 10, 12])
     assert elapsed < 5.0
     assert handler.batches == [("k", [[1, 2, 3], [4, 5, 6]])]
+
+
+def test_a_batch_runs_as_soon_as_every_expected_client_is_waiting():
+    """Two story workers send to this actor: once both have a request queued nobody else
+    can join, so the batch runs without waiting the 10 s max wait; a lone client's request
+    waits (the other may still come) and runs alone at max_wait_s."""
+    handler = _Recorder()
+
+    async def main():
+        batcher = RequestBatcher(handler, max_batch_size=100, max_wait_s=10.0,
+                                 expected_clients=2)
+        started = time.monotonic()
+        first = asyncio.ensure_future(batcher.submit("k", [1], client="worker-0"))
+        await asyncio.sleep(0.05)
+        assert not first.done()  # worker-1 may still come: keep waiting
+        # the same client again does not count twice
+        again = asyncio.ensure_future(batcher.submit("k", [2], client="worker-0"))
+        await asyncio.sleep(0.05)
+        assert not first.done() and not again.done()
+        second = await batcher.submit("k", [3], client="worker-1")
+        together = time.monotonic() - started
+        lone = RequestBatcher(handler, max_batch_size=100, max_wait_s=0.2, expected_clients=2)
+        lone_started = time.monotonic()
+        alone = await lone.submit("k", [4], client="worker-0")
+        return (await first, await again, second, together, alone,
+                time.monotonic() - lone_started)
+
+    first, again, second, together, alone, lone_elapsed = _run(main())
+    assert (first, again, second, alone) == ([2], [4], [6], [8])
+    assert together < 5.0
+    assert lone_elapsed >= 0.19
+    assert handler.batches[0] == ("k", [[1], [2], [3]])
+
+
+def test_one_expected_client_never_waits_and_anonymous_requests_keep_the_max_wait():
+    handler = _Recorder()
+
+    async def main():
+        batcher = RequestBatcher(handler, max_batch_size=100, max_wait_s=10.0,
+                                 expected_clients=1)
+        started = time.monotonic()
+        named = await batcher.submit("k", [1], client="worker-0")
+        named_elapsed = time.monotonic() - started
+        anonymous = asyncio.ensure_future(batcher.submit("k", [2]))
+        await asyncio.sleep(0.1)
+        waited = not anonymous.done()
+        await batcher.submit("k", [3], client="worker-0")  # the worker's request frees both
+        return named, named_elapsed, waited, await anonymous
+
+    named, named_elapsed, waited, anonymous = _run(main())
+    assert named == [2] and named_elapsed < 5.0
+    assert waited and anonymous == [4]
+    with pytest.raises(ValueError, match="expected_clients"):
+        RequestBatcher(handler, max_batch_size=1, max_wait_s=0.1, expected_clients=0)
