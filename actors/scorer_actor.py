@@ -27,13 +27,15 @@ logger = logging.getLogger("storymem.scorer_actor")
 EMBED_IMAGES = "embed_images"
 EMBED_TEXTS = "embed_texts"
 SCORE_IMAGES = "score_images"
+SCORE_EMBEDDINGS = "score_embeddings"
 
 
 class ScorerActor:
     """Holds one scorer model; wrap with `ray.remote(...)` (see `scorer_pool.py`)."""
 
-    def __init__(self, factory: Callable[[], Any], *, role: str, max_batch_size: int = 64,
-                 max_wait_s: float = 0.05, torch_threads: int | None = 1):
+    def __init__(self, factory: Callable[[], Any], *, role: str, max_batch_size: int = 32,
+                 max_wait_s: float = 0.05, torch_threads: int | None = 1,
+                 expected_clients: int | None = None):
         if torch_threads:
             _limit_threads(torch_threads)
         started = time.monotonic()
@@ -44,22 +46,38 @@ class ScorerActor:
         self.name = str(getattr(self._model, "name", type(self._model).__name__))
         self.max_batch_size = int(max_batch_size)
         self._batcher = RequestBatcher(
-            self._run_batch, max_batch_size=max_batch_size, max_wait_s=max_wait_s)
+            self._run_batch, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
+            expected_clients=expected_clients)
         self._load_s = time.monotonic() - started
         logger.info("scorer actor %s (%s) ready in %.2fs, pid %d",
                     role, self.name, self._load_s, os.getpid())
 
     # ---- protocol methods, called remotely by the proxies in scorer_proxies.py ----
-    async def embed_images(self, images: np.ndarray) -> np.ndarray:
+    # `client` names the calling story worker: a batch runs as soon as every expected
+    # client has a request in it (see RequestBatcher).
+    async def embed_images(self, images: np.ndarray, client: str | None = None) -> np.ndarray:
         images = _check_images(images)
-        return await self._batcher.submit(EMBED_IMAGES, images, len(images))
+        return await self._batcher.submit(EMBED_IMAGES, images, len(images), client)
 
-    async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    async def embed_texts(self, texts: Sequence[str], client: str | None = None) -> np.ndarray:
         texts = [str(t) for t in texts]
-        return await self._batcher.submit(EMBED_TEXTS, texts, len(texts))
+        return await self._batcher.submit(EMBED_TEXTS, texts, len(texts), client)
+
+    async def score_embeddings(self, embeddings: np.ndarray,
+                               client: str | None = None) -> np.ndarray:
+        """Gate scores from CLIP embeddings (a gate whose model has `score_embeddings`,
+        e.g. the aesthetic head on the CLIP pool's own model): no second image forward."""
+        if not hasattr(self._model, "score_embeddings"):
+            raise ValueError(f"scorer {self.name} cannot score embeddings; send images")
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2:
+            raise ValueError(f"embeddings must be (N, D); got shape {embeddings.shape}")
+        return await self._batcher.submit(SCORE_EMBEDDINGS, embeddings, len(embeddings),
+                                          client)
 
     async def score_images(self, images: np.ndarray,
-                           prompts: Sequence[str] | None = None) -> np.ndarray:
+                           prompts: Sequence[str] | None = None,
+                           client: str | None = None) -> np.ndarray:
         images = _check_images(images)
         if prompts is not None:
             prompts = [str(p) for p in prompts]
@@ -69,7 +87,7 @@ class ScorerActor:
         # Requests with and without prompts are batched separately: the scorer's own
         # default for "no prompt" is kept exactly.
         key = (SCORE_IMAGES, prompts is not None)
-        return await self._batcher.submit(key, (images, prompts), len(images))
+        return await self._batcher.submit(key, (images, prompts), len(images), client)
 
     # ---- introspection ----
     def info(self) -> dict:
@@ -97,6 +115,13 @@ class ScorerActor:
         if method == EMBED_IMAGES:
             frames = np.concatenate(list(payloads), axis=0)
             out = self._forward(lambda rows: self._model.embed_images(rows), frames, 0)
+            return _split(out, [len(p) for p in payloads])
+        if method == SCORE_EMBEDDINGS:
+            rows = np.concatenate(list(payloads), axis=0)
+            # padding rows: any unit vector (the head is row-wise; they are dropped)
+            filler = np.zeros(rows.shape[1], dtype=np.float32)
+            filler[0] = 1.0
+            out = self._forward(lambda chunk: self._model.score_embeddings(chunk), rows, filler)
             return _split(out, [len(p) for p in payloads])
         if method == SCORE_IMAGES:
             frames = np.concatenate([images for images, _ in payloads], axis=0)

@@ -46,7 +46,13 @@ def build_aesthetic_gate(model_args: argparse.Namespace):
     from storymem_model.cli_render import scorers_from_args
 
     scorers = scorers_from_args(model_args)
-    return scorers.gate, {"gate_threshold": float(scorers.gate_threshold)}
+    info = {"gate_threshold": float(scorers.gate_threshold)}
+    if getattr(scorers.gate, "embedder", None) is scorers.embedder and hasattr(
+            scorers.gate, "score_embeddings"):
+        # The gate's head sits on the very CLIP the CLIP pool serves (tiny preset): as in
+        # process, frames are embedded once and the gate scores the embeddings.
+        info["embeds_with_clip"] = scorers.embedder.name
+    return scorers.gate, info
 
 
 class HPSGate:

@@ -2,8 +2,14 @@
 
 The story runner takes any objects implementing `ImageEmbedder` / `ImageScorer`
 (docs/interfaces.md). A story worker gives it these proxies: each call is sent to one actor
-of the shared pool (round robin) and waits for its answer, so the runner code is the same
-in-process and on Ray. Proxies are picklable (they hold only actor handles).
+of the shared pool and waits for its answer, so the runner code is the same in-process and
+on Ray. Proxies are picklable (they hold only actor handles).
+
+Routing: a proxy made for story worker `client_index` always calls actor
+`client_index % len(pool)` and names itself in each request, so every scorer actor knows
+which workers send to it and runs a batch as soon as all of them are waiting
+(`scorer_pools.clients_per_actor`). Without a client index calls go round robin and
+batches wait for the batch size or the max wait.
 """
 from __future__ import annotations
 
@@ -15,25 +21,32 @@ import ray
 
 
 class _PoolProxy:
-    def __init__(self, handles: Sequence, name: str, timeout_s: float | None = 600.0):
+    def __init__(self, handles: Sequence, name: str, timeout_s: float | None = 600.0,
+                 client_index: int | None = None):
         if not handles:
             raise ValueError("a scorer proxy needs at least one scorer actor")
         self._handles = list(handles)
         self.name = name
         self.timeout_s = timeout_s
+        self.client_index = client_index
+        self._client = None if client_index is None else f"worker-{client_index}"
         self._turn = itertools.count()
 
     def _next(self):
+        if self.client_index is not None:
+            return self._handles[self.client_index % len(self._handles)]
         return self._handles[next(self._turn) % len(self._handles)]
 
     def _get(self, ref):
         return ray.get(ref, timeout=self.timeout_s)
 
     def __getstate__(self):
-        return {"handles": self._handles, "name": self.name, "timeout_s": self.timeout_s}
+        return {"handles": self._handles, "name": self.name, "timeout_s": self.timeout_s,
+                "client_index": self.client_index}
 
     def __setstate__(self, state):
-        self.__init__(state["handles"], state["name"], state["timeout_s"])
+        self.__init__(state["handles"], state["name"], state["timeout_s"],
+                      state.get("client_index"))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, actors={len(self._handles)})"
@@ -43,10 +56,11 @@ class EmbedderProxy(_PoolProxy):
     """`ImageEmbedder` backed by a pool of scorer actors holding the CLIP model."""
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
-        return self._get(self._next().embed_images.remote(np.asarray(images)))
+        return self._get(self._next().embed_images.remote(np.asarray(images),
+                                                          client=self._client))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self._get(self._next().embed_texts.remote(list(texts)))
+        return self._get(self._next().embed_texts.remote(list(texts), client=self._client))
 
 
 class ImageScorerProxy(_PoolProxy):
@@ -54,16 +68,45 @@ class ImageScorerProxy(_PoolProxy):
 
     def score_images(self, images: np.ndarray, prompts: Sequence[str] | None = None) -> np.ndarray:
         prompts = list(prompts) if prompts is not None else None
-        return self._get(self._next().score_images.remote(np.asarray(images), prompts))
+        return self._get(self._next().score_images.remote(np.asarray(images), prompts,
+                                                          client=self._client))
 
 
-def keyframe_scorers_from_pools(clip: Sequence, gate: Sequence, timeout_s: float | None = 600.0):
+class EmbeddingGateProxy(ImageScorerProxy):
+    """A gate whose actors score CLIP embeddings of the CLIP pool's own model (the tiny
+    preset's aesthetic head, as `scorers_from_args` builds it in process): keyframe
+    selection embeds each frame once and sends only the embeddings to the gate."""
+
+    def __init__(self, handles: Sequence, name: str, timeout_s: float | None = 600.0,
+                 client_index: int | None = None, embedder: EmbedderProxy | None = None):
+        super().__init__(handles, name, timeout_s, client_index)
+        self.embedder = embedder
+
+    def score_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        return self._get(self._next().score_embeddings.remote(
+            np.asarray(embeddings, dtype=np.float32), client=self._client))
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "embedder": self.embedder}
+
+    def __setstate__(self, state):
+        self.__init__(state["handles"], state["name"], state["timeout_s"],
+                      state.get("client_index"), state.get("embedder"))
+
+
+def keyframe_scorers_from_pools(clip: Sequence, gate: Sequence, timeout_s: float | None = 600.0,
+                                client_index: int | None = None):
     """KeyframeScorers of proxies over the CLIP and gate pools; waits until the pools'
-    first actors have loaded their models (their names and the gate threshold)."""
+    first actors have loaded their models (their names and the gate threshold).
+    `client_index`: the story worker's index (sticky routing, see the module text)."""
     from storymem_model.scorers.base import KeyframeScorers
 
     clip_info, gate_info = ray.get([clip[0].info.remote(), gate[0].info.remote()])
-    return KeyframeScorers(
-        embedder=EmbedderProxy(clip, clip_info["name"], timeout_s),
-        gate=ImageScorerProxy(gate, gate_info["name"], timeout_s),
-        gate_threshold=float(gate_info["gate_threshold"]))
+    embedder = EmbedderProxy(clip, clip_info["name"], timeout_s, client_index)
+    if gate_info.get("embeds_with_clip") == clip_info["name"]:
+        gate_proxy = EmbeddingGateProxy(gate, gate_info["name"], timeout_s, client_index,
+                                        embedder=embedder)
+    else:
+        gate_proxy = ImageScorerProxy(gate, gate_info["name"], timeout_s, client_index)
+    return KeyframeScorers(embedder=embedder, gate=gate_proxy,
+                           gate_threshold=float(gate_info["gate_threshold"]))

@@ -2,7 +2,8 @@
 
 Each worker holds one loaded `StoryMemPipeline` (on its GPU share, or the CPU) and a
 `StoryRunner` whose scorers are proxies to the shared scorer actor pools (`scorer_pools`:
-{"clip": [handles], "gate": [handles]}). `render_story`
+{"clip": [handles], "gate": [handles], "client_index": this worker's slot index, which
+picks its scorer actors and lets them batch without waiting for absent workers}). `render_story`
 renders one whole story through the runner, which checkpoints after every shot; the
 story's memory bank (and its keyframe latents, cached on the worker's device) lives in the
 worker only while that story renders. When a worker dies mid-story, the driver sends the
@@ -53,7 +54,8 @@ class StoryWorker:
         references = references_from_args(model_args)
         self.pipeline = (pipeline_factory or pipeline_from_args)(model_args)
         # The scorer actors load their models meanwhile; wait for them only now.
-        scorers = keyframe_scorers_from_pools(scorer_pools["clip"], scorer_pools["gate"])
+        scorers = keyframe_scorers_from_pools(scorer_pools["clip"], scorer_pools["gate"],
+                                              client_index=scorer_pools.get("client_index"))
         self.scorers = scorers
         self.config = config_from_args(model_args, self.pipeline, scorers, references)
         self.runner = StoryRunner(self.pipeline, scorers, self.config, references=references)

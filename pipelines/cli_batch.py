@@ -54,7 +54,7 @@ def add_batch_command(subparsers) -> argparse.ArgumentParser:
                               help="CLIP scorer actors shared by all workers")
     scorer_group.add_argument("--gate-actors", type=int, default=1,
                               help="quality gate (aesthetic or HPSv3) scorer actors")
-    scorer_group.add_argument("--scorer-batch-size", type=int, default=64,
+    scorer_group.add_argument("--scorer-batch-size", type=int, default=32,
                               help="images per scorer forward (requests from different "
                                    "stories are grouped up to this)")
     scorer_group.add_argument("--scorer-max-wait", type=float, default=0.05, metavar="SECONDS",

@@ -9,6 +9,10 @@ Pools (each `n` actors of `actors.scorer_actor.ScorerActor`, shared by every sto
 
 Scorer calls are idempotent, so actors restart on a crash and calls are retried
 (`max_restarts`, `max_task_retries`).
+
+Batching: story worker i always calls actor i % n of each pool (`client_index` of the
+proxies), so each actor knows how many workers send to it (`clients_per_actor`) and runs a
+batch as soon as all of them wait, else after `max_wait_s`: with one worker nothing waits.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ class ScorerPoolError(RuntimeError):
 class ScorerPoolOptions:
     clip_actors: int = 1
     gate_actors: int = 1
-    max_batch_size: int = 64  # images per forward
+    max_batch_size: int = 32  # images per forward (fixed: every forward is padded to it)
     max_wait_s: float = 0.05  # how long a request may wait for others to fill the batch
     cpus_per_actor: float = 0.25
     gpus_per_actor: float = 0.0
@@ -63,9 +67,10 @@ class ScorerPools:
     gate_name: str
     info: dict = field(default_factory=dict)
 
-    def keyframe_scorers(self, timeout_s: float | None = 600.0):
+    def keyframe_scorers(self, timeout_s: float | None = 600.0,
+                         client_index: int | None = None):
         """KeyframeScorers made of proxies to the pools (what the story runner takes)."""
-        return keyframe_scorers_from_pools(self.clip, self.gate, timeout_s)
+        return keyframe_scorers_from_pools(self.clip, self.gate, timeout_s, client_index)
 
     def wait_ready(self) -> None:
         """Block until every actor has loaded its model; fills the names and threshold."""
@@ -123,11 +128,21 @@ class ScorerPools:
                 pass
 
 
+def clients_per_actor(clients: int | None, actors: int) -> list[int | None]:
+    """How many of `clients` story workers call each of `actors` actors (worker i calls
+    actor i % actors); None (unknown callers) for every actor when `clients` is None."""
+    if clients is None:
+        return [None] * actors
+    return [max(1, len(range(j, clients, actors))) for j in range(actors)]
+
+
 def start_scorer_pools(model_args: argparse.Namespace, options: ScorerPoolOptions,
                        hps: HPSOptions | None = None, name_prefix: str = "storymem",
-                       wait: bool = True) -> ScorerPools:
+                       wait: bool = True, clients: int | None = None) -> ScorerPools:
     """Create both pools; with `wait`, block until every actor has loaded its model (else
-    call `wait_ready()` later: the models load while the caller does other work)."""
+    call `wait_ready()` later: the models load while the caller does other work).
+    `clients`: the number of story workers, which pass `client_index` 0..clients-1 to
+    their proxies (None: callers unknown, batches wait for size or max wait)."""
     import ray
 
     if options.clip_actors < 1 or options.gate_actors < 1:
@@ -143,8 +158,11 @@ def start_scorer_pools(model_args: argparse.Namespace, options: ScorerPoolOption
                   max_concurrency=1000)
     batching = dict(max_batch_size=options.max_batch_size, max_wait_s=options.max_wait_s,
                     torch_threads=options.torch_threads)
+    clip_clients = clients_per_actor(clients, options.clip_actors)
+    gate_clients = clients_per_actor(clients, options.gate_actors)
     clip = [remote.options(name=f"{name_prefix}-clip-{i}", **common).remote(
-        functools.partial(scorer_factories.build_embedder, model_args), role="clip", **batching)
+        functools.partial(scorer_factories.build_embedder, model_args), role="clip",
+        expected_clients=clip_clients[i], **batching)
         for i in range(options.clip_actors)]
     if hps is not None:
         runtime_env = {"py_executable": str(hps.python),
@@ -152,12 +170,14 @@ def start_scorer_pools(model_args: argparse.Namespace, options: ScorerPoolOption
         factory = functools.partial(scorer_factories.build_hps_gate, hps.checkpoint,
                                     hps.base_model, hps.threshold, hps.dtype)
         gate = [remote.options(name=f"{name_prefix}-hps-{i}", runtime_env=runtime_env,
-                               **common).remote(factory, role="hps", **batching)
+                               **common).remote(factory, role="hps",
+                                                expected_clients=gate_clients[i], **batching)
                 for i in range(options.gate_actors)]
     else:
         factory = functools.partial(scorer_factories.build_aesthetic_gate, model_args)
         gate = [remote.options(name=f"{name_prefix}-aesthetic-{i}", **common).remote(
-            factory, role="aesthetic", **batching) for i in range(options.gate_actors)]
+            factory, role="aesthetic", expected_clients=gate_clients[i], **batching)
+            for i in range(options.gate_actors)]
     pools = ScorerPools(clip=clip, gate=gate, gate_threshold=0.0, clip_name="", gate_name="")
     if wait:
         pools.wait_ready()

@@ -56,3 +56,56 @@ def test_bad_input_is_refused_clearly_and_the_actor_keeps_serving(pools):
         proxy.embed_images(np.zeros((2, 8, 8, 3), dtype=np.float32))
     assert proxy.embed_images(_frames(1, 1)).shape[0] == 1
     assert proxy.embed_texts(["a lighthouse", "a boat"]).shape[0] == 2
+
+
+def test_clients_per_actor_follows_the_sticky_routing():
+    from pipelines.scorer_pools import clients_per_actor
+
+    assert clients_per_actor(None, 2) == [None, None]
+    assert clients_per_actor(1, 1) == [1]
+    assert clients_per_actor(5, 2) == [3, 2]  # workers 0, 2, 4 -> actor 0; 1, 3 -> actor 1
+    assert clients_per_actor(1, 3) == [1, 1, 1]  # idle actors still need a valid count
+
+
+def test_tiny_gate_scores_the_clip_pools_embeddings_like_the_in_process_scorers(pools):
+    """The tiny aesthetic head sits on the CLIP the CLIP pool serves: as in process, a
+    worker embeds each frame once and the gate actor scores the embeddings; the keyframes
+    are the ones the in-process scorers pick."""
+    from actors.scorer_proxies import EmbeddingGateProxy
+    from storymem_model.keyframe_selection import extract_keyframes
+    from storymem_model.scorers import build_scorers
+
+    remote = pools.keyframe_scorers(client_index=0)
+    assert isinstance(remote.gate, EmbeddingGateProxy)
+    assert remote.gate.embedder is remote.embedder
+    local = build_scorers("tiny")
+    frames = np.repeat(_frames(3, 6), 3, axis=0)  # runs of near-duplicates, like a shot
+    frames[1::3] = np.clip(frames[1::3].astype(int) + 3, 0, 255).astype(np.uint8)
+    ours = extract_keyframes(frames, remote)
+    theirs = extract_keyframes(frames, local)
+    assert ours.indices == theirs.indices and ours.candidates == theirs.candidates
+    np.testing.assert_allclose(ours.embeddings, theirs.embeddings, atol=1e-5)
+    np.testing.assert_allclose(ours.scores, theirs.scores, atol=1e-4)
+    assert remote.gate.score_images(frames[:2]).shape == (2,)  # images still accepted
+
+
+def test_a_scorer_actor_killed_under_a_request_is_restarted_and_the_request_retried(
+        pools, ray_cluster):
+    """SIGKILL of the CLIP actor's process while a request waits in its batcher: Ray
+    restarts the actor (max_restarts) and re-sends the call (max_task_retries); the caller
+    gets the same embeddings as before the crash. Runs last: the pool survives it."""
+    import os
+    import signal
+    import time
+
+    ray = ray_cluster
+    clip = pools.clip[0]
+    frames = _frames(5, 3)
+    before = ray.get(clip.embed_images.remote(frames))
+    pid = ray.get(clip.info.remote())["pid"]
+    pending = clip.embed_images.remote(frames)  # waits up to 1 s for batch mates
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    after = ray.get(pending, timeout=120)
+    np.testing.assert_array_equal(after, before)
+    assert ray.get(clip.info.remote())["pid"] != pid  # a new incarnation served it
