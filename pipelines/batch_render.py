@@ -209,6 +209,7 @@ class _Slot:
     state: str = "starting"  # starting | idle | busy | recovering
     task: _StoryTask | None = None
     pid: int | None = None
+    timed_out: bool = False  # the driver killed it for --story-timeout
 
 
 class _BatchRun:
@@ -255,7 +256,8 @@ class _BatchRun:
         # the scorers only after its own model is loaded (a scorer that cannot load makes
         # the workers fail to start, with its error).
         self.pools = start_scorer_pools(self.args, self.options.scorers, self.options.hps,
-                                        name_prefix=prefix, wait=False)
+                                        name_prefix=prefix, wait=False,
+                                        clients=self.options.workers)
         from actors.progress_reporter import ProgressReporter
         self.progress = ray.remote(num_cpus=0)(ProgressReporter).options(
             name=f"{prefix}-progress").remote()
@@ -315,7 +317,8 @@ class _BatchRun:
             num_gpus=self.options.gpus_per_worker,
             max_restarts=self.options.worker_max_restarts, max_task_retries=0)
         slot.handle = remote.remote(slot.name, self.args,
-                                    {"clip": self.pools.clip, "gate": self.pools.gate},
+                                    {"clip": self.pools.clip, "gate": self.pools.gate,
+                                     "client_index": slot.index},
                                     self.progress,
                                     self.pipeline_factory, self.options.torch_threads,
                                     self.options.consistency)
@@ -396,7 +399,13 @@ class _BatchRun:
             # The worker died under the story: Ray restarts it (or we replace it); the
             # story resumes from its last committed shot on the next attempt.
             self.restarts += 1
-            self._story_failed(task, "WorkerDied", f"worker {slot.name} died: {_short(exc)}")
+            if slot.timed_out:
+                slot.timed_out = False
+                self._story_failed(task, "StoryTimeout", (
+                    f"no result after {self.options.story_timeout_s:g} s (--story-timeout) on "
+                    f"worker {slot.name}; the worker was killed"))
+            else:
+                self._story_failed(task, "WorkerDied", f"worker {slot.name} died: {_short(exc)}")
             self._emit({"kind": "worker_died", "worker": slot.name,
                         "story_id": task.script.story_id, "attempt": task.attempts})
             slot.state = "recovering"
@@ -486,6 +495,7 @@ class _BatchRun:
                 log.error("story %s: no result after %.0f s on %s; killing the worker",
                           slot.task.script.story_id, timeout, slot.name)
                 slot.task.started = float("inf")  # kill once; the death retries the story
+                slot.timed_out = True
                 ray.kill(slot.handle, no_restart=False)
 
     # -- listing -------------------------------------------------------------------------

@@ -3,20 +3,25 @@
 - a clean run of 6 stories with 2 workers to S3: all committed, run tables right, scorer
   requests from different stories really batched;
 - a run with faults: one worker killed with `ray.kill`, another worker's process killed
-  with SIGKILL, both mid-story; one malformed script; one story that fails at generation.
-  The 6 stories come out identical to the clean run's, both bad ones end in errors.parquet;
+  with SIGKILL, both mid-story; a third story hangs in its second shot until
+  `story_timeout_s` kills its worker; one malformed script; one story that fails at
+  generation. The 6 stories come out identical to the clean run's, both bad ones end in
+  errors.parquet;
 - a re-run of the clean batch renders nothing.
 
 The only stand-in is `FailingPipeline`, a wrapper around the real tiny pipeline that raises
-on one marked prompt (a generation failure cannot be provoked otherwise).
+on one marked prompt and hangs once on another (a generation failure or a hung GPU cannot
+be provoked otherwise).
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import functools
 import signal
 import sys
+import time
 import uuid
 
 import pyarrow.parquet as pq
@@ -33,6 +38,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.s3]
 MODEL_FLAGS = ["--preset", "tiny", "--num-frames", "9", "--height", "32", "--width", "32",
                "--steps", "2"]
 FAIL_MARK = "FAIL-GENERATION"
+HANG_PROMPT = "a passenger reads by lamplight"  # shot 2 of 03_train.json
+STORY_TIMEOUT_S = 20.0
 TIMING_COLUMNS = ("generate_seconds", "select_seconds", "write_seconds", "shot_seconds")
 
 
@@ -154,7 +161,10 @@ def test_clean_run_commits_every_story_and_writes_the_run_tables(clean_run):
 def test_scorers_are_shared_and_really_batch_requests_of_different_stories(clean_run):
     scorers = clean_run["summary"]["scorers"]
     embed = scorers["clip"]["methods"]["embed_images"]
-    gate = scorers["gate"]["methods"]["score_images"]
+    # The tiny gate's head sits on the CLIP pool's own model: like the in-process runner,
+    # workers embed each frame once and send the gate only the embeddings.
+    assert set(scorers["gate"]["methods"]) == {"score_embeddings"}
+    gate = scorers["gate"]["methods"]["score_embeddings"]
     assert embed["requests"] >= 14 and gate["requests"] >= 14  # one per shot at least
     # Requests of the two workers' stories were served together (how often depends on
     # timing; at least once per run with a 1.5 s wait and 16-image batches).
@@ -167,10 +177,12 @@ def test_scorers_are_shared_and_really_batch_requests_of_different_stories(clean
 
 # ---------------------------------------------------------------------------------------
 class FailingPipeline:
-    """Stand-in around the real tiny pipeline: generation fails for prompts with FAIL_MARK."""
+    """Stand-in around the real tiny pipeline: generation fails for prompts with FAIL_MARK;
+    the first generation of HANG_PROMPT (across processes: a marker file) hangs."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, hang_marker: str | None = None):
         self._inner = inner
+        self._hang_marker = hang_marker
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -178,13 +190,17 @@ class FailingPipeline:
     def generate_shot(self, prompt, *args, **kwargs):
         if FAIL_MARK in prompt:
             raise RuntimeError(f"injected generation failure for prompt {prompt!r}")
+        if prompt == HANG_PROMPT and self._hang_marker and not os.path.exists(self._hang_marker):
+            with open(self._hang_marker, "w") as handle:
+                handle.write(str(os.getpid()))
+            time.sleep(600)  # a hung GPU: only --story-timeout gets the story going again
         return self._inner.generate_shot(prompt, *args, **kwargs)
 
 
-def failing_pipeline_factory(args):
+def failing_pipeline_factory(args, hang_marker: str | None = None):
     from storymem_model.cli_render import pipeline_from_args
 
-    return FailingPipeline(pipeline_from_args(args))
+    return FailingPipeline(pipeline_from_args(args), hang_marker)
 
 
 class _Killer:
@@ -224,8 +240,11 @@ def test_faults_killed_workers_bad_script_and_failing_story(clean_run, ray_clust
     ids = _write_scripts(scripts, extra)
     out = str(tmp_path / "out")
     killer = _Killer(ray, by_ray_kill=ids["01_kite.json"], by_sigkill=ids["02_fox.json"])
+    hang_marker = str(tmp_path / "hung-once")
     summary = run_batch(scripts, out, MODEL_FLAGS, run_id="faults",
-                        options=_options(max_attempts=3), pipeline_factory=failing_pipeline_factory,
+                        options=_options(max_attempts=3, story_timeout_s=STORY_TIMEOUT_S),
+                        pipeline_factory=functools.partial(failing_pipeline_factory,
+                                                           hang_marker=hang_marker),
                         on_event=killer)
 
     # both kills happened mid-story (after shot 1 of 3) and were survived
@@ -237,6 +256,17 @@ def test_faults_killed_workers_bad_script_and_failing_story(clean_run, ray_clust
     assert stories[ids["01_kite.json"]]["attempts"] >= 2
     assert stories[ids["02_fox.json"]]["attempts"] >= 2
     assert stories[ids["08_doomed.json"]]["status"] == "failed"
+    # the hung story was killed at the timeout and resumed from its committed first shot
+    assert os.path.exists(hang_marker)
+    train = ids["03_train.json"]
+    assert stories[train]["status"] == "rendered" and stories[train]["attempts"] == 2
+    timeouts = [e for e in killer.events if e.get("kind") == "story_retry"
+                and e["story_id"] == train]
+    assert [e["error_type"] for e in timeouts] == ["StoryTimeout"]
+    assert f"{STORY_TIMEOUT_S:g} s" in timeouts[0]["message"]
+    train_shots = [e["shot_index"] for e in killer.events
+                   if e.get("kind") == "shot_done" and e["story_id"] == train]
+    assert train_shots == [0, 1]  # shot 1 rendered once, not again after the kill
 
     errors = _read_table(f"{out}/runs/faults/errors.parquet").to_pylist()
     by_stage = {e["stage"]: e for e in errors}
