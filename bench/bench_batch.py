@@ -12,8 +12,9 @@ the rendering part (first worker ready -> last story done, vs the runner loop wi
 loading: the per-story orchestration overhead the target is about) and for the whole
 command, whose extra is a fixed start-up cost (embedded Ray start, three processes
 importing torch on two cores) reported in seconds; scorer calls per shot and mean
-requests per scorer batch. In-process and 1-worker runs are repeated `--repeats` times,
-alternating, and the fastest of each is kept (a shared 2-core machine is noisy).
+requests and images per scorer batch. In-process and 1-worker runs are repeated
+`--repeats` times, alternating, and the fastest of each is kept (a shared 2-core machine
+is noisy).
 
 `python -m bench.bench_batch [--stories N] [--repeats N] [--json FILE]`. Tiny models on a
 CPU: the absolute numbers say little about real GPUs; the ratio is the orchestration
@@ -115,7 +116,18 @@ def batch(folder: str, out: str, workers: int, max_wait_s: float | None = None,
     return {"wall_s": wall, "render_s": summary["render_wall_s"],
             "shots": summary["shots_rendered"], "failed": summary["failed"],
             "scorer_calls_per_shot": summary["scorer_calls_per_shot"],
-            "scorer_mean_batch_requests": summary["scorer_mean_batch_requests"]}
+            "scorer_mean_batch_requests": summary["scorer_mean_batch_requests"],
+            "scorer_mean_batch_items": _mean_batch_items(summary.get("scorers") or {})}
+
+
+def _mean_batch_items(scorers: dict) -> float:
+    """Images (or embeddings) per scorer batch, over every method of both pools."""
+    items = batches = 0
+    for pool in scorers.values():
+        for stats in (pool.get("methods") or {}).values():
+            items += stats["items"]
+            batches += stats["batches"]
+    return items / batches if batches else 0.0
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -166,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
                      ("2 workers, 4 s wait", results["batch_2_workers_wait"])):
         print(f"{label:18s}: {r['wall_s']:7.1f} s total, {r['render_s']:7.1f} s rendering, "
               f"{r['shots']} shots, {r['scorer_calls_per_shot']:.2f} scorer calls/shot, "
-              f"{r['scorer_mean_batch_requests']:.2f} requests/scorer batch")
+              f"{r['scorer_mean_batch_requests']:.2f} requests and "
+              f"{r['scorer_mean_batch_items']:.1f} images/scorer batch")
     print(f"overhead ratio (1 worker / in-process): rendering {results['ratio_1_worker_render']:.2f}"
           f" (target <= {TARGET_RATIO}), whole command {results['ratio_1_worker_wall']:.2f} "
           f"(fixed start-up and shut-down {results['startup_s_batch_1_worker']:.1f} s vs "
