@@ -123,6 +123,16 @@ class RequestBatcher:
             group.timer = loop.call_later(self.max_wait_s, self._schedule, key)
         return await request.future
 
+    def set_expected_clients(self, expected_clients: int | None) -> None:
+        """Change how many clients send here (a worker is gone for good): groups that now
+        hold a request from every expected client run at once."""
+        if expected_clients is not None and int(expected_clients) < 1:
+            raise ValueError(f"expected_clients must be >= 1 or None, got {expected_clients!r}")
+        self.expected_clients = None if expected_clients is None else int(expected_clients)
+        for key, group in list(self._groups.items()):
+            if self._all_clients_waiting(group):
+                self._schedule(key)
+
     def _all_clients_waiting(self, group: _Group) -> bool:
         return (self.expected_clients is not None
                 and len(group.clients) >= self.expected_clients)

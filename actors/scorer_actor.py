@@ -89,6 +89,11 @@ class ScorerActor:
         key = (SCORE_IMAGES, prompts is not None)
         return await self._batcher.submit(key, (images, prompts), len(images), client)
 
+    async def set_expected_clients(self, expected_clients: int | None) -> None:
+        """How many story workers call this actor now (see RequestBatcher); async, so it
+        runs on the event loop that owns the batcher."""
+        self._batcher.set_expected_clients(expected_clients)
+
     # ---- introspection ----
     def info(self) -> dict:
         return {"role": self.role, "name": self.name, "pid": os.getpid(),

@@ -473,6 +473,8 @@ class _BatchRun:
         if self.replacements >= limit:
             slot.state = "gone"
             slot.handle = None
+            # the scorer actors stop waiting for this worker's requests
+            self.pools.set_clients(s.index for s in self.slots if s.state != "gone")
             return
         self.replacements += 1
         try:  # make sure the old one is gone for good before its replacement starts

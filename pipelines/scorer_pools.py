@@ -87,6 +87,15 @@ class ScorerPools:
         self.gate_threshold = float(gate_info["gate_threshold"])
         self.info = {"clip": infos[:len(self.clip)], "gate": infos[len(self.clip):]}
 
+    def set_clients(self, client_indices) -> None:
+        """Tell every actor how many of the live workers `client_indices` call it (after a
+        worker is gone for good, so the others' requests stop waiting for it)."""
+        indices = sorted(set(int(i) for i in client_indices))
+        for handles in (self.clip, self.gate):
+            for j, handle in enumerate(handles):
+                count = sum(1 for i in indices if i % len(handles) == j)
+                handle.set_expected_clients.remote(max(count, 1))
+
     def actors(self) -> list:
         return [*self.clip, *self.gate]
 

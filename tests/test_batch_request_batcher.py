@@ -181,3 +181,22 @@ def test_one_expected_client_never_waits_and_anonymous_requests_keep_the_max_wai
     assert waited and anonymous == [4]
     with pytest.raises(ValueError, match="expected_clients"):
         RequestBatcher(handler, max_batch_size=1, max_wait_s=0.1, expected_clients=0)
+
+
+def test_fewer_expected_clients_release_a_waiting_batch():
+    """A worker is gone for good: the driver lowers the count and the request of the one
+    still running stops waiting for it."""
+    handler = _Recorder()
+
+    async def main():
+        batcher = RequestBatcher(handler, max_batch_size=100, max_wait_s=10.0,
+                                 expected_clients=2)
+        started = time.monotonic()
+        pending = asyncio.ensure_future(batcher.submit("k", [1], client="worker-0"))
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+        batcher.set_expected_clients(1)
+        return await pending, time.monotonic() - started
+
+    result, elapsed = _run(main())
+    assert result == [2] and elapsed < 5.0

@@ -89,6 +89,30 @@ def test_tiny_gate_scores_the_clip_pools_embeddings_like_the_in_process_scorers(
     assert remote.gate.score_images(frames[:2]).shape == (2,)  # images still accepted
 
 
+def test_set_clients_tells_each_actor_how_many_live_workers_call_it(pools, ray_cluster):
+    """After workers are gone for good, a live worker's request runs without waiting."""
+    import time
+
+    ray = ray_cluster
+    clip = pools.clip[0]
+    try:
+        pools.set_clients([0, 1])  # two workers: a lone request waits for the other
+        ray.get(clip.stats.remote())  # calls from one caller run in order: it is applied
+        proxy = pools.keyframe_scorers(client_index=0).embedder
+        started = time.monotonic()
+        proxy.embed_images(_frames(7, 2))
+        waited = time.monotonic() - started
+        pools.set_clients([0])  # worker 1 is gone: nothing to wait for
+        ray.get(clip.stats.remote())  # the set_expected_clients call has been processed
+        started = time.monotonic()
+        proxy.embed_images(_frames(8, 2))
+        alone = time.monotonic() - started
+        assert waited >= 0.9  # the fixture's max wait is 1 s
+        assert alone < waited
+    finally:
+        ray.get([h.set_expected_clients.remote(None) for h in pools.actors()])
+
+
 def test_a_scorer_actor_killed_under_a_request_is_restarted_and_the_request_retried(
         pools, ray_cluster):
     """SIGKILL of the CLIP actor's process while a request waits in its batcher: Ray
@@ -109,3 +133,4 @@ def test_a_scorer_actor_killed_under_a_request_is_restarted_and_the_request_retr
     after = ray.get(pending, timeout=120)
     np.testing.assert_array_equal(after, before)
     assert ray.get(clip.info.remote())["pid"] != pid  # a new incarnation served it
+
