@@ -45,7 +45,6 @@ class _Group:
     requests: list = field(default_factory=list)
     size: int = 0
     timer: asyncio.TimerHandle | None = None
-    clients: set = field(default_factory=set)
 
 
 @dataclass
@@ -89,12 +88,10 @@ class RequestBatcher:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
         if float(max_wait_s) < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s!r}")
-        if expected_clients is not None and int(expected_clients) < 1:
-            raise ValueError(f"expected_clients must be >= 1 or None, got {expected_clients!r}")
         self._handler = handler
         self.max_batch_size = int(max_batch_size)
         self.max_wait_s = float(max_wait_s)
-        self.expected_clients = None if expected_clients is None else int(expected_clients)
+        self.expected_clients = _checked_clients(expected_clients)
         self._groups: dict[Hashable, _Group] = {}
         self._scheduled: set[Hashable] = set()
         self._lock: asyncio.Lock | None = None
@@ -115,8 +112,6 @@ class RequestBatcher:
         group = self._groups.setdefault(key, _Group())
         group.requests.append(request)
         group.size += request.size
-        if client is not None:
-            group.clients.add(client)
         if group.size >= self.max_batch_size or self._all_clients_waiting(group):
             self._schedule(key)
         elif group.timer is None:
@@ -126,16 +121,16 @@ class RequestBatcher:
     def set_expected_clients(self, expected_clients: int | None) -> None:
         """Change how many clients send here (a worker is gone for good): groups that now
         hold a request from every expected client run at once."""
-        if expected_clients is not None and int(expected_clients) < 1:
-            raise ValueError(f"expected_clients must be >= 1 or None, got {expected_clients!r}")
-        self.expected_clients = None if expected_clients is None else int(expected_clients)
+        self.expected_clients = _checked_clients(expected_clients)
         for key, group in list(self._groups.items()):
             if self._all_clients_waiting(group):
                 self._schedule(key)
 
     def _all_clients_waiting(self, group: _Group) -> bool:
-        return (self.expected_clients is not None
-                and len(group.clients) >= self.expected_clients)
+        if self.expected_clients is None:
+            return False
+        clients = {r.client for r in group.requests if r.client is not None}
+        return len(clients) >= self.expected_clients
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -159,8 +154,7 @@ class RequestBatcher:
             taken.append(request)
             size += request.size
         if group.requests:  # the rest starts a new group that keeps its oldest deadline
-            rest = _Group(requests=group.requests, size=sum(r.size for r in group.requests),
-                          clients={r.client for r in group.requests if r.client is not None})
+            rest = _Group(requests=group.requests, size=sum(r.size for r in group.requests))
             self._groups[key] = rest
             loop = asyncio.get_running_loop()
             waited = time.monotonic() - rest.requests[0].arrived
@@ -207,3 +201,9 @@ class RequestBatcher:
             for request, result in zip(requests, results):
                 if not request.future.done():
                     request.future.set_result(result)
+
+
+def _checked_clients(expected_clients: int | None) -> int | None:
+    if expected_clients is not None and int(expected_clients) < 1:
+        raise ValueError(f"expected_clients must be >= 1 or None, got {expected_clients!r}")
+    return None if expected_clients is None else int(expected_clients)
