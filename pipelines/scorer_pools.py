@@ -21,6 +21,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from actors import scorer_factories
 from actors.scorer_actor import ScorerActor
@@ -90,11 +91,10 @@ class ScorerPools:
     def set_clients(self, client_indices) -> None:
         """Tell every actor how many of the live workers `client_indices` call it (after a
         worker is gone for good, so the others' requests stop waiting for it)."""
-        indices = sorted(set(int(i) for i in client_indices))
+        indices = list(client_indices)
         for handles in (self.clip, self.gate):
-            for j, handle in enumerate(handles):
-                count = sum(1 for i in indices if i % len(handles) == j)
-                handle.set_expected_clients.remote(max(count, 1))
+            for handle, count in zip(handles, clients_per_actor(indices, len(handles))):
+                handle.set_expected_clients.remote(count)
 
     def actors(self) -> list:
         return [*self.clip, *self.gate]
@@ -137,12 +137,15 @@ class ScorerPools:
                 pass
 
 
-def clients_per_actor(clients: int | None, actors: int) -> list[int | None]:
-    """How many of `clients` story workers call each of `actors` actors (worker i calls
-    actor i % actors); None (unknown callers) for every actor when `clients` is None."""
+def clients_per_actor(clients: int | Iterable[int] | None, actors: int) -> list[int | None]:
+    """How many story workers call each of `actors` actors (worker i calls actor
+    i % actors): `clients` is the number of workers (indices 0..clients-1) or the indices
+    of the live ones; at least 1 per actor (an actor nobody calls never waits); None
+    (unknown callers) for every actor when `clients` is None."""
     if clients is None:
         return [None] * actors
-    return [max(1, len(range(j, clients, actors))) for j in range(actors)]
+    indices = set(range(clients) if isinstance(clients, int) else (int(i) for i in clients))
+    return [max(1, sum(1 for i in indices if i % actors == j)) for j in range(actors)]
 
 
 def start_scorer_pools(model_args: argparse.Namespace, options: ScorerPoolOptions,
