@@ -47,8 +47,7 @@ def build_aesthetic_gate(model_args: argparse.Namespace):
 
     scorers = scorers_from_args(model_args)
     info = {"gate_threshold": float(scorers.gate_threshold)}
-    if getattr(scorers.gate, "embedder", None) is scorers.embedder and hasattr(
-            scorers.gate, "score_embeddings"):
+    if scorers.gate_scores_embeddings:
         # The gate's head sits on the very CLIP the CLIP pool serves (tiny preset): as in
         # process, frames are embedded once and the gate scores the embeddings.
         info["embeds_with_clip"] = scorers.embedder.name

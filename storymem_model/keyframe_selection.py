@@ -136,11 +136,10 @@ def extract_keyframes(frames, scorers: KeyframeScorers, memory_embeddings=None,
     """
     batch = check_image_batch(frames, "shot frames")
     embeddings = np.asarray(scorers.embedder.embed_images(batch), dtype=np.float32)
-    gate = scorers.gate
-    if getattr(gate, "embedder", None) is scorers.embedder and hasattr(gate, "score_embeddings"):
-        scores = gate.score_embeddings(embeddings)  # gate on the same CLIP: embed once
+    if scorers.gate_scores_embeddings:
+        scores = scorers.gate.score_embeddings(embeddings)  # gate on the same CLIP: embed once
     else:
-        scores = gate.score_images(batch, None)
+        scores = scorers.gate.score_images(batch, None)
     scores = np.asarray(scores, dtype=np.float32)
     if embeddings.shape[0] != len(batch) or scores.shape != (len(batch),):
         raise KeyframeSelectionError(

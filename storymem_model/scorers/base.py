@@ -53,6 +53,13 @@ class KeyframeScorers:
     gate: ImageScorer
     gate_threshold: float
 
+    @property
+    def gate_scores_embeddings(self) -> bool:
+        """The gate is a head on this very embedder (`gate.embedder is embedder`) and
+        scores embeddings: frames are then embedded once and the gate scores those."""
+        return (getattr(self.gate, "embedder", None) is self.embedder
+                and hasattr(self.gate, "score_embeddings"))
+
 
 def check_image_batch(images, what: str = "images") -> np.ndarray:
     """Validate and return a (N, H, W, 3) uint8 array; a list of same-size images is stacked.
