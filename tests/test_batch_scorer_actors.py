@@ -58,6 +58,18 @@ def test_bad_input_is_refused_clearly_and_the_actor_keeps_serving(pools):
     assert proxy.embed_texts(["a lighthouse", "a boat"]).shape[0] == 2
 
 
+
+def test_embeddings_sent_to_the_wrong_actor_or_in_the_wrong_shape_are_refused(pools,
+                                                                              ray_cluster):
+    ray = ray_cluster
+    with pytest.raises(Exception, match="cannot score embeddings"):
+        ray.get(pools.clip[0].score_embeddings.remote(np.ones((2, 64), dtype=np.float32)))
+    with pytest.raises(Exception, match=r"must be \(N, D\)"):
+        ray.get(pools.gate[0].score_embeddings.remote(np.ones(64, dtype=np.float32)))
+    row = np.zeros((1, 64), dtype=np.float32)
+    row[0, 0] = 1.0
+    assert ray.get(pools.gate[0].score_embeddings.remote(row)).shape == (1,)  # still serving
+
 def test_clients_per_actor_follows_the_sticky_routing():
     from pipelines.scorer_pools import clients_per_actor
 
