@@ -18,7 +18,6 @@ update into the base weights (faster, cannot be unloaded).
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -215,8 +214,6 @@ def unload_storymem_lora(pipeline) -> None:
 
 
 def _lora_id(high: Path, low: Path, strength: float) -> str:
-    if high.parent == low.parent:
-        name = os.fspath(high.parent.resolve())
-    else:
-        name = f"{high.resolve()}+{low.resolve()}"
-    return name if float(strength) == 1.0 else f"{name}@{float(strength):g}"
+    from .model_identity import lora_identity
+
+    return lora_identity(high, low, strength)

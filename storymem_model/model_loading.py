@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from .model_identity import IdentityError, ModelIdentity, model_identity
 from .presets import REAL_LORA_RANK, REAL_SHOT, REAL_TEXT_LENGTH, TINY
+from .specs import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +114,15 @@ def load_pipeline(preset_or_path: str | os.PathLike, lora=None, device=None, dty
         if t2v not in (None, "tiny"):
             raise ValueError("the tiny preset builds its own T2V experts; t2v must be None")
         parts = build_tiny_components(TINY)
-        shot, default_length, model_id, scheduler_config = TINY.shot, TINY.text_length, "tiny", None
-        t2v_model_id = "tiny:t2v" if TINY.with_t2v else None
+        shot, default_length, scheduler_config = TINY.shot, TINY.text_length, None
+        identity = model_identity(ModelSpec(preset="tiny"))
         expected_rank = lora_rank or TINY.lora_rank
     else:
         parts, scheduler_config = _load_folder_components(Path(preset_or_path), components, t2v, dtype)
         shot, default_length = REAL_SHOT, REAL_TEXT_LENGTH
-        t2v_model_id = None if t2v is None else str(Path(t2v).resolve())
-        model_id = str(Path(preset_or_path).resolve())
+        identity = _folder_identity(preset_or_path, components, t2v)
         expected_rank = lora_rank or REAL_LORA_RANK
+    model_id, t2v_model_id = identity.model_id, identity.t2v_model_id
 
     pipeline = StoryMemPipeline(**parts)
     lora_id = None
@@ -139,6 +141,21 @@ def load_pipeline(preset_or_path: str | os.PathLike, lora=None, device=None, dty
     pipeline.configure(shot=shot, text_length=text_length or default_length, model_id=model_id, lora_id=lora_id,
                        t2v_model_id=t2v_model_id, scheduler_config=scheduler_config, offload_device=device if offload else None)
     return pipeline
+
+
+def build_pipeline(spec: ModelSpec):
+    """The pipeline a (resolved) ModelSpec names: the one way every host loads the model."""
+    return load_pipeline(spec.preset or spec.model_dir, lora=spec.lora_dir, device=spec.device,
+                         dtype=spec.dtype, t2v=spec.t2v_model_dir, components=spec.components_dir,
+                         lora_strength=spec.lora_strength, offload=spec.offload)
+
+
+def _folder_identity(folder, components, t2v) -> ModelIdentity:
+    try:
+        return model_identity(ModelSpec(model_dir=str(folder), components_dir=None if components is None
+                                        else str(components), t2v_model_dir=None if t2v is None else str(t2v)))
+    except IdentityError as error:
+        raise ModelLoadError(str(error)) from error
 
 
 def _load_folder_components(folder: Path, components, t2v, dtype) -> tuple[dict, dict | None]:

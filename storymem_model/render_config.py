@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from storymem_model.spec_json import Spec, SpecError
+
 TRANSITIONS = ("mi2v", "mm2v", "none")
 CONFIG_HASH_CHARS = 12
 CONFIG_FORMAT = 2  # bump when the meaning of a field changes (2: T2V shots use t2v_sampling)
@@ -26,12 +28,12 @@ SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "guidance_scale_2", "s
 T2V_SHARED_SAMPLING_KEYS = ("num_inference_steps", "cfg_mode", "reference_sigmas")
 
 
-class ConfigError(ValueError):
+class ConfigError(SpecError):
     """A render setting that cannot be used, naming the setting."""
 
 
 @dataclass(frozen=True)
-class RenderConfig:
+class RenderConfig(Spec):
     # model
     model_id: str
     lora_id: str | None = None
@@ -125,23 +127,14 @@ class RenderConfig:
         return out
 
     # ----------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["references_sha256"] = list(self.references_sha256)
-        return data
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RenderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown RenderConfig fields {unknown}")
-        data = dict(data)
-        data["references_sha256"] = tuple(data.get("references_sha256", ()))
-        return cls(**data)
-
-    def replace(self, **changes) -> "RenderConfig":
-        return dataclasses.replace(self, **changes)
+        """A config read back (older configs without the newer fields get their defaults)."""
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ConfigError(f"unknown RenderConfig fields {unknown}")
+        return super().from_dict(data)
 
     def config_hash(self) -> str:
         """Short sha256 of the canonical JSON of every field (and the format version)."""
@@ -149,11 +142,16 @@ class RenderConfig:
                           separators=(",", ":"), default=str).encode("utf-8")
         return hashlib.sha256(blob).hexdigest()[:CONFIG_HASH_CHARS]
 
+    def frames_for_mode(self, mode: str) -> int:
+        """Frames a shot of this mode saves (the 1 or 5 conditioned frames are dropped)."""
+        given = {"mi2v": 1, "mm2v": 5}.get(str(getattr(mode, "value", mode)), 0)
+        return self.num_frames - given
+
     @property
     def frames_per_shot(self) -> dict[str, int]:
         """Saved frame count per generation mode."""
-        return {"t2v": self.num_frames, "m2v": self.num_frames, "mr2v": self.num_frames,
-                "mi2v": self.num_frames - 1, "mm2v": self.num_frames - 5}
+        return {mode: self.frames_for_mode(mode) for mode in ("t2v", "m2v", "mr2v", "mi2v",
+                                                               "mm2v")}
 
     @classmethod
     def for_pipeline(cls, pipeline, scorers=None, **choices) -> "RenderConfig":
@@ -162,39 +160,68 @@ class RenderConfig:
         merged over the pipeline's M2V defaults (`default_sampling`). T2V sampling (only
         when the pipeline has T2V experts) is its `default_t2v_sampling`, plus the sampling
         choices in T2V_SHARED_SAMPLING_KEYS, plus `t2v_sampling=` choices."""
-        sampling = dict(getattr(pipeline, "default_sampling", {}) or {})
-        sampling = {k: v for k, v in sampling.items() if k in SAMPLING_KEYS}
-        overrides = {k: v for k, v in (choices.pop("sampling", None) or {}).items()
-                     if v is not None}
-        sampling.update(overrides)
-        t2v_choices = {k: v for k, v in (choices.pop("t2v_sampling", None) or {}).items()
-                       if v is not None}
-        t2v_sampling: dict[str, Any] = {}
-        if getattr(pipeline, "has_t2v", False):
-            t2v_sampling = {k: v for k, v in (
-                getattr(pipeline, "default_t2v_sampling", None) or {}).items()
-                if k in SAMPLING_KEYS}
-            t2v_sampling.update({k: v for k, v in overrides.items()
-                                 if k in T2V_SHARED_SAMPLING_KEYS})
-            t2v_sampling.update(t2v_choices)
+        has_t2v = bool(getattr(pipeline, "has_t2v", False))
+        defaults = ModelDefaults(
+            model_id=pipeline.model_id, lora_id=getattr(pipeline, "lora_id", None),
+            t2v_model_id=getattr(pipeline, "t2v_model_id", None) or (
+                f"{pipeline.model_id}:t2v" if has_t2v else None),
+            dtype=str(getattr(pipeline, "dtype", "float32")).replace("torch.", ""),
+            height=int(pipeline.default_height), width=int(pipeline.default_width),
+            num_frames=int(pipeline.default_num_frames), fps=int(pipeline.fps),
+            sampling=dict(getattr(pipeline, "default_sampling", {}) or {}),
+            t2v_sampling=dict(getattr(pipeline, "default_t2v_sampling", None) or {})
+            if has_t2v else None)
+        scorer_values = {}
+        if scorers is not None:
+            scorer_values = {"embedder_id": str(getattr(scorers.embedder, "name", "")),
+                             "gate_id": str(getattr(scorers.gate, "name", "")),
+                             "gate_threshold": float(scorers.gate_threshold)}
+        return cls.assemble(defaults, choices.pop("sampling", None),
+                            choices.pop("t2v_sampling", None), **scorer_values, **choices)
+
+    @classmethod
+    def assemble(cls, defaults: "ModelDefaults", sampling: dict | None = None,
+                 t2v_sampling: dict | None = None, **choices) -> "RenderConfig":
+        """The one place a config is put together: the model's defaults, the sampling
+        overrides merged over them (M2V; T2V keeps its own defaults and takes only the
+        shared keys of `sampling`, plus `t2v_sampling`), then any other field's choice
+        (None keeps the default)."""
+        overrides = {k: v for k, v in (sampling or {}).items() if v is not None}
+        merged = {k: v for k, v in defaults.sampling.items() if k in SAMPLING_KEYS}
+        merged.update(overrides)
+        t2v_choices = {k: v for k, v in (t2v_sampling or {}).items() if v is not None}
+        t2v_merged: dict[str, Any] = {}
+        if defaults.t2v_sampling is not None:
+            t2v_merged = {k: v for k, v in defaults.t2v_sampling.items() if k in SAMPLING_KEYS}
+            t2v_merged.update({k: v for k, v in overrides.items()
+                               if k in T2V_SHARED_SAMPLING_KEYS})
+            t2v_merged.update(t2v_choices)
         elif t2v_choices:
             raise ConfigError("t2v_sampling given, but the pipeline has no T2V experts")
         values: dict[str, Any] = {
-            "model_id": pipeline.model_id,
-            "lora_id": getattr(pipeline, "lora_id", None),
-            "t2v_model_id": getattr(pipeline, "t2v_model_id", None) or (
-                f"{pipeline.model_id}:t2v" if getattr(pipeline, "has_t2v", False) else None),
-            "dtype": str(getattr(pipeline, "dtype", "float32")).replace("torch.", ""),
-            "height": int(pipeline.default_height),
-            "width": int(pipeline.default_width),
-            "num_frames": int(pipeline.default_num_frames),
-            "fps": int(pipeline.fps),
-            "sampling": sampling,
-            "t2v_sampling": t2v_sampling,
+            "model_id": defaults.model_id, "lora_id": defaults.lora_id,
+            "t2v_model_id": defaults.t2v_model_id, "dtype": defaults.dtype,
+            "height": defaults.height, "width": defaults.width,
+            "num_frames": defaults.num_frames, "fps": defaults.fps,
+            "sampling": merged, "t2v_sampling": t2v_merged,
         }
-        if scorers is not None:
-            values["embedder_id"] = str(getattr(scorers.embedder, "name", ""))
-            values["gate_id"] = str(getattr(scorers.gate, "name", ""))
-            values["gate_threshold"] = float(scorers.gate_threshold)
         values.update({k: v for k, v in choices.items() if v is not None})
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model brings to a RenderConfig: its ids, dtype, shot geometry and sampling
+    defaults (`t2v_sampling` None when it has no T2V experts). Known before loading
+    (`render_spec.model_defaults`) and after (`RenderConfig.for_pipeline`)."""
+
+    model_id: str
+    lora_id: str | None
+    t2v_model_id: str | None
+    dtype: str
+    height: int
+    width: int
+    num_frames: int
+    fps: int
+    sampling: dict
+    t2v_sampling: dict | None

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-import numpy as np
-import torch
-from diffusers import UniPCMultistepScheduler
-
 CFG_MODES = ("batched", "sequential")
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -66,8 +62,11 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def make_scheduler(config: SamplingConfig, base_config: dict | None = None) -> UniPCMultistepScheduler:
-    """A fresh scheduler with `config.shift`, its timesteps set for `config`."""
+def make_scheduler(config: SamplingConfig, base_config: dict | None = None):
+    """A fresh diffusers UniPCMultistepScheduler with `config.shift`, timesteps set."""
+    import numpy as np
+    from diffusers import UniPCMultistepScheduler
+
     settings = dict(base_config or SCHEDULER_CONFIG)
     settings.update(flow_shift=float(config.shift), use_flow_sigmas=True, prediction_type="flow_prediction")
     scheduler = UniPCMultistepScheduler.from_config(settings)
@@ -79,6 +78,6 @@ def make_scheduler(config: SamplingConfig, base_config: dict | None = None) -> U
     return scheduler
 
 
-def expert_for_timestep(timestep: torch.Tensor | float, boundary_ratio: float) -> str:
+def expert_for_timestep(timestep, boundary_ratio: float) -> str:
     """'high' for t >= boundary * 1000 (high-noise expert), else 'low'."""
     return "high" if float(timestep) >= boundary_ratio * NUM_TRAIN_TIMESTEPS else "low"

@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 import storymem_model
+from storymem_model.model_identity import model_identity
 from storymem_model.model_loading import ModelLoadError
+from storymem_model.specs import ModelSpec
 from storymem_model.presets import TINY
 
 SHOT = dict(height=TINY.shot.height, width=TINY.shot.width, num_frames=TINY.shot.num_frames,
@@ -93,7 +95,11 @@ def test_diffusers_layout_loads_and_reproduces_the_shot(tiny, diffusers_folder):
     pipe = storymem_model.load_pipeline(root, t2v=t2v, device="cpu", text_length=TINY.text_length)
     assert (pipe.default_height, pipe.default_width, pipe.default_num_frames, pipe.fps) == (480, 832, 81, 16)
     assert pipe.default_sampling["num_inference_steps"] == 40
-    assert pipe.model_id == str(root.resolve()) and pipe.t2v_model_id == str(t2v.resolve())
+    # ids come from the folders' content, not their paths (tests/test_model_identity.py)
+    identity = model_identity(ModelSpec(model_dir=str(root), t2v_model_dir=str(t2v)))
+    assert pipe.model_id == identity.model_id and pipe.model_id.startswith("wan2.2-i2v-a14b:")
+    assert pipe.t2v_model_id == identity.t2v_model_id
+    assert pipe.t2v_model_id.startswith("wan2.2-t2v-a14b:")
     for name in ("transformer", "transformer_2", "t2v_transformer", "t2v_transformer_2", "vae", "text_encoder"):
         assert_same_weights(getattr(pipe, name), getattr(tiny, name))
     memory = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import storymem_model
+from storymem_model.model_identity import lora_files, lora_identity
 from storymem_model.lora_loading import LoraLoadError, load_storymem_lora
 from storymem_model.presets import TINY
 
@@ -73,7 +74,9 @@ def test_fused_weight_change_is_rslora_scaled(base, lora_states, tmp_path, suffi
                 change = fused[f"blocks.{block}.{target}"].weight - original[f"blocks.{block}.{target}"].weight
                 torch.testing.assert_close(change, expected_delta(state, block, name, scale),
                                            atol=1e-5, rtol=1e-4)
-    assert pipe.lora_id == str(folder.resolve())
+    # the id is the pair's content (tests/test_model_identity.py), the same for a copy
+    assert pipe.lora_id == lora_identity(*lora_files(folder))
+    assert pipe.lora_id.startswith("storymem-lora:")
 
 
 def test_unfused_adapter_output_and_strength(base, lora_states, tmp_path):

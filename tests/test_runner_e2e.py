@@ -120,7 +120,7 @@ def test_lighthouse_local(tiny, lighthouse, tmp_path):
     events = []
     result = runner.render(lighthouse, str(tmp_path), progress=events.append)
     rows = _check_story(str(tmp_path), lighthouse, result, config)
-    assert [e["shot_index"] for e in events] == list(range(7))
+    assert [e.shot_index for e in events] == list(range(7))
     assert runner.is_committed(lighthouse, str(tmp_path))
     # a second render is a no-op: committed stories are skipped
     before = storage.read_bytes(storage.join(result.story_uri, "_COMMITTED.json"))
@@ -174,9 +174,9 @@ def test_mm2v_drops_five_frames_and_a_failing_shot_loses_no_work_on_s3(tiny, s3_
 
     result = StoryRunner(pipeline, scorers, config).render(script, out, progress=False)
     assert result.status == "resumed" and result.shots_rendered == 2
-    assert [r["mode"] for r in result.rows] == ["t2v", "mm2v", "m2v", "m2v"]
-    assert [r["num_frames"] for r in result.rows] == [17, 12, 17, 17]
-    assert [video_info(storage.read_bytes(r["video_uri"]))["frames"]
+    assert [r.mode for r in result.rows] == ["t2v", "mm2v", "m2v", "m2v"]
+    assert [r.num_frames for r in result.rows] == [17, 12, 17, 17]
+    assert [video_info(storage.read_bytes(r.video_uri))["frames"]
             for r in result.rows] == [17, 12, 17, 17]
     assert storage.verify_commit(uri) == []
 
@@ -271,7 +271,7 @@ def test_t2v_first_shot_gets_the_t2v_sampling_and_the_rest_m2v(tiny, tmp_path):
     script = load_script({"story_name": "Kite", "scenes": [{
         "video_prompts": ["A red kite on a hill.", "It climbs higher."], "cut": [True, False]}]})
     result = StoryRunner(spy, scorers, config).render(script, str(tmp_path), progress=False)
-    assert [r["mode"] for r in result.rows] == ["t2v", "mi2v"]
+    assert [r.mode for r in result.rows] == ["t2v", "mi2v"]
     t2v, mi2v = spy.calls
     expected_t2v = {**pipeline.default_t2v_sampling, "num_inference_steps": 1}
     assert t2v["use_t2v"] is True

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from storymem_model.scorers import (AESTHETIC_GATE_THRESHOLD, TINY_GATE_THRESHOLD, ImageEmbedder,
-                                    ImageScorer, KeyframeScorers, ScorerError, ScorerPaths,
+                                    ImageScorer, KeyframeScorers, ScorerError, ScorerSpec,
                                     build_scorers)
 
 
@@ -246,7 +246,7 @@ def test_build_scorers_from_local_checkpoints(clip, frames, tmp_path):
 
     torch.save(clip.model.state_dict(), tmp_path / "clip.pt")
     _save_head(tmp_path / "head.pth", {"weight": torch.ones(1, 64), "bias": torch.zeros(1)})
-    paths = ScorerPaths(clip_checkpoint=str(tmp_path / "clip.pt"), clip_model=TINY_CLIP_NAME,
+    paths = ScorerSpec(clip_checkpoint=str(tmp_path / "clip.pt"), clip_model=TINY_CLIP_NAME,
                         aesthetic_head=str(tmp_path / "head.pth"),
                         aesthetic_clip_checkpoint=str(tmp_path / "clip.pt"),
                         aesthetic_clip_model=TINY_CLIP_NAME)
@@ -276,11 +276,14 @@ def test_build_scorers_with_another_gate_and_bad_arguments(tmp_path):
         build_scorers("tiny", gate=gate)
     with pytest.raises(ScorerError, match="does not follow the ImageScorer protocol"):
         build_scorers("tiny", gate=object(), gate_threshold=1.0)
-    with pytest.raises(ScorerError, match="unknown scorer preset 'large'"):
+    with pytest.raises(ScorerError, match="preset must be one of tiny, got 'large'"):
         build_scorers("large")
-    with pytest.raises(ScorerError, match=r"unknown scorer path keys \['hps'\]"):
+    with pytest.raises(ScorerError, match=r"unknown field\(s\) \['hps'\]"):
         build_scorers({"clip_checkpoint": "x", "hps": "y"})
     with pytest.raises(ScorerError, match="need clip_checkpoint"):
         build_scorers({})
+    with pytest.raises(ScorerError, match="no quality gate"):
+        build_scorers({"clip_checkpoint": "x"})
     with pytest.raises(ScorerError, match="checkpoint file not found"):
-        build_scorers(ScorerPaths(clip_checkpoint=str(tmp_path / "none.pt")))
+        build_scorers(ScorerSpec(clip_checkpoint=str(tmp_path / "none.pt"),
+                                 aesthetic_head="h.pth", aesthetic_clip_checkpoint="c.pt"))

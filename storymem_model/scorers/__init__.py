@@ -1,27 +1,22 @@
 """Scorers for keyframe selection and evaluation, behind one batch interface.
 
 `build_scorers("tiny")` gives the tiny random CLIP and aesthetic gate used by tests and the
-demo; `build_scorers(ScorerPaths(...))` loads real checkpoints from local files.
+demo; `build_scorers(ScorerSpec(clip_checkpoint=..., ...))` loads real checkpoints from
+local files. Both go through `scorers.factory`, the one place scorers are built.
 
 This package is also imported inside the separate HPS environment (older transformers, no
 open_clip): everything heavy (torch, open_clip) is imported lazily, on first use.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from storymem_model.model_identity import (AESTHETIC_GATE_THRESHOLD, HPS_GATE_THRESHOLD,
+                                           TINY_GATE_THRESHOLD)
 from storymem_model.scorers.base import (ImageEmbedder, ImageScorer, KeyframeScorers,
                                          ScorerError, check_image_batch, check_prompts)
-
-# Gate thresholds. The reference gates keyframes with HPSv3 >= 3.0 (an HPS scorer passed as
-# `gate=` should carry `default_threshold = 3.0`). With the LAION aesthetic predictor as the
-# gate we use 4.5, LAION's own "aesthetic 4.5+" cut (our choice; the paper does not use it).
-HPS_GATE_THRESHOLD = 3.0
-AESTHETIC_GATE_THRESHOLD = 4.5
-# Tiny preset: chosen from measured tiny-aesthetic scores so a normal tiny story exercises
-# every path (see the README memory section and tests/test_keyframe_selection.py).
-TINY_GATE_THRESHOLD = 4.0
+from storymem_model.spec_json import SpecError
+from storymem_model.specs import ScorerSpec
 
 _LAZY = {
     "OpenClipEmbedder": "storymem_model.scorers.clip_embedder",
@@ -29,7 +24,8 @@ _LAZY = {
     "load_aesthetic_head": "storymem_model.scorers.aesthetic_scorer",
 }
 
-__all__ = ["ImageEmbedder", "ImageScorer", "KeyframeScorers", "ScorerError", "ScorerPaths",
+__all__ = ["AESTHETIC_GATE_THRESHOLD", "HPS_GATE_THRESHOLD", "TINY_GATE_THRESHOLD",
+           "ImageEmbedder", "ImageScorer", "KeyframeScorers", "ScorerError", "ScorerSpec",
            "build_scorers", "check_image_batch", "check_prompts", *_LAZY]
 
 
@@ -40,77 +36,50 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass(frozen=True)
-class ScorerPaths:
-    """Local checkpoint files for the real scorers (nothing is ever downloaded)."""
+def as_scorer_spec(value: str | ScorerSpec | Mapping[str, Any]) -> ScorerSpec:
+    """"tiny", a ScorerSpec or a dict of its fields, as a ScorerSpec (ScorerError if bad)."""
+    try:
+        if isinstance(value, ScorerSpec):
+            return value
+        if isinstance(value, str):
+            return ScorerSpec(preset=value)
+        if isinstance(value, Mapping):
+            return ScorerSpec.from_dict(dict(value))
+    except SpecError as exc:
+        raise ScorerError(str(exc)) from None
+    raise ScorerError(f"build_scorers: expected 'tiny', a ScorerSpec or a dict, "
+                      f"got {type(value).__name__}")
 
-    clip_checkpoint: str
-    aesthetic_head: str | None = None
-    aesthetic_clip_checkpoint: str | None = None
-    clip_model: str = "ViT-B-32-quickgelu"
-    aesthetic_clip_model: str = "ViT-L-14-quickgelu"
 
-
-def build_scorers(preset_or_paths: str | ScorerPaths | Mapping[str, str] = "tiny", *,
+def build_scorers(spec: str | ScorerSpec | Mapping[str, Any] = "tiny", *,
                   gate: ImageScorer | None = None, gate_threshold: float | None = None,
-                  device: str | None = None, seed: int = 0) -> KeyframeScorers:
+                  device: str | None = None) -> KeyframeScorers:
     """Embedder + quality gate + gate threshold for keyframe selection.
 
-    - `"tiny"`: tiny random CLIP (seeded by `seed`) and a tiny aesthetic head on it,
-      threshold `TINY_GATE_THRESHOLD`.
-    - `ScorerPaths` (or a dict with its field names): CLIP from `clip_checkpoint`; the gate
-      is the LAION aesthetic predictor (`aesthetic_head` on CLIP ViT-L/14 from
-      `aesthetic_clip_checkpoint`), threshold `AESTHETIC_GATE_THRESHOLD`.
-    - `gate=` any ImageScorer (e.g. the HPSv3 scorer) replaces the aesthetic gate; its
-      threshold is `gate_threshold`, else its `default_threshold` attribute.
+    - `"tiny"`: tiny random CLIP and a tiny aesthetic head on it, threshold
+      `TINY_GATE_THRESHOLD`.
+    - a `ScorerSpec` (or a dict of its fields): CLIP from `clip_checkpoint`; the gate is the
+      LAION aesthetic predictor (threshold `AESTHETIC_GATE_THRESHOLD`) or HPSv3
+      (`HPS_GATE_THRESHOLD`).
+    - `gate=` any ImageScorer replaces the spec's gate; its threshold is `gate_threshold`,
+      else its `default_threshold` attribute.
     """
-    if isinstance(preset_or_paths, str):
-        if preset_or_paths != "tiny":
-            raise ScorerError(f"unknown scorer preset {preset_or_paths!r}: use 'tiny' or "
-                              "ScorerPaths(clip_checkpoint=..., aesthetic_head=..., ...)")
-        from storymem_model.scorers.aesthetic_scorer import AestheticScorer
-        from storymem_model.scorers.clip_embedder import OpenClipEmbedder
-        embedder = OpenClipEmbedder.tiny(seed=seed, device=device)
-        if gate is None:
-            gate = AestheticScorer.tiny(embedder)
-            default = TINY_GATE_THRESHOLD
-        else:
-            default = getattr(gate, "default_threshold", None)
-    else:
-        paths = _as_paths(preset_or_paths)
-        from storymem_model.scorers.aesthetic_scorer import AestheticScorer
-        from storymem_model.scorers.clip_embedder import OpenClipEmbedder
-        embedder = OpenClipEmbedder(paths.clip_model, paths.clip_checkpoint, device=device)
-        if gate is None:
-            if not paths.aesthetic_head or not paths.aesthetic_clip_checkpoint:
-                raise ScorerError("no quality gate: give aesthetic_head and "
-                                  "aesthetic_clip_checkpoint, or gate= (e.g. the HPSv3 scorer)")
-            gate = AestheticScorer.from_checkpoint(
-                paths.aesthetic_head, paths.aesthetic_clip_checkpoint,
-                paths.aesthetic_clip_model, device=device)
-            default = AESTHETIC_GATE_THRESHOLD
-        else:
-            default = getattr(gate, "default_threshold", None)
-    threshold = gate_threshold if gate_threshold is not None else default
+    from storymem_model.scorers.factory import build_embedder, build_keyframe_scorers
+
+    spec = as_scorer_spec(spec)
+    changes = {k: v for k, v in (("gate_threshold", gate_threshold), ("device", device))
+               if v is not None}
+    if changes:
+        spec = spec.replace(**changes)
+    if gate is None:
+        return build_keyframe_scorers(spec)
+    threshold = gate_threshold if gate_threshold is not None else getattr(
+        gate, "default_threshold", None)
     if threshold is None:
         raise ScorerError(f"gate {getattr(gate, 'name', gate)!r} has no default_threshold; "
                           "pass gate_threshold=")
     if not isinstance(gate, ImageScorer):
         raise ScorerError(f"gate {gate!r} does not follow the ImageScorer protocol "
                           "(name, score_images)")
-    return KeyframeScorers(embedder=embedder, gate=gate, gate_threshold=float(threshold))
-
-
-def _as_paths(value) -> ScorerPaths:
-    if isinstance(value, ScorerPaths):
-        return value
-    if isinstance(value, Mapping):
-        known = {f.name for f in fields(ScorerPaths)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ScorerError(f"unknown scorer path keys {unknown}; known: {sorted(known)}")
-        if not value.get("clip_checkpoint"):
-            raise ScorerError("scorer paths need clip_checkpoint (a local CLIP weights file)")
-        return ScorerPaths(**value)
-    raise ScorerError(f"build_scorers: expected 'tiny', ScorerPaths or a dict, "
-                      f"got {type(value).__name__}")
+    return KeyframeScorers(embedder=build_embedder(spec), gate=gate,
+                           gate_threshold=float(threshold))

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from storymem_model.scorers.fixed_batch import DEFAULT_ROWS, run_fixed
 from storymem_model.scorers.base import ImageEmbedder, ScorerError, check_image_batch, \
     check_prompts
 
@@ -91,6 +92,7 @@ class AestheticScorer:
         self.embedder = embedder
         self.layers = layers
         self.name = name
+        self.batch_size = int(getattr(embedder, "batch_size", DEFAULT_ROWS))
 
     @classmethod
     def from_checkpoint(cls, head_path: str, clip_checkpoint: str,
@@ -120,9 +122,16 @@ class AestheticScorer:
         if x.ndim != 2 or x.shape[1] != self.layers[0][0].shape[1]:
             raise ScorerError(f"aesthetic head expects (N, {self.layers[0][0].shape[1]}) "
                               f"embeddings, got {tuple(x.shape)}")
-        for weight, bias in self.layers:
-            x = torch.nn.functional.linear(x, weight, bias)
-        return x[:, 0].numpy().astype(np.float32)
+
+        def forward(rows: np.ndarray) -> np.ndarray:
+            y = torch.as_tensor(rows)
+            for weight, bias in self.layers:
+                y = torch.nn.functional.linear(y, weight, bias)
+            return y[:, 0].numpy()
+
+        filler = np.zeros(x.shape[1], dtype=np.float32)  # padding rows: a unit vector,
+        filler[0] = 1.0  # dropped after the forward
+        return run_fixed(forward, x.numpy(), self.batch_size, filler).astype(np.float32)
 
     def score_images(self, images, prompts: Sequence[str] | None = None) -> np.ndarray:
         batch = check_image_batch(images)

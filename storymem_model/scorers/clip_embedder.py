@@ -24,6 +24,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from storymem_model.scorers.fixed_batch import DEFAULT_ROWS, run_fixed
 from storymem_model.scorers.base import ScorerError, check_image_batch
 
 REFERENCE_CLIP_MODEL = "ViT-B-32-quickgelu"  # OpenAI CLIP ViT-B/32, as the reference uses
@@ -115,7 +116,7 @@ class OpenClipEmbedder:
 
     def __init__(self, model_name: str = REFERENCE_CLIP_MODEL, checkpoint: str | None = None,
                  *, device: str | torch.device | None = None, precision: str = "fp32",
-                 batch_size: int = 32, random_init_seed: int | None = None,
+                 batch_size: int = DEFAULT_ROWS, random_init_seed: int | None = None,
                  resize_mode: str = "squash"):
         if checkpoint is None and random_init_seed is None:
             raise ScorerError(
@@ -206,12 +207,13 @@ class OpenClipEmbedder:
     @torch.inference_mode()
     def embed_images(self, images) -> np.ndarray:
         batch = check_image_batch(images)
-        out = []
-        for start in range(0, len(batch), self.batch_size):
-            pixels = self.preprocess(batch[start:start + self.batch_size])
-            features = self.model.encode_image(pixels.to(self._dtype))
-            out.append(F.normalize(features.float(), dim=-1).cpu())
-        return torch.cat(out).numpy().astype(np.float32, copy=False)
+
+        def forward(chunk: np.ndarray) -> np.ndarray:
+            features = self.model.encode_image(self.preprocess(chunk).to(self._dtype))
+            return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+        # fixed-size forwards (black padding frames): numbers never depend on batch mates
+        return run_fixed(forward, batch, self.batch_size, 0).astype(np.float32, copy=False)
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -224,9 +226,9 @@ class OpenClipEmbedder:
             if not isinstance(text, str):
                 raise ScorerError(f"embed_texts: texts[{index}] is {type(text).__name__}, "
                                   "not str")
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(texts[start:start + self.batch_size]).to(self.device)
-            features = self.model.encode_text(tokens)
-            out.append(F.normalize(features.float(), dim=-1).cpu())
-        return torch.cat(out).numpy().astype(np.float32, copy=False)
+
+        def forward(chunk: list[str]) -> np.ndarray:
+            features = self.model.encode_text(self.tokenizer(chunk).to(self.device))
+            return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+        return run_fixed(forward, texts, self.batch_size, "").astype(np.float32, copy=False)

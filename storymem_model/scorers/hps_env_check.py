@@ -19,6 +19,18 @@ EXPECTED = {"transformers": "4.45.2", "diffusers": "0.36.0", "tokenizers": "0.20
 FROM_MAIN_VENV = ("torch", "numpy", "ray")
 
 
+def in_hps_environment() -> bool:
+    """True when this interpreter is the HPS environment (hpsv3 and its pinned
+    transformers importable), so HPSv3 can run in process."""
+    import importlib.metadata as metadata
+
+    try:
+        return (metadata.version("hpsv3") == EXPECTED["hpsv3"]
+                and metadata.version("transformers") == EXPECTED["transformers"])
+    except metadata.PackageNotFoundError:
+        return False
+
+
 def check(main_site: str | None = None) -> dict:
     import importlib
     import importlib.metadata as metadata

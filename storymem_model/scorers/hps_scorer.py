@@ -91,6 +91,22 @@ class _DeadlineReader:
         return os.read(self.fd, min(count, 1 << 24))
 
 
+DEFAULT_HPS_ROWS = 8  # one HPSv3 forward; without flash-attn memory grows with it
+
+
+def score_in_fixed_batches(score, images: np.ndarray, prompts: list[str],
+                           size: int = DEFAULT_HPS_ROWS) -> np.ndarray:
+    """`score(images, prompts)` in forwards of exactly `size` images (black frames with
+    empty prompts pad the last one), so a frame's score never depends on its batch mates."""
+    from storymem_model.scorers.fixed_batch import run_fixed
+
+    pairs = list(zip(images, prompts))
+    filler = (np.zeros_like(images[0]), "") if len(images) else None
+    out = run_fixed(lambda rows: score(np.stack([i for i, _ in rows]), [p for _, p in rows]),
+                    pairs, size, filler)
+    return np.asarray(out, dtype=np.float32)
+
+
 class HPSScorer:
     """HPSv3 preference score per image (higher is better), computed in the HPS environment.
 
@@ -103,7 +119,7 @@ class HPSScorer:
 
     def __init__(self, checkpoint_path: str | os.PathLike, base_model_path: str | os.PathLike,
                  *, device: str = "cpu", dtype: str | None = None,
-                 python: str | os.PathLike | None = None, max_batch_size: int = 8,
+                 python: str | os.PathLike | None = None, max_batch_size: int = DEFAULT_HPS_ROWS,
                  num_threads: int | None = None, startup_timeout_s: float = 900.0,
                  request_timeout_s: float = 900.0):
         if max_batch_size < 1:
@@ -153,11 +169,7 @@ class HPSScorer:
         """(N, H, W, 3) uint8 -> (N,) float32; prompts default to "" (as the reference)."""
         batch = check_image_batch(images)
         texts = check_prompts(prompts, len(batch))
-        parts = []
-        for start in range(0, len(batch), self.max_batch_size):
-            stop = start + self.max_batch_size
-            parts.append(self._score_chunk(batch[start:stop], texts[start:stop]))
-        return np.concatenate(parts).astype(np.float32)
+        return score_in_fixed_batches(self._score_chunk, batch, texts, self.max_batch_size)
 
     def _score_chunk(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         header, scores = self._request({"op": "score", "prompts": prompts}, images)

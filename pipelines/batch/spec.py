@@ -1,0 +1,105 @@
+"""`BatchSpec`: one batch run, fully described; built at the edge, read by the driver.
+
+    BatchSpec(scripts, out, render: RenderSpec, options: BatchOptions, run_id, ray_address)
+
+`render` is the resolved `storymem_model.render_spec.RenderSpec` (model, scorers, config:
+the config hash is known before any worker starts); `options` say how the run uses Ray
+(workers, GPUs, retries, timeouts, scorer pools) and change no pixel. A BatchSpec is
+frozen and JSON-serialisable, so the cluster path hands it to a Ray job as a file.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from storymem_model.render_spec import RenderSpec
+from storymem_model.spec_json import Spec, check_choice, check_number
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+PROGRESS_MODES = ("auto", "bar", "log")
+
+
+@dataclass(frozen=True)
+class ScorerPoolOptions(Spec):
+    """The shared scorer actor pools: how many actors, their resources and batching."""
+
+    clip_actors: int = 1
+    gate_actors: int = 1
+    max_batch_size: int = 32  # images grouped from several stories into one scorer call
+    max_wait_s: float = 0.05  # how long a request may wait for others to fill the batch
+    cpus_per_actor: float = 0.25
+    gpus_per_actor: float = 0.0
+    torch_threads: int = 1
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        check_number(out, "clip_actors", self.clip_actors, minimum=1, integer=True)
+        check_number(out, "gate_actors", self.gate_actors, minimum=1, integer=True)
+        check_number(out, "scorer max batch size", self.max_batch_size, minimum=1,
+                     integer=True)
+        check_number(out, "scorer max wait", self.max_wait_s, minimum=0)
+        check_number(out, "cpus_per_actor", self.cpus_per_actor, minimum=0)
+        check_number(out, "gpus_per_actor", self.gpus_per_actor, minimum=0)
+        check_number(out, "torch_threads", self.torch_threads, minimum=1, integer=True)
+        return out
+
+
+@dataclass(frozen=True)
+class BatchOptions(Spec):
+    """How the batch runs on Ray (nothing here changes pixels)."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 0.5
+    max_attempts: int = 3  # per story
+    worker_max_restarts: int = 2  # Ray restarts of one worker actor before it is replaced
+    max_worker_replacements: int | None = None  # default: 2 * workers
+    story_timeout_s: float | None = None  # a story running longer is killed and retried
+    scorers: ScorerPoolOptions = field(default_factory=ScorerPoolOptions)
+    consistency: bool = False  # per-story consistency columns in stories.parquet
+    torch_threads: int | None = 1  # per worker process
+    progress: str = "auto"  # auto: a bar on a terminal, log lines otherwise
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        check_number(out, "workers", self.workers, minimum=1, integer=True)
+        check_number(out, "gpus_per_worker", self.gpus_per_worker, minimum=0)
+        check_number(out, "cpus_per_worker", self.cpus_per_worker, minimum=0)
+        check_number(out, "max_attempts", self.max_attempts, minimum=1, integer=True)
+        check_number(out, "worker_max_restarts", self.worker_max_restarts, minimum=0,
+                     integer=True)
+        check_number(out, "max_worker_replacements", self.max_worker_replacements,
+                     minimum=0, integer=True, optional=True)
+        check_number(out, "story_timeout_s", self.story_timeout_s, above=0, optional=True)
+        check_number(out, "torch_threads", self.torch_threads, minimum=1, integer=True,
+                     optional=True)
+        check_choice(out, "progress", self.progress, PROGRESS_MODES)
+        return out
+
+    @property
+    def replacement_limit(self) -> int:
+        return 2 * self.workers if self.max_worker_replacements is None \
+            else self.max_worker_replacements
+
+
+@dataclass(frozen=True)
+class BatchSpec(Spec):
+    """One batch run: which scripts, where to, rendered how, on which Ray."""
+
+    scripts: str
+    out: str
+    render: RenderSpec
+    options: BatchOptions = field(default_factory=BatchOptions)
+    run_id: str | None = None  # default: UTC time + random suffix
+    ray_address: str | None = None  # None: an embedded local Ray on 127.0.0.1
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        for name in ("scripts", "out"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                out.append(f"{name} must be a path or URI, got {value!r}")
+        if self.run_id is not None and not RUN_ID_PATTERN.fullmatch(str(self.run_id)):
+            out.append(f"run_id {self.run_id!r}: use 1-128 letters, digits, '-', '_' and '.', "
+                       "starting with a letter or digit")
+        return out

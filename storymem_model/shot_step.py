@@ -1,0 +1,236 @@
+"""One shot: plan -> generate -> select keyframes -> write. Every host renders through this.
+
+The in-process story runner, the Ray story workers (through the runner), the Serve
+sessions (a `StorySession`) and the Serve single-shot endpoint all call `ShotStep`, so the
+mode rules, the generation arguments, keyframe selection and the files written are the
+same code everywhere:
+
+* `plan(...)`: the shot's mode, seed, sampling (T2V shots use the T2V experts' sampling)
+  and the memory entries it is conditioned on;
+* `generate(plan, bank, given)`: the pipeline call (memory latents cached per keyframe in
+  the bank; `given` frames for MI2V/MM2V), checked for the expected frame count;
+* `select(frames, ...)`: every frame embedded and gate-scored once, the reference keyframe
+  selection, the new `KeyframeEntry`s;
+* `write(folder, ...)`: the shot's video and keyframe PNGs in the story layout
+  (`output_layout`), returning its `ShotRecord` (the caller writes the record last, as
+  the shot's checkpoint).
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from storymem_model import output_layout as layout
+from storymem_model import storage
+from storymem_model.images import image_png
+from storymem_model.records import ShotRecord
+from storymem_model.render_config import RenderConfig
+
+MOTION_FRAMES = 5  # MM2V continues from the last 5 frames; MI2V from the last one
+
+
+class RenderError(RuntimeError):
+    """A story or shot that could not be rendered, naming the story, the shot and why."""
+
+
+class ShotMode(str, enum.Enum):
+    """How a shot is conditioned (the values are what records and APIs carry)."""
+
+    T2V = "t2v"  # text only (Wan2.2 T2V experts)
+    MR2V = "mr2v"  # first shot of a story with reference images as memory
+    M2V = "m2v"  # memory-conditioned
+    MI2V = "mi2v"  # memory + the previous shot's last frame
+    MM2V = "mm2v"  # memory + the previous shot's last 5 frames
+    M2V_NO_MEMORY = "m2v-no-memory"  # memory off and no T2V experts: M2V with no memory
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def given_frames(self) -> int:
+        """Leading frames given as conditioning (dropped from the saved shot)."""
+        return {ShotMode.MI2V: 1, ShotMode.MM2V: MOTION_FRAMES}.get(self, 0)
+
+    @property
+    def uses_memory(self) -> bool:
+        return self in (ShotMode.MR2V, ShotMode.M2V, ShotMode.MI2V, ShotMode.MM2V)
+
+
+def story_shot_mode(config: RenderConfig, shot_index: int, cut: bool, *,
+                    has_references: bool, has_t2v: bool) -> ShotMode:
+    """The mode of a story's shot: T2V or MR2V first, then M2V, MI2V/MM2V for `cut: false`
+    as `config.transition` says; without memory T2V (or M2V with no memory)."""
+    if not config.memory:
+        return ShotMode.T2V if has_t2v else ShotMode.M2V_NO_MEMORY
+    if shot_index == 0:
+        if has_references:
+            return ShotMode.MR2V
+        return ShotMode.T2V if has_t2v else ShotMode.M2V
+    if not cut and config.transition != "none":
+        return ShotMode(config.transition)
+    return ShotMode.M2V
+
+
+@dataclass(frozen=True)
+class ShotPlan:
+    """What one shot will be, before any model work."""
+
+    mode: ShotMode
+    prompt: str
+    seed: int
+    memory: tuple  # KeyframeEntry objects the shot is conditioned on, in order
+    sampling: dict
+
+    @property
+    def memory_ids(self) -> list[str]:
+        return [entry.keyframe_id for entry in self.memory]
+
+
+@dataclass(frozen=True)
+class SelectedKeyframes:
+    """Keyframes picked from a shot: frame indices, their gate scores, new memory entries."""
+
+    indices: list[int]
+    scores: list[float]
+    entries: list
+
+
+NO_KEYFRAMES = SelectedKeyframes([], [], [])
+
+
+class ShotStep:
+    """The shot step for one pipeline, one set of scorers and one config."""
+
+    def __init__(self, pipeline, scorers, config: RenderConfig):
+        self.pipeline = pipeline
+        self.scorers = scorers
+        self.config = config
+        self.has_t2v = bool(config.t2v_model_id and getattr(pipeline, "has_t2v", False))
+
+    # -- plan --------------------------------------------------------------------------
+    def plan(self, prompt: str, mode: ShotMode, seed: int, bank=None) -> ShotPlan:
+        """Memory for the shot (the bank's current memory, prompt-aware when configured)
+        and its sampling (T2V shots: the T2V experts' own)."""
+        if mode == ShotMode.T2V and not self.has_t2v:
+            raise RenderError("mode t2v needs a model with T2V experts")
+        memory: tuple = ()
+        if mode.uses_memory and bank is not None:
+            memory = tuple(bank.memory_for_shot(prompt, getattr(self.scorers, "embedder", None),
+                                                prompt_aware=self.config.prompt_aware_memory))
+        sampling = self.config.t2v_sampling if mode == ShotMode.T2V else self.config.sampling
+        return ShotPlan(mode=mode, prompt=prompt, seed=int(seed), memory=memory,
+                        sampling=dict(sampling))
+
+    # -- generate ----------------------------------------------------------------------
+    def generate(self, plan: ShotPlan, bank=None, given: np.ndarray | None = None,
+                 where: str = "shot") -> np.ndarray:
+        """The shot's frames (F, H, W, 3) uint8. `given`: the frames it continues from
+        (at least 1 for MI2V, 5 for MM2V; the last ones are used)."""
+        cfg = self.config
+        kwargs = dict(seed=plan.seed, rope_shift=cfg.rope_shift,
+                      negative_prompt=cfg.negative_prompt, height=cfg.height,
+                      width=cfg.width, num_frames=cfg.num_frames, **plan.sampling)
+        if plan.mode == ShotMode.T2V:
+            kwargs["use_t2v"] = True
+        elif plan.memory:
+            kwargs["memory_latents"] = bank.latents(self.pipeline.encode_keyframes, cfg.height,
+                                                    cfg.width, entries=list(plan.memory))
+        needed = plan.mode.given_frames
+        if needed:
+            if given is None or len(given) < needed:
+                have = 0 if given is None else len(given)
+                raise RenderError(f"{where}: {plan.mode} needs {needed} previous frame(s), "
+                                f"{have} given")
+            key = "first_frame" if plan.mode == ShotMode.MI2V else "motion_frames"
+            kwargs[key] = given[-1] if needed == 1 else given[-needed:]
+        try:
+            frames = np.asarray(self.pipeline.generate_shot(plan.prompt, **kwargs))
+        except Exception as exc:
+            raise RenderError(f"{where}: generation failed: {exc}") from exc
+        expected = (cfg.frames_for_mode(plan.mode), cfg.height, cfg.width, 3)
+        if frames.shape != expected or frames.dtype != np.uint8:
+            raise RenderError(f"{where}: the pipeline returned frames of shape {frames.shape} "
+                            f"{frames.dtype}, expected {expected} uint8 ({plan.mode})")
+        return frames
+
+    # -- select ------------------------------------------------------------------------
+    def select(self, frames: np.ndarray, stored_embeddings, *, story_id: str, scene: int,
+               shot: int, prompt: str) -> SelectedKeyframes:
+        """Embed and gate-score every frame once, pick keyframes (reference algorithm);
+        `stored_embeddings`: embeddings of keyframes a new one must not duplicate."""
+        from storymem_model.keyframe_selection import extract_keyframes
+        from storymem_model.memory_bank import KeyframeEntry
+
+        cfg = self.config
+        selected = extract_keyframes(
+            frames, self.scorers, stored_embeddings, threshold=cfg.keyframe_threshold,
+            step=cfg.keyframe_step, max_keyframes=cfg.max_keyframes,
+            min_score=cfg.gate_threshold, duplicate_threshold=cfg.duplicate_threshold)
+        chosen = [int(i) for i in selected.indices]
+        entries = KeyframeEntry.from_shot(
+            frames, chosen, story_id=story_id, scene=scene, shot=shot, prompt=prompt,
+            embeddings=selected.embeddings, scores=selected.scores)
+        return SelectedKeyframes(chosen, [float(selected.scores[i]) for i in chosen], entries)
+
+    # -- write -------------------------------------------------------------------------
+    def write(self, folder_uri: str, spec, plan: ShotPlan, frames: np.ndarray,
+              selected: SelectedKeyframes, *, story_id: str, story_name: str) -> ShotRecord:
+        """Write the shot's video and keyframe PNGs under `folder_uri` (story layout) and
+        return its record (not yet written: the caller writes it last, as the checkpoint)."""
+        from storymem_model.video_io import encode_mp4
+
+        cfg = self.config
+        video = encode_mp4(frames, cfg.fps)
+        video_key = layout.shot_video_key(spec.scene, spec.shot)
+        video_uri = storage.join(folder_uri, video_key)
+        storage.write_bytes(video_uri, video)
+        for entry in selected.entries:
+            storage.write_bytes(storage.join(folder_uri, layout.keyframe_key(entry.keyframe_id)),
+                                image_png(entry.image))
+        return ShotRecord(
+            story_id=story_id, story_name=story_name, config_hash=cfg.config_hash(),
+            scene=spec.scene, shot=spec.shot, shot_index=spec.shot_index, prompt=spec.prompt,
+            first_frame_prompt=spec.first_frame_prompt, cut=spec.cut, mode=plan.mode.value,
+            seed=plan.seed, memory_keyframe_ids=plan.memory_ids,
+            num_frames=int(frames.shape[0]), fps=cfg.fps, height=cfg.height,
+            width=cfg.width, video_key=video_key,
+            video_uri=storage.absolute_uri(video_uri), video_sha256=storage.sha256_hex(video),
+            keyframe_ids=[e.keyframe_id for e in selected.entries],
+            keyframe_frame_indices=list(selected.indices),
+            keyframe_scores=list(selected.scores), model_id=cfg.model_id,
+            lora_id=cfg.lora_id, t2v_model_id=cfg.t2v_model_id)
+
+
+def write_record(folder_uri: str, record: ShotRecord) -> None:
+    """The shot's record, written last: its checkpoint."""
+    import json
+
+    storage.write_bytes(storage.join(folder_uri, layout.shot_record_key(record.scene,
+                                                                        record.shot)),
+                        json.dumps(record.to_row(), indent=1, sort_keys=True).encode("utf-8"))
+
+
+class Stopwatch:
+    """Seconds between laps, for a shot's timing columns."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def given_frames_of(images: Sequence[np.ndarray] | np.ndarray | None) -> np.ndarray | None:
+    """Frames a shot continues from, as one (N, H, W, 3) array (None stays None)."""
+    if images is None:
+        return None
+    return np.stack([np.asarray(i, dtype=np.uint8) for i in images])
