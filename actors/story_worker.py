@@ -104,11 +104,11 @@ class StoryWorker:
         self._event({"kind": "shot_done", **event})
 
     def _consistency(self, result) -> dict:
-        """Per-story cross-shot consistency (storymem_model.metrics.story_consistency) on
+        """Per-story cross-shot consistency (storymem_model.evaluation.metrics.story_consistency) on
         CLIP frame-average shot embeddings, computed through the shared CLIP actors."""
         from storymem_model import storage
-        from storymem_model.metrics import story_consistency
-        from storymem_model.video_encoders import ClipFrameAverageEncoder
+        from storymem_model.evaluation.metrics import story_consistency
+        from storymem_model.evaluation.video_encoders import ClipFrameAverageEncoder
         from storymem_model.video_io import decode_mp4
 
         encoder = ClipFrameAverageEncoder(self.scorers.embedder)

@@ -35,7 +35,7 @@ def _median_seconds(fn, repeats: int) -> float:
 def bench_viclip(size: str, device: str, repeats: int, batch: int) -> dict:
     import torch
 
-    from storymem_model import video_encoders as ve
+    from storymem_model.evaluation import video_encoders as ve
 
     if size == "full":
         model = ve.ViCLIPModel(ve.ViCLIPConfig()).init_random(0)
@@ -75,7 +75,7 @@ def bench_decode_and_aesthetic(repeats: int) -> dict:
 
 
 def bench_metrics(repeats: int, stories: int = 30, shots: int = 12, dim: int = 768) -> dict:
-    from storymem_model import metrics
+    from storymem_model.evaluation import metrics
 
     rng = np.random.default_rng(2)
     data = [(rng.normal(size=(shots, dim)), rng.normal(size=(shots, dim))) for _ in range(stories)]

@@ -71,7 +71,7 @@ def add_batch_command(subparsers) -> argparse.ArgumentParser:
                                    ".hps-venv/bin/python, built by `make hps-env`)")
     parser.add_argument("--consistency", action="store_true",
                         help="add per-story cross-shot consistency (CLIP frame-average shot "
-                             "embeddings, storymem_model.metrics.story_consistency) to "
+                             "embeddings, storymem_model.evaluation.metrics.story_consistency) to "
                              "stories.parquet")
     parser.add_argument("--progress", choices=["auto", "bar", "log"], default="auto",
                         help="a progress bar on a terminal (auto), always a bar, or log lines")
@@ -109,7 +109,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     from pipelines.ray_runtime import RayConnectionError
     from pipelines.scorer_pools import ScorerPoolError
     from pipelines.script_source import ScriptSourceError
-    from storymem_model.cli_logging import setup_cli_logging
+    from flows.cli.cli_logging import setup_cli_logging
     from storymem_model.storage import StorageError
 
     setup_cli_logging()

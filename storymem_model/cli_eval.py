@@ -21,7 +21,7 @@ import logging
 import posixpath
 import sys
 
-from storymem_model.cli_logging import setup_cli_logging
+from flows.cli.cli_logging import setup_cli_logging
 
 log = logging.getLogger("storymem.eval")
 
@@ -75,7 +75,7 @@ def encoders_from_args(args: argparse.Namespace, preset: str | None):
     """(video-text encoder, aesthetic scorer) for the flags; raises EvalSetupError."""
     from storymem_model.scorers import AestheticScorer, OpenClipEmbedder
     from storymem_model.scorers.aesthetic_scorer import AESTHETIC_CLIP_MODEL
-    from storymem_model.video_encoders import (ClipFrameAverageEncoder, ViCLIPEncoder,
+    from storymem_model.evaluation.video_encoders import (ClipFrameAverageEncoder, ViCLIPEncoder,
                                                tiny_viclip_encoder)
 
     device = getattr(args, "device", None)
@@ -206,8 +206,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _evaluate_and_print(args, out_uri, encoder, aesthetic, scripts) -> int:
-    from storymem_model.eval_report import table1_text
-    from storymem_model.evaluation import EvaluationError, evaluate_output
+    from storymem_model.evaluation.eval_report import table1_text
+    from storymem_model.evaluation.story_eval import EvaluationError, evaluate_output
 
     try:
         result = evaluate_output(

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-from storymem_model.cli_logging import setup_cli_logging
+from flows.cli.cli_logging import setup_cli_logging
 from storymem_model.render_config import TRANSITIONS, RenderConfig
 
 log = logging.getLogger("storymem.render")

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from flows.cli import main
-from storymem_model import eval_report, metrics, storage
-from storymem_model.video_encoders import tiny_viclip_encoder
+from storymem_model import storage
+from storymem_model.evaluation import eval_report, metrics
+from storymem_model.evaluation.video_encoders import tiny_viclip_encoder
 from storymem_model.video_io import decode_mp4
 
 torch.set_num_threads(1)
@@ -227,7 +228,7 @@ def test_clear_errors_for_missing_output_and_missing_encoders(tmp_path, capsys):
 
 
 def test_story_consistency_for_a_batch_table_row(bench):
-    from storymem_model.evaluation import story_consistency_for_render
+    from storymem_model.evaluation.story_eval import story_consistency_for_render
 
     row = next(r for r in _level(bench["rows"], "story")
                if r["story_name"] == "Kite Day" and r["method"] == "storymem")
@@ -237,7 +238,7 @@ def test_story_consistency_for_a_batch_table_row(bench):
 
 
 def test_two_configs_of_one_method_get_their_hash_in_the_label(bench, tmp_path):
-    from storymem_model.evaluation import find_rendered_stories
+    from storymem_model.evaluation.story_eval import find_rendered_stories
 
     out = tmp_path / "out"
     kite = next(bench["out"].glob("kite-day-*"))
@@ -251,7 +252,7 @@ def test_two_configs_of_one_method_get_their_hash_in_the_label(bench, tmp_path):
 
 
 def test_method_label_reads_the_memory_flag_and_old_baseline_renders():
-    from storymem_model.evaluation import method_label
+    from storymem_model.evaluation.story_eval import method_label
 
     assert method_label({"model_id": "tiny", "memory": True}) == "storymem"
     assert method_label({"model_id": "tiny"}) == "storymem"  # configs before the flag

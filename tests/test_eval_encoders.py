@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from storymem_model import video_encoders as ve
+from storymem_model.evaluation import video_encoders as ve
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from storymem_model import metrics
+from storymem_model.evaluation import metrics
 
 
 def _angles(degrees):

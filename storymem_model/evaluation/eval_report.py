@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from storymem_model import storage
-from storymem_model.metrics import PAPER_TABLE1, TABLE1_COLUMNS
+from storymem_model.evaluation.metrics import PAPER_TABLE1, TABLE1_COLUMNS
 
 TABLE1_HEADERS = {
     "aesthetic_quality": "Aesthetic Quality",

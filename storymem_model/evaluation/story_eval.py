@@ -25,7 +25,7 @@ Per story render, with a `VideoTextEncoder` (ViCLIP in the paper) and an aesthet
 Output (under `report_uri`, default `{out}/_eval`; story ids never start with "_"):
 `eval.parquet` (one row per shot, per story and per method, column `level` =
 "shot" | "story" | "benchmark"), `summary.json` (the Table-1 rows) and the report
-(`storymem_model.eval_report`). A story that cannot be evaluated gets a story row with
+(`storymem_model.evaluation.eval_report`). A story that cannot be evaluated gets a story row with
 `error` set; the others are still evaluated.
 """
 from __future__ import annotations
@@ -41,9 +41,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from storymem_model import eval_report, metrics, storage
+from storymem_model import storage
+from storymem_model.evaluation import eval_report, metrics
 from storymem_model import output_layout as layout
-from storymem_model.video_encoders import sample_frame_indices
+from storymem_model.evaluation.video_encoders import sample_frame_indices
 
 log = logging.getLogger("storymem.eval")
 
