@@ -36,7 +36,7 @@ $(HPS_STAMP): $(HPS_REQUIREMENTS) infra/hps-env.mk | $(MAIN_VENV)/bin/python
 	hps_site=$$($(HPS_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
 	rm -rf $$hps_site/tests; \
 	echo "import site; site.addsitedir('$$main_site')" > $$hps_site/$(LAYER_PTH); \
-	HF_HUB_OFFLINE=1 $(HPS_PY) -m storymem_model.scorers.hps_env_check --main-site "$$main_site"; \
+	HF_HUB_OFFLINE=1 $(HPS_PY) -m storymem_model.scorers.hps_env_check "$$main_site"; \
 	echo "HPSv3 environment ready in $$(( $$(date +%s) - start )) s"
 	@touch $@
 
@@ -46,7 +46,7 @@ $(MAIN_VENV)/bin/python:
 # Re-run the import/version check on an existing environment.
 check: | $(HPS_STAMP)
 	HF_HUB_OFFLINE=1 $(HPS_PY) -m storymem_model.scorers.hps_env_check \
-	  --main-site "$$($(MAIN_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+	  "$$($(MAIN_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
 
 clean:
 	rm -rf $(HPS_VENV)

@@ -1,6 +1,6 @@
 """Checks that the layered HPSv3 environment is what hps-env.mk promises; exits 1 if not.
 
-    .hps-venv/bin/python -m storymem_model.scorers.hps_env_check [--main-site PATH]
+    .hps-venv/bin/python -m storymem_model.scorers.hps_env_check [MAIN_SITE]
 
 Inside it `transformers` must be 4.45.2 (shadowing the main venv's transformers 5),
 `diffusers` 0.36.0, `hpsv3` must import with its model factory, and torch, numpy and ray must
@@ -9,7 +9,6 @@ runtime_env `py_executable`). Prints one JSON line with versions and locations.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -62,11 +61,14 @@ def check(main_site: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="check the layered HPSv3 environment")
-    parser.add_argument("--main-site", help="the main venv's site-packages (torch/ray/numpy "
-                                            "must come from there)")
-    args = parser.parse_args(argv)
-    report = check(args.main_site)
+    """MAIN_SITE (optional): the main venv's site-packages; torch, numpy and ray must be
+    imported from there."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) > 1:
+        print("usage: python -m storymem_model.scorers.hps_env_check [MAIN_SITE]",
+              file=sys.stderr)
+        return 2
+    report = check(argv[0] if argv else None)
     print(json.dumps(report))
     if report["problems"]:
         print("HPS environment check FAILED: " + "; ".join(report["problems"]), file=sys.stderr)

@@ -136,13 +136,11 @@ class HPSScorer:
         self.worker_seconds_total = self.worker_cpu_seconds_total = 0.0
         self._lock = threading.Lock()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
-        command = [str(self.python), "-m", "storymem_model.scorers.hps_worker",
-                   "--checkpoint", self.checkpoint_path, "--base-model", self.base_model_path,
-                   "--device", device]
-        if dtype:
-            command += ["--dtype", dtype]
-        if num_threads:
-            command += ["--num-threads", str(num_threads)]
+        from storymem_model.scorers.hps_worker import HPSWorkerSpec
+
+        spec = HPSWorkerSpec(checkpoint=self.checkpoint_path, base_model=self.base_model_path,
+                             device=device, dtype=dtype, num_threads=num_threads)
+        command = [str(self.python), "-m", "storymem_model.scorers.hps_worker", spec.to_json()]
         self._process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=_worker_env(num_threads), bufsize=0)
@@ -312,7 +310,7 @@ def build_tiny_hps(folder: str | os.PathLike, seed: int = 0,
     interpreter = hps_python(python)
     result = subprocess.run(
         [str(interpreter), "-m", "storymem_model.scorers.hps_tiny", str(folder),
-         "--seed", str(seed)], capture_output=True, text=True, timeout=timeout_s,
+         str(int(seed))], capture_output=True, text=True, timeout=timeout_s,
         env=_worker_env(num_threads=1))
     if result.returncode != 0:
         raise HPSWorkerError(f"building the tiny HPSv3 in {folder} failed (exit "

@@ -13,7 +13,6 @@ reward head is shifted so tiny scores sit around the reference's gate value 3.0.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -202,11 +201,13 @@ def build_tiny_hps(out_dir: str | Path, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out_dir", help="folder to write the tiny Qwen2-VL base and checkpoint")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    manifest = build_tiny_hps(args.out_dir, seed=args.seed)
+    """OUT_DIR [SEED]: write the tiny Qwen2-VL base and HPSv3 checkpoint into OUT_DIR."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) not in (1, 2) or (len(argv) == 2 and not argv[1].isdigit()):
+        print("usage: python -m storymem_model.scorers.hps_tiny OUT_DIR [SEED]",
+              file=sys.stderr)
+        return 2
+    manifest = build_tiny_hps(argv[0], seed=int(argv[1]) if len(argv) == 2 else 0)
     print(json.dumps(manifest))
     return 0
 

@@ -1,7 +1,6 @@
 """Long-lived HPSv3 worker process; runs INSIDE the HPS environment.
 
-    .hps-venv/bin/python -m storymem_model.scorers.hps_worker \
-        --checkpoint HPSv3.safetensors --base-model Qwen2-VL-7B-Instruct [--device cuda]
+    .hps-venv/bin/python -m storymem_model.scorers.hps_worker '<HPSWorkerSpec as JSON>'
 
 Loads the model once, sends a "ready" message, then answers batch requests read from stdin
 with replies on stdout in the framing of `hps_protocol` until stdin closes or a "close"
@@ -11,13 +10,15 @@ descriptor 1 is pointed at stderr, so library prints cannot corrupt the protocol
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 import traceback
 
+from dataclasses import dataclass
+
 from storymem_model.scorers.hps_protocol import ProtocolError, read_message, write_message
+from storymem_model.spec_json import Spec
 
 
 def _protocol_streams():
@@ -69,14 +70,24 @@ def serve(model, requests, replies) -> int:
             write_message(replies, _error_reply(error))
 
 
+@dataclass(frozen=True)
+class HPSWorkerSpec(Spec):
+    """What the worker loads: its only argument, as JSON (written by HPSScorer)."""
+
+    checkpoint: str
+    base_model: str
+    device: str = "cpu"
+    dtype: str | None = None
+    num_threads: int | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="HPSv3 scoring worker (stdin/stdout)")
-    parser.add_argument("--checkpoint", required=True, help="HPSv3 checkpoint file")
-    parser.add_argument("--base-model", required=True, help="local Qwen2-VL base folder")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32")
-    parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m storymem_model.scorers.hps_worker '<HPSWorkerSpec JSON>'",
+              file=sys.stderr)
+        return 2
+    args = HPSWorkerSpec.from_json(argv[0])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     requests, replies = _protocol_streams()
