@@ -94,7 +94,7 @@ def _wait_job(client: Client, job_id: str, timeout_s: float = 240.0) -> dict:
 
 
 def _serve_parser() -> argparse.ArgumentParser:
-    from pipelines.cli_serve import add_serve_command
+    from flows.cli.serve import add_serve_command
 
     parser = argparse.ArgumentParser(prog="storymem")
     add_serve_command(parser.add_subparsers(dest="command"))
@@ -102,7 +102,7 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 def _render_parser() -> argparse.ArgumentParser:
-    from storymem_model.cli_render import add_render_command
+    from flows.cli.render import add_render_command
 
     parser = argparse.ArgumentParser(prog="storymem")
     add_render_command(parser.add_subparsers(dest="command"))
@@ -126,7 +126,7 @@ def _render_like_the_server(argv: list[str]) -> int:
 def _generator_handle():
     from ray import serve
 
-    from pipelines.cli_serve import APP_NAME
+    from pipelines.serve.settings import APP_NAME
 
     return serve.get_deployment_handle("shot_generator", app_name=APP_NAME)
 
@@ -137,7 +137,7 @@ def server(ray_cluster, s3_endpoint):
     import boto3
     from ray import serve
 
-    from pipelines.cli_serve import start_serve
+    from flows.cli.serve import start_serve
 
     bucket = f"serve-{uuid.uuid4().hex[:10]}"
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing",
@@ -515,7 +515,7 @@ def test_eight_concurrent_shots_while_health_stays_responsive(server):
 def test_scorer_deployments_are_shared_and_batch_requests(server):
     from ray import serve
 
-    from pipelines.cli_serve import APP_NAME
+    from pipelines.serve.settings import APP_NAME
 
     embedder = serve.get_deployment_handle("image_embedder", app_name=APP_NAME)
     served = embedder.stats.remote().result()

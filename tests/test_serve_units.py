@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.serve_auth import (
+from pipelines.serve.auth import (
     ApiKeyChecker, ApiKeyConfigError, AuthError, key_digest, load_key_digests)
-from pipelines.serve_images import ImageInputError, decode_image, image_bytes, load_images
-from pipelines.serve_limits import LimitExceeded, ServeLimits
+from pipelines.serve.images import ImageInputError, decode_image, image_bytes, load_images
+from pipelines.serve.limits import LimitExceeded, ServeLimits
 
 KEY = "a-long-enough-test-key-123456"
 
@@ -129,9 +129,10 @@ def test_limit_overrides_are_checked():
 
 # -- records ------------------------------------------------------------------------------
 def test_job_and_session_records_are_scoped_and_ids_checked(tmp_path):
-    from pipelines.serve_errors import ServeRequestError
-    from pipelines.serve_jobs import JobRegistry, UnknownJob
-    from pipelines.serve_sessions import SessionStore, new_session_id
+    from pipelines.serve.errors import ServeRequestError
+    from pipelines.serve.jobs import JobRegistry, JobStatus, UnknownJob
+    from pipelines.serve.sessions import SessionRecord, SessionStore, new_session_id
+    from storymem_model.render_config import RenderConfig
 
     jobs = JobRegistry(str(tmp_path))
     job = jobs.create("scopeA", {"story_name": "s"}, story_id="s-1", config_hash="abc",
@@ -141,15 +142,16 @@ def test_job_and_session_records_are_scoped_and_ids_checked(tmp_path):
     for scope, job_id in (("scopeB", job.job_id), ("scopeA", "../../etc/passwd")):
         with pytest.raises(UnknownJob):
             jobs.get(scope, job_id)
-    job.status, job.heartbeat_at, job.updated_at = "running", 0.0, 0.0
+    job.status, job.heartbeat_at, job.updated_at = JobStatus.RUNNING, 0.0, 0.0
     jobs.save(job)
     assert [j.job_id for j in jobs.orphaned(now=job.updated_at + 1000)] == [job.job_id]
     assert "scope" not in job.public()
 
     store = SessionStore(str(tmp_path))
     session_id = new_session_id()
-    store.save({"session_id": session_id, "scope": "scopeA", "shots": []})
-    assert store.get("scopeA", session_id)["session_id"] == session_id
+    store.save(SessionRecord(session_id=session_id, scope="scopeA",
+                             config=RenderConfig(model_id="m")))
+    assert store.get("scopeA", session_id).session_id == session_id
     for scope, sid in (("scopeB", session_id), ("scopeA", "x" * 32), ("scopeA", "../" * 11)):
         with pytest.raises(ServeRequestError) as info:
             store.get(scope, sid)
@@ -163,7 +165,7 @@ def test_job_and_session_records_are_scoped_and_ids_checked(tmp_path):
 def _serve_args(argv, monkeypatch=None):
     import argparse
 
-    from pipelines.cli_serve import add_serve_command
+    from flows.cli.serve import add_serve_command
 
     parser = argparse.ArgumentParser(prog="storymem")
     add_serve_command(parser.add_subparsers(dest="command"))
@@ -180,8 +182,8 @@ def test_serve_flags_defaults_and_render_model_flags():
 
 
 def test_serve_settings_replicas_gpus_limits_and_deployment_options(monkeypatch, tmp_path):
-    from pipelines.cli_serve import settings_from_args
-    from pipelines.serve_app import build_app
+    from flows.cli.serve import settings_from_args
+    from pipelines.serve.app import build_app
 
     monkeypatch.setenv("STORYMEM_API_KEYS", KEY)
     monkeypatch.chdir(tmp_path)
@@ -190,7 +192,7 @@ def test_serve_settings_replicas_gpus_limits_and_deployment_options(monkeypatch,
     settings = settings_from_args(args)
     assert settings.storage_root == str(tmp_path / "data")
     assert settings.limits.max_steps == 8 and KEY not in repr(settings)
-    ingress = build_app(settings, args)._bound_deployment
+    ingress = build_app(settings)._bound_deployment
     generator = ingress.init_args[1]._bound_deployment
     assert (generator.name, generator.num_replicas) == ("shot_generator", 3)
     assert generator.ray_actor_options["num_gpus"] == 0.5
@@ -215,7 +217,7 @@ def test_serve_settings_replicas_gpus_limits_and_deployment_options(monkeypatch,
 def test_serve_refuses_bad_setup_before_starting_ray(argv, environ, message, monkeypatch, capsys):
     import ray
 
-    from pipelines.cli_serve import run_serve
+    from flows.cli.serve import run_serve
 
     monkeypatch.delenv("STORYMEM_API_KEYS", raising=False)
     monkeypatch.delenv("STORYMEM_API_KEY_FILE", raising=False)
@@ -225,3 +227,77 @@ def test_serve_refuses_bad_setup_before_starting_ray(argv, environ, message, mon
     assert run_serve(_serve_args(argv)) == 2
     assert message in capsys.readouterr().err
     assert ray.is_initialized() == was_running
+
+
+# -- settings: one spec, built at the edge ------------------------------------------------
+def test_serve_settings_are_a_spec_with_render_config_of_storymem_render(monkeypatch, tmp_path):
+    """The replicas get a frozen, JSON-round-tripping spec whose RenderConfig is the one
+    `storymem render` builds from the same flags (same config hash)."""
+    import argparse
+
+    from flows.cli.model_flags import render_spec_from_args
+    from flows.cli.render import add_render_command
+    from flows.cli.serve import settings_from_args
+    from pipelines.serve.settings import ServeSettings
+
+    monkeypatch.setenv("STORYMEM_API_KEYS", KEY)
+    flags = ["--preset", "tiny", "--seed", "5", "--transition", "mm2v", "--steps", "3"]
+    settings = settings_from_args(_serve_args([*flags, "--storage", str(tmp_path)]))
+    assert ServeSettings.from_json(settings.to_json()) == settings
+    with pytest.raises(Exception):
+        settings.replicas = 2  # frozen
+    parser = argparse.ArgumentParser(prog="storymem")
+    add_render_command(parser.add_subparsers(dest="command"))
+    render_args = parser.parse_args(["render", "story.json", "--out", "out", *flags])
+    render = render_spec_from_args(render_args, accelerator=False)
+    assert settings.render.config == render.config
+    assert settings.render.config_hash == render.config_hash
+    assert settings.render.scorers.device == "cpu"  # --scorer-gpus 0
+
+
+def test_memory_off_starts_no_scorer_deployments(monkeypatch):
+    from flows.cli.serve import settings_from_args
+    from pipelines.serve.app import build_app
+
+    monkeypatch.setenv("STORYMEM_API_KEYS", KEY)
+    names = {}
+    for argv in (["--preset", "tiny"], ["--preset", "tiny", "--no-memory"]):
+        settings = settings_from_args(_serve_args(argv))
+        generator = build_app(settings)._bound_deployment.init_args[1]._bound_deployment
+        _settings, embedder, gate = generator.init_args
+        names[settings.has_scorers] = [d._bound_deployment.name for d in (embedder, gate)
+                                       if d is not None]
+    assert names == {True: ["image_embedder", "image_gate"], False: []}
+
+
+# -- typed errors across the Ray hop ------------------------------------------------------
+def test_request_errors_pickle_whole():
+    """Deployments raise these; Ray pickles them to the ingress, which answers with their
+    status, code and extra fields."""
+    import pickle
+
+    from pipelines.serve.errors import ServeRequestError
+
+    for error in (ServeRequestError(422, "invalid_script", "bad", problems=["a", "b"]),
+                  LimitExceeded("max_story_shots", 64, 65, "shots in the script"),
+                  ImageInputError(415, "not_an_image", "memory_images[0]: no"),
+                  AuthError(403, "invalid_api_key", "API key not accepted")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)
+        assert (copy.status_code, copy.body()) == (error.status_code, error.body())
+    limit = pickle.loads(pickle.dumps(LimitExceeded("max_image_bytes", 10, 11, "image")))
+    assert (limit.limit, limit.maximum, limit.got, limit.status_code) == (
+        "max_image_bytes", 10, 11, 413)
+
+
+def test_request_modes_are_shot_modes():
+    from pydantic import ValidationError
+
+    from pipelines.serve.schemas import REQUEST_MODES, ShotRequest
+    from storymem_model.shot_step import ShotMode
+
+    assert set(REQUEST_MODES) - {"auto"} <= {m.value for m in ShotMode}
+    assert ShotRequest(prompt="x", mode="mm2v").mode == ShotMode.MM2V
+    for mode in ("mr2v", "m2v-no-memory", "i2v"):  # story-only modes are not requests
+        with pytest.raises(ValidationError):
+            ShotRequest(prompt="x", mode=mode)

@@ -13,8 +13,8 @@ import json
 
 from starlette.exceptions import HTTPException
 
-from pipelines.serve_auth import AuthError
-from pipelines.serve_limits import LimitExceeded
+from pipelines.serve.auth import AuthError
+from pipelines.serve.limits import LimitExceeded
 
 PROTECTED_PREFIX = "/v1"
 

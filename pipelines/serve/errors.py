@@ -1,14 +1,18 @@
 """Errors of the Serve endpoint and their JSON form `{"error": code, "detail": ...}`.
 
 Every client mistake gets its own 4xx and its own `error` code; the server keeps serving.
-Errors raised inside another deployment travel back to the ingress as plain dicts
-(`as_payload` / `from_payload`), so their status and code survive the Ray hop.
+A `ServeRequestError` raised in any deployment travels back to the ingress as itself: it
+pickles with its status, code and extra fields, Ray wraps it in a `RayTaskError`, and the
+ingress unwraps that wrapper in one place (`app.answer`), so the error's status and code
+survive the hop. Subclasses: `LimitExceeded` (limits), `AuthError` (keys),
+`ImageInputError` (request images).
 """
 from __future__ import annotations
 
 
 class ServeRequestError(Exception):
-    """A client error with an HTTP status, a stable code and a message naming the problem."""
+    """A client error with an HTTP status, a stable code and a message naming the problem;
+    `extra` fields (e.g. `problems`, `limit`) go into the JSON body."""
 
     def __init__(self, status_code: int, code: str, detail: str, **extra):
         super().__init__(detail)
@@ -20,17 +24,15 @@ class ServeRequestError(Exception):
     def body(self) -> dict:
         return {"error": self.code, "detail": self.detail, **self.extra}
 
-    def as_payload(self) -> dict:
-        return {"__serve_error__": {"status_code": self.status_code, **self.body()}}
+    def __reduce__(self):
+        # Exceptions pickle as `cls(*self.args)` by default, which loses status and code.
+        return (_rebuild, (type(self), self.status_code, self.code, self.detail, self.extra))
 
-    @staticmethod
-    def from_payload(result):
-        """Raise the error carried by a deployment's result, or return the result."""
-        if isinstance(result, dict) and "__serve_error__" in result:
-            data = dict(result["__serve_error__"])
-            raise ServeRequestError(data.pop("status_code"), data.pop("error"),
-                                    data.pop("detail"), **data)
-        return result
+
+def _rebuild(cls, status_code: int, code: str, detail: str, extra: dict):
+    error = ServeRequestError.__new__(cls)
+    ServeRequestError.__init__(error, status_code, code, detail, **extra)
+    return error
 
 
 def unknown_session(session_id: str) -> ServeRequestError:

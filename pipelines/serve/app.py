@@ -2,64 +2,55 @@
 
     HTTP -> StorymemIngress (FastAPI: auth, limits, validation, image decoding, records)
               -> ShotGenerator replicas (model loaded once per replica; shots, sessions,
-                 story jobs through the story runner)
-                    -> ImageEmbedderDeployment, ImageGateDeployment (shared scorers)
+                 story jobs through the story runner's shot step)
+                    -> ImageEmbedderDeployment, ImageGateDeployment (shared scorers;
+                       not started when memory is off)
 
-`build_app(settings, model_args)` returns the bound application for `serve.run`. Every
-route is documented in the OpenAPI schema at `/openapi.json` (and `/docs`).
+`build_app(settings)` returns the bound application for `serve.run`. Every route is
+documented in the OpenAPI schema at `/openapi.json` (and `/docs`).
 
-The ingress never runs model code: it awaits the generator's responses, so `/healthz` and
-every other cheap route stay responsive while shots render.
+The ingress never runs model code: it awaits the generator's responses (`answer`, the one
+place Ray's error wrapper is taken off a deployment's `ServeRequestError`), so `/healthz`
+and every other cheap route stay responsive while shots render.
 """
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines.serve_auth import ApiKeyChecker
-from pipelines.serve_errors import ServeRequestError, unknown_job
-from pipelines.serve_generation import ShotGenerator
-from pipelines.serve_images import load_images
-from pipelines.serve_jobs import JobRegistry, UnknownJob
-from pipelines.serve_limits import LimitExceeded, ServeLimits
-from pipelines.serve_request_guard import RequestGuard
-from pipelines.serve_schemas import (
+from pipelines.serve.auth import ApiKeyChecker
+from pipelines.serve.errors import ServeRequestError, unknown_job
+from pipelines.serve.generation import ShotGenerator
+from pipelines.serve.images import load_images
+from pipelines.serve.jobs import JobRegistry, UnknownJob
+from pipelines.serve.limits import ServeLimits
+from pipelines.serve.request_guard import RequestGuard
+from pipelines.serve.schemas import (
     ErrorOut, SessionCreate, SessionOut, SessionShotRequest, SessionShotResponse, ShotRequest,
     ShotResponse, StoryJobOut, StoryRequest)
-from pipelines.serve_scorers import ImageEmbedderDeployment, ImageGateDeployment
-from pipelines.serve_sessions import SessionStore, public_view
+from pipelines.serve.scorers import ImageEmbedderDeployment, ImageGateDeployment
+from pipelines.serve.sessions import SessionStore
+from pipelines.serve.settings import ServeSettings
+from storymem_model.shot_step import MOTION_FRAMES, ShotMode
 
 API_VERSION = "1"
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    """Everything the deployments need besides the model flags. Picklable."""
-
-    storage_root: str
-    key_digests: tuple[str, ...]
-    limits: ServeLimits = field(default_factory=ServeLimits)
-    image_uri_prefixes: tuple[str, ...] = ()
-    replicas: int = 1
-    gpus_per_replica: float = 0.0
-    cpus_per_replica: float = 1.0
-    max_ongoing_per_replica: int = 16
-    scorer_replicas: int = 1
-    scorer_cpus: float = 0.1
-    scorer_gpus: float = 0.0
-    ingress_replicas: int = 1
-    ingress_cpus: float = 0.1
-    # The ingress only awaits other deployments, so it may hold many requests at once;
-    # Serve's default (5) would queue /healthz behind five long shot requests.
-    ingress_max_ongoing: int = 512
-    torch_threads: int | None = None
-    job_stale_after_s: float = 60.0
+async def answer(response):
+    """Await a deployment's response; a `ServeRequestError` it raised comes back as itself
+    (Ray delivers it wrapped in a `RayTaskError`), anything else stays a server error."""
+    try:
+        return await response
+    except RayTaskError as exc:
+        if isinstance(exc.cause, ServeRequestError):
+            raise exc.cause from None
+        raise
 
 
 _ERRORS = {400: {"model": ErrorOut}, 401: {"model": ErrorOut}, 403: {"model": ErrorOut},
@@ -85,11 +76,6 @@ def _json_error(status: int, body: dict) -> JSONResponse:
 
 @app.exception_handler(ServeRequestError)
 async def _serve_error(_request, exc: ServeRequestError):
-    return _json_error(exc.status_code, exc.body())
-
-
-@app.exception_handler(LimitExceeded)
-async def _limit_error(_request, exc: LimitExceeded):
     return _json_error(exc.status_code, exc.body())
 
 
@@ -150,15 +136,15 @@ class StorymemIngress:
 
     # -- single shots ----------------------------------------------------------------------
     @app.post("/v1/shots", response_model=ShotResponse, responses=_ERRORS, tags=["shots"])
-    async def create_shot(self, body: ShotRequest, request: Request) -> dict:
+    async def create_shot(self, body: ShotRequest, request: Request) -> ShotResponse:
         """Render one shot from a prompt, optional memory images and first/motion frames."""
         caller = _caller(request)
         self._check_shot(body)
         memory, first, motion = await asyncio.to_thread(self._decode_shot_images, body)
-        result = await self.generator.generate_shot.remote(
-            caller.scope, body.model_dump(exclude={"memory_images", "first_frame", "motion_frames"}),
-            memory, first, motion)
-        return ServeRequestError.from_payload(result)
+        order = body.model_copy(update={"memory_images": None, "first_frame": None,
+                                        "motion_frames": None})
+        return await answer(self.generator.generate_shot.remote(
+            caller.scope, order, memory, first, motion))
 
     def _check_shot(self, body: ShotRequest) -> None:
         self.limits.check_prompt(body.prompt)
@@ -172,17 +158,18 @@ class StorymemIngress:
         if body.first_frame is not None and body.motion_frames is not None:
             raise ServeRequestError(422, "conflicting_conditioning",
                                     "send first_frame (MI2V) or motion_frames (MM2V), not both")
-        if body.motion_frames is not None and len(body.motion_frames) != 5:
-            raise ServeRequestError(422, "motion_frames_count",
-                                    f"motion_frames needs exactly 5 images, got {len(body.motion_frames)}")
-        if body.mode == "mi2v" and body.first_frame is None:
+        if body.motion_frames is not None and len(body.motion_frames) != MOTION_FRAMES:
+            raise ServeRequestError(
+                422, "motion_frames_count",
+                f"motion_frames needs exactly {MOTION_FRAMES} images, got {len(body.motion_frames)}")
+        if body.mode == ShotMode.MI2V and body.first_frame is None:
             raise ServeRequestError(422, "missing_first_frame", "mode mi2v needs first_frame")
-        if body.mode == "mm2v" and body.motion_frames is None:
+        if body.mode == ShotMode.MM2V and body.motion_frames is None:
             raise ServeRequestError(422, "missing_motion_frames", "mode mm2v needs motion_frames")
-        if body.mode in ("t2v", "m2v") and (body.first_frame or body.motion_frames):
+        if body.mode in (ShotMode.T2V, ShotMode.M2V) and (body.first_frame or body.motion_frames):
             raise ServeRequestError(422, "conflicting_conditioning",
                                     f"mode {body.mode} takes no first_frame or motion_frames")
-        if body.mode == "t2v" and body.memory_images:
+        if body.mode == ShotMode.T2V and body.memory_images:
             raise ServeRequestError(422, "conflicting_conditioning",
                                     "mode t2v takes no memory_images (use m2v)")
 
@@ -205,21 +192,21 @@ class StorymemIngress:
     # -- sessions --------------------------------------------------------------------------
     @app.post("/v1/sessions", response_model=SessionOut, status_code=201, responses=_ERRORS,
               tags=["sessions"])
-    async def create_session(self, body: SessionCreate, request: Request) -> dict:
+    async def create_session(self, body: SessionCreate, request: Request) -> SessionOut:
         """Start an interactive story; reference images become its initial memory (MR2V)."""
         caller = _caller(request)
         references = await asyncio.to_thread(
             load_images, body.reference_images, "reference_images", self.limits,
             self.settings.image_uri_prefixes)
-        result = await self.generator.create_session.remote(
-            caller.scope, body.model_dump(exclude={"reference_images"}), references)
-        return public_view(ServeRequestError.from_payload(result))
+        record = await answer(self.generator.create_session.remote(
+            caller.scope, body.model_copy(update={"reference_images": None}), references))
+        return SessionOut.of(record)
 
     @app.get("/v1/sessions/{session_id}", response_model=SessionOut, responses=_ERRORS,
              tags=["sessions"])
-    async def get_session(self, session_id: str, request: Request) -> dict:
+    async def get_session(self, session_id: str, request: Request) -> SessionOut:
         record = await asyncio.to_thread(self.sessions.get, _caller(request).scope, session_id)
-        return public_view(record)
+        return SessionOut.of(record)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=_ERRORS,
                 tags=["sessions"])
@@ -230,17 +217,17 @@ class StorymemIngress:
     @app.post("/v1/sessions/{session_id}/shots", response_model=SessionShotResponse,
               responses=_ERRORS, tags=["sessions"])
     async def create_session_shot(self, session_id: str, body: SessionShotRequest,
-                                  request: Request) -> dict:
+                                  request: Request) -> SessionShotResponse:
         """Render the session's next shot; memory and transitions as in a batch render."""
         scope = _caller(request).scope
         self.limits.check_prompt(body.prompt)
         self.limits.check_prompt(body.first_frame_prompt, "first_frame_prompt length")
         record = await asyncio.to_thread(self.sessions.get, scope, session_id)
-        self.limits.check("max_session_shots", len(record["shots"]) + 1, "shots in this session")
-        result = await self.generator.options(
+        self.limits.check("max_session_shots", len(record.shots) + 1, "shots in this session")
+        result = await answer(self.generator.options(
             multiplexed_model_id=f"{scope}/{session_id}").session_shot.remote(
-            scope, session_id, body.model_dump())
-        return ServeRequestError.from_payload(result)
+            scope, session_id, body))
+        return SessionShotResponse.of(result.record, result.shot, result.video_base64)
 
     # -- story jobs ------------------------------------------------------------------------
     @app.post("/v1/stories", response_model=StoryJobOut, status_code=202, responses=_ERRORS,
@@ -250,8 +237,8 @@ class StorymemIngress:
         scope = _caller(request).scope
         active = await asyncio.to_thread(self.jobs.active_count, scope)
         self.limits.check("max_active_jobs_per_key", active + 1, "queued or running story jobs")
-        result = await self.generator.submit_story.remote(scope, body.model_dump())
-        return ServeRequestError.from_payload(result)
+        job = await answer(self.generator.submit_story.remote(scope, body))
+        return job.public()
 
     @app.get("/v1/stories/{job_id}", response_model=StoryJobOut, responses=_ERRORS,
              tags=["stories"])
@@ -263,28 +250,25 @@ class StorymemIngress:
         return job.public()
 
 
-def build_app(settings: ServeSettings, model_args) -> serve.Application:
-    """The bound application: ingress -> generator -> shared scorers.
-
-    `model_args` is the argparse namespace of the model flags shared with `render`
-    (`add_model_arguments`); each replica builds its pipeline/scorers from it.
-    """
-    from pipelines.serve_model_factory import ModelFactory
-
-    factory = ModelFactory(model_args)
-    scorer_options = {"num_replicas": settings.scorer_replicas,
-                      "ray_actor_options": {"num_cpus": settings.scorer_cpus,
-                                            "num_gpus": settings.scorer_gpus}}
-    embedder = ImageEmbedderDeployment.options(**scorer_options).bind(
-        factory.build_scorers, settings.torch_threads)
-    gate = ImageGateDeployment.options(**scorer_options).bind(
-        factory.build_scorers, settings.torch_threads)
+def build_app(settings: ServeSettings) -> serve.Application:
+    """The bound application: ingress -> generator -> shared scorers (these only when
+    memory is on: without it no keyframe is selected)."""
+    embedder = gate = None
+    if settings.has_scorers:
+        scorer_options = {"num_replicas": settings.scorer_replicas,
+                          "ray_actor_options": {"num_cpus": settings.scorer_cpus,
+                                                "num_gpus": settings.scorer_gpus}}
+        scorers = settings.render.scorers
+        embedder = ImageEmbedderDeployment.options(**scorer_options).bind(
+            scorers, settings.torch_threads)
+        gate = ImageGateDeployment.options(**scorer_options).bind(
+            scorers, settings.torch_threads)
     generator = ShotGenerator.options(
         num_replicas=settings.replicas,
         max_ongoing_requests=settings.max_ongoing_per_replica,
         ray_actor_options={"num_cpus": settings.cpus_per_replica,
                            "num_gpus": settings.gpus_per_replica},
-    ).bind(settings, factory, embedder, gate)
+    ).bind(settings, embedder, gate)
     return StorymemIngress.options(
         num_replicas=settings.ingress_replicas,
         max_ongoing_requests=settings.ingress_max_ongoing,

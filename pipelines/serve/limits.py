@@ -7,29 +7,38 @@ Byte-size limits answer 413 (Payload Too Large), every other limit 422.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import dataclasses
+from dataclasses import dataclass
+
+from pipelines.serve.errors import ServeRequestError
+from storymem_model.spec_json import Spec, SpecError, check_number
 
 MIB = 1024 * 1024
 
 
-class LimitExceeded(Exception):
+class LimitExceeded(ServeRequestError):
     """A request over one named limit."""
 
     def __init__(self, limit: str, maximum, got, what: str):
-        self.limit = limit
-        self.maximum = maximum
-        self.got = got
-        self.status_code = 413 if limit.endswith("_bytes") else 422
-        self.detail = f"{what}: {got} is over the limit {limit}={maximum}"
-        super().__init__(self.detail)
+        super().__init__(413 if limit.endswith("_bytes") else 422, "limit_exceeded",
+                         f"{what}: {got} is over the limit {limit}={maximum}",
+                         limit=limit, maximum=maximum, got=got)
 
-    def body(self) -> dict:
-        return {"error": "limit_exceeded", "limit": self.limit, "maximum": self.maximum,
-                "got": self.got, "detail": self.detail}
+    @property
+    def limit(self) -> str:
+        return self.extra["limit"]
+
+    @property
+    def maximum(self):
+        return self.extra["maximum"]
+
+    @property
+    def got(self):
+        return self.extra["got"]
 
 
 @dataclass(frozen=True)
-class ServeLimits:
+class ServeLimits(Spec):
     """Upper bounds for one request. Defaults fit a real 480p Wan2.2 deployment."""
 
     max_body_bytes: int = 64 * MIB          # whole HTTP request body
@@ -47,20 +56,25 @@ class ServeLimits:
     max_session_shots: int = 64             # shots in one session
     max_active_jobs_per_key: int = 4        # story jobs queued or running for one key
 
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            found: list[str] = []
+            check_number(found, f.name, value, above=0, integer=f.type == "int")
+            out += [f"serve limit {p} (a positive number)" for p in found]
+        return out
+
     @classmethod
     def from_overrides(cls, overrides: dict | None) -> "ServeLimits":
+        """The defaults with `overrides` ({name: value}); ValueError naming an unknown or
+        non-positive limit."""
         overrides = dict(overrides or {})
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"unknown serve limit(s) {unknown}; known: {sorted(known)}")
-        for name, value in overrides.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"serve limit {name} must be a positive number, got {value!r}")
+            raise SpecError(f"unknown serve limit(s) {unknown}; known: {sorted(known)}")
         return cls(**overrides)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     # -- checks ------------------------------------------------------------------------
     def check(self, limit: str, got, what: str) -> None:

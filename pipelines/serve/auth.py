@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.serve_errors import ServeRequestError
+from pipelines.serve.errors import ServeRequestError
 
 API_KEYS_ENV = "STORYMEM_API_KEYS"
 API_KEY_FILE_ENV = "STORYMEM_API_KEY_FILE"

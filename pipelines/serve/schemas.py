@@ -2,7 +2,10 @@
 
 Field constraints here are the fixed ones (types, enums, non-empty); the configurable
 limits (prompt length, image count and size, frames, steps, resolution) are checked against
-`ServeLimits` in the handlers so each violation names its limit.
+`ServeLimits` in the handlers so each violation names its limit. Modes are `ShotMode`
+values and transitions the RenderConfig's; responses are built from the typed records the
+deployments return (`ShotRecord`, `SessionRecord`, `StoryJob`) by the `of(...)`
+constructors here.
 """
 from __future__ import annotations
 
@@ -10,7 +13,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines.serve.jobs import JobStatus
+from storymem_model.records import ShotRecord
+from storymem_model.shot_step import ShotMode
+from storymem_model.specs import TRANSITIONS
+
 MAX_SEED = 2**32 - 1
+AUTO_MODE = "auto"
+# The modes a single-shot request may ask for (ShotMode values); "auto" picks mi2v with a
+# first frame, mm2v with motion frames, else m2v.
+REQUEST_MODES = (AUTO_MODE,) + tuple(m.value for m in (ShotMode.T2V, ShotMode.M2V,
+                                                       ShotMode.MI2V, ShotMode.MM2V))
 
 ImageSpec = str
 ImageSpecDoc = ("an image: base64 (standard or URL-safe), a data URI "
@@ -22,7 +35,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SamplingOverrides(_Strict):
+class ShotSampling(_Strict):
     """Bounded per-request overrides of the server's sampling and geometry defaults."""
 
     num_inference_steps: int | None = Field(None, ge=1)
@@ -42,10 +55,10 @@ class ShotRequest(_Strict):
     first_frame: ImageSpec | None = Field(None, description="first frame (MI2V)")
     motion_frames: list[ImageSpec] | None = Field(
         None, description="exactly 5 leading frames (MM2V)")
-    mode: Literal["auto", "t2v", "m2v", "mi2v", "mm2v"] = Field(
-        "auto", description="auto: mi2v with first_frame, mm2v with motion_frames, else m2v")
+    mode: Literal[REQUEST_MODES] = Field(
+        AUTO_MODE, description="auto: mi2v with first_frame, mm2v with motion_frames, else m2v")
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    sampling: SamplingOverrides = Field(default_factory=SamplingOverrides)
+    sampling: ShotSampling = Field(default_factory=ShotSampling)
     return_video: Literal["uri", "base64", "both"] = "both"
     select_keyframes: bool = True
 
@@ -60,7 +73,7 @@ class KeyframeOut(BaseModel):
 
 class ShotResponse(BaseModel):
     shot_id: str
-    mode: str
+    mode: ShotMode
     seed: int
     num_frames: int
     height: int
@@ -80,7 +93,7 @@ class SessionCreate(_Strict):
     reference_images: list[ImageSpec] | None = Field(
         None, description=f"initial memory (MR2V); each is {ImageSpecDoc}")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="story seed; each shot's seed derives from it")
-    transition: Literal["mi2v", "mm2v", "none"] | None = Field(
+    transition: Literal[TRANSITIONS] | None = Field(
         None, description="how non-cut shots continue the previous one (server default when null)")
     name: str | None = Field(None, max_length=200)
 
@@ -99,7 +112,7 @@ class SessionShotOut(BaseModel):
     shot_index: int
     prompt: str
     cut: bool
-    mode: str
+    mode: ShotMode
     seed: int
     num_frames: int
     video_uri: str
@@ -107,12 +120,27 @@ class SessionShotOut(BaseModel):
     memory_keyframe_ids: list[str]
     selected_keyframe_ids: list[str]
 
+    @classmethod
+    def of(cls, record: ShotRecord) -> "SessionShotOut":
+        return cls(scene=record.scene, shot=record.shot, shot_index=record.shot_index,
+                   prompt=record.prompt, cut=record.cut, mode=record.mode, seed=record.seed,
+                   num_frames=record.num_frames, video_uri=record.video_uri,
+                   video_sha256=record.video_sha256,
+                   memory_keyframe_ids=list(record.memory_keyframe_ids),
+                   selected_keyframe_ids=list(record.keyframe_ids))
+
 
 class MemoryEntryOut(BaseModel):
     keyframe_id: str
     scene: int | None = None
     shot: int | None = None
     frame_index: int | None = None
+
+    @classmethod
+    def of(cls, entry) -> "MemoryEntryOut":
+        """From a memory entry (`sessions.MemoryEntry` or a bank's `KeyframeEntry`)."""
+        return cls(keyframe_id=entry.keyframe_id, scene=entry.scene, shot=entry.shot,
+                   frame_index=entry.frame_index)
 
 
 class SessionOut(BaseModel):
@@ -125,6 +153,15 @@ class SessionOut(BaseModel):
     shots: list[SessionShotOut]
     memory: list[MemoryEntryOut]
 
+    @classmethod
+    def of(cls, record) -> "SessionOut":
+        """The public view of a `sessions.SessionRecord` (no scope, no internal config)."""
+        return cls(session_id=record.session_id, name=record.name,
+                   created_at=record.created_at, seed=record.config.seed,
+                   transition=record.config.transition, config_hash=record.config_hash,
+                   shots=[SessionShotOut.of(r) for r in record.shots],
+                   memory=[MemoryEntryOut.of(m) for m in record.memory])
+
 
 class SessionShotResponse(BaseModel):
     session_id: str
@@ -133,18 +170,44 @@ class SessionShotResponse(BaseModel):
     video_base64: str | None = None
     timings_s: dict[str, float] = Field(default_factory=dict)
 
+    @classmethod
+    def of(cls, record, shot: ShotRecord, video_base64: str | None = None
+           ) -> "SessionShotResponse":
+        """The answer to a session shot: `record` is the session after it."""
+        return cls(session_id=record.session_id, shot=SessionShotOut.of(shot),
+                   memory=[MemoryEntryOut.of(m) for m in record.memory],
+                   video_base64=video_base64,
+                   timings_s={"generate": shot.generate_seconds,
+                              "select": shot.select_seconds, "write": shot.write_seconds})
+
 
 class StoryRequest(_Strict):
     script: dict | list = Field(
         ..., description="an ST-Bench style script object, or a plain list of shot prompts")
     name: str | None = Field(None, max_length=200, description="label when the script has no story_name")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="story seed (server default when null)")
-    transition: Literal["mi2v", "mm2v", "none"] | None = None
+    transition: Literal[TRANSITIONS] | None = None
+
+
+class StoryShotOut(BaseModel):
+    scene: int
+    shot: int
+    mode: ShotMode
+    video_uri: str
+    video_sha256: str
+
+
+class StoryOutputsOut(BaseModel):
+    story_uri: str
+    video_uri: str
+    shots_parquet_uri: str
+    commit_marker_uri: str
+    shots: list[StoryShotOut]
 
 
 class StoryJobOut(BaseModel):
     job_id: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: JobStatus
     story_id: str
     config_hash: str
     shots_total: int
@@ -152,7 +215,7 @@ class StoryJobOut(BaseModel):
     created_at: float
     updated_at: float
     error: str | None = None
-    outputs: dict | None = None
+    outputs: StoryOutputsOut | None = None
 
 
 class ErrorOut(BaseModel):

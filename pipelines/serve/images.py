@@ -22,8 +22,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from pipelines.serve_errors import ServeRequestError
-from pipelines.serve_limits import ServeLimits
+from pipelines.serve.errors import ServeRequestError
+from pipelines.serve.limits import ServeLimits
 from storymem_model import storage
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")

@@ -1,0 +1,161 @@
+"""A session's live state in a generation replica: the story runner's `StorySession`.
+
+Session shots are rendered by `StorySession.render_shot` - the very step batch renders use -
+so memory, keyframe selection, MI2V/MM2V transitions, seeds and checkpoints are the batch
+behaviour. A session's RenderConfig is the server's (`storymem render` with the same
+flags) with the session's seed, transition and reference images: the config
+`storymem render --seed S --transition T --references ...` builds, so the config hash and
+every byte are the same. Everything needed to reopen a session lives in storage (its
+RenderConfig in `session.json`, its reference images, the runner's checkpoint under
+`story/`), so any replica, restarted or not, reopens it where it stopped.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.serve.errors import ServeRequestError
+from pipelines.serve.schemas import SessionCreate, SessionShotRequest
+from pipelines.serve.sessions import (MemoryEntry, SessionRecord, SessionStore,
+                                      new_session_id)
+from storymem_model import storage
+from storymem_model.images import image_png, images_sha256, png_image
+from storymem_model.records import ShotRecord
+from storymem_model.render_config import RenderConfig
+from storymem_model.runner import RenderError, StoryRunner, StorySession
+from storymem_model.story_script import ShotSpec
+
+SESSION_STORY_ID = "session"
+
+
+def story_config(base: RenderConfig, seed: int | None = None, transition: str | None = None,
+                 **changes) -> RenderConfig:
+    """The server's config with a story's seed and transition, as `storymem render --seed
+    --transition` would build it (without memory the transition is always "none")."""
+    if seed is not None:
+        changes["seed"] = int(seed)
+    if transition is not None and base.memory:
+        changes["transition"] = transition
+    return base.replace(**changes) if changes else base
+
+
+@dataclass
+class LiveSession:
+    """A reopened session plus the lock that keeps its shots in order on this replica."""
+
+    scope: str
+    session_id: str
+    story: StorySession
+    lock: asyncio.Lock
+    broken: bool = False  # set after a failed shot: reopen from storage before the next
+
+    @classmethod
+    def of(cls, scope: str, session_id: str, story: StorySession) -> "LiveSession":
+        return cls(scope, session_id, story, asyncio.Lock())
+
+
+@dataclass(frozen=True)
+class SessionShotResult:
+    """What a session shot returns across the Ray hop: the session after the shot, the
+    shot's record and (when asked for) its video."""
+
+    record: SessionRecord
+    shot: ShotRecord
+    video_base64: str | None = None
+
+
+def memory_of(story: StorySession) -> list[MemoryEntry]:
+    return [MemoryEntry.of(e) for e in story.bank.entries]
+
+
+def create_session(store: SessionStore, pipeline, scorers, base_config: RenderConfig,
+                   scope: str, body: SessionCreate, references: list[np.ndarray]
+                   ) -> SessionRecord:
+    """Write a new session (config, references, record) and open it. Runs in a thread."""
+    session_id = new_session_id()
+    try:
+        config = story_config(base_config, body.seed, body.transition,
+                              references_sha256=images_sha256(references))
+    except ValueError as exc:  # ConfigError: e.g. references on a --no-memory server
+        raise ServeRequestError(422, "invalid_session_settings", str(exc)) from None
+    for index, image in enumerate(references):
+        storage.write_bytes(store.reference_uri(scope, session_id, index), image_png(image))
+    # The PNG round trip is lossless, so these are the pixels a reopened session sees.
+    story = _open_story(store, pipeline, scorers, config, scope, session_id, references)
+    record = SessionRecord(session_id=session_id, scope=scope, config=config,
+                           name=body.name, references=len(references),
+                           memory=memory_of(story))
+    store.save(record)
+    return record
+
+
+def _open_story(store, pipeline, scorers, config, scope, session_id, references) -> StorySession:
+    runner = StoryRunner(pipeline, scorers, config, references=references)
+    out = store.story_out_uri(scope, session_id)
+    return StorySession(runner, SESSION_STORY_ID, runner.story_uri(SESSION_STORY_ID, out),
+                        story_name=SESSION_STORY_ID)
+
+
+def open_session(store: SessionStore, pipeline, scorers, scope: str, session_id: str) -> LiveSession:
+    """Reopen a stored session from its config, references and runner checkpoint."""
+    record = store.get(scope, session_id)
+    references = [png_image(storage.read_bytes(store.reference_uri(scope, session_id, i)))
+                  for i in range(record.references)]
+    try:
+        story = _open_story(store, pipeline, scorers, record.config, scope, session_id,
+                            references)
+    except (RenderError, ValueError) as exc:
+        raise ServeRequestError(409, "session_incompatible",
+                                f"session {session_id} cannot continue on this server: {exc}") from None
+    if len(record.shots) != len(story.rows):
+        # A replica died between a shot's checkpoint and its record: the checkpoint wins.
+        record.shots, record.memory = list(story.rows), memory_of(story)
+        store.save(record)
+    return LiveSession.of(scope, session_id, story)
+
+
+def next_spec(story: StorySession, body: SessionShotRequest) -> ShotSpec:
+    rows = story.rows
+    if not rows:
+        if not body.cut:
+            raise ServeRequestError(422, "first_shot_not_a_cut",
+                                    "the first shot of a session must be a cut (cut: true): "
+                                    "there is no earlier shot to continue")
+        scene, shot = 1, 1
+    elif body.new_scene:
+        scene, shot = rows[-1].scene + 1, 1
+    else:
+        scene, shot = rows[-1].scene, rows[-1].shot + 1
+    return ShotSpec(scene=scene, shot=shot, shot_index=len(rows), prompt=body.prompt,
+                    cut=body.cut, first_frame_prompt=body.first_frame_prompt)
+
+
+def render_next_shot(store: SessionStore, live: LiveSession, body: SessionShotRequest
+                     ) -> SessionShotResult:
+    """Render, checkpoint and record the session's next shot. Runs in a thread."""
+    story = live.story
+    shot = story.render_shot(next_spec(story, body))
+    try:
+        record = store.get(live.scope, live.session_id)
+    except ServeRequestError:
+        # Deleted while the shot rendered: leave nothing behind.
+        storage.remove(store.session_uri(live.scope, live.session_id))
+        raise
+    record.shots, record.memory = list(story.rows), memory_of(story)
+    store.save(record)
+    video = None
+    if body.return_video in ("base64", "both"):
+        video = base64.b64encode(storage.read_bytes(shot.video_uri)).decode("ascii")
+    return SessionShotResult(record, shot, video)
+
+
+def is_current(store: SessionStore, live: LiveSession) -> bool:
+    """False when storage has moved on (another replica added shots) or the session is gone."""
+    try:
+        record = store.get(live.scope, live.session_id)
+    except ServeRequestError:
+        return False
+    return len(record.shots) == len(live.story.rows)
