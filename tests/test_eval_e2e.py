@@ -17,7 +17,7 @@ import torch
 
 from flows.cli import main
 from storymem_model import storage
-from storymem_model.evaluation import eval_report, metrics
+from storymem_model.evaluation import charts, metrics
 from storymem_model.evaluation.video_encoders import tiny_viclip_encoder
 from storymem_model.video_io import decode_mp4
 
@@ -85,10 +85,10 @@ def test_bench_renders_both_methods_and_prints_the_table_the_files_hold(bench):
     printed = _printed_table(bench["printed"])
     report = (bench["out"] / "_eval" / "report.md").read_text()
     saved = json.loads((bench["out"] / "_eval" / "summary.json").read_text())["table1"]
-    chart = eval_report.read_png_numbers((bench["out"] / "_eval" / "metrics.png").read_bytes())
+    chart = charts.read_png_numbers((bench["out"] / "_eval" / "metrics.png").read_bytes())
     for method, row in summary.items():
         assert row["num_stories"] == 2
-        cells = [eval_report.format_number(row[c]) for c in metrics.TABLE1_COLUMNS]
+        cells = [metrics.format_number(row[c]) for c in metrics.TABLE1_COLUMNS]
         assert [printed[method][c] for c in metrics.TABLE1_COLUMNS] == cells
         assert f"| {method} | " + " | ".join(cells) + " | 2 |" in report
         saved_row = next(s for s in saved if s["method"] == method)
@@ -160,13 +160,13 @@ def test_one_shot_story_has_undefined_consistency_everywhere(bench):
 def test_charts_exist_and_hold_the_table_numbers(bench):
     report_dir = bench["out"] / "_eval"
     stories = _level(bench["rows"], "story")
-    per_story = eval_report.read_png_numbers((report_dir / "stories.png").read_bytes())
+    per_story = charts.read_png_numbers((report_dir / "stories.png").read_bytes())
     for row in stories:
-        heatmap = report_dir / eval_report.heatmap_key(row["story_id"], row["method"])
-        numbers = eval_report.read_png_numbers(heatmap.read_bytes())
+        heatmap = report_dir / charts.heatmap_key(row["story_id"], row["method"])
+        numbers = charts.read_png_numbers(heatmap.read_bytes())
         assert np.allclose(np.reshape(numbers["matrix"], -1), row["consistency_matrix"], atol=1e-6)
         assert len(numbers["labels"]) == row["num_shots"]
-        assert f"({eval_report.heatmap_key(row['story_id'], row['method'])})" in \
+        assert f"({charts.heatmap_key(row['story_id'], row['method'])})" in \
             (report_dir / "report.md").read_text()
         value = per_story[row["method"]][row["story_id"]]
         if math.isnan(row["consistency_all_pairs"]):
@@ -190,7 +190,7 @@ def test_eval_command_with_scripts_and_clip_encoder(bench, tmp_path):
     printed_table = _printed_table(printed)
     for row in _level(rows, "benchmark"):
         assert printed_table[row["method"]]["consistency_top10"] == \
-            eval_report.format_number(row["consistency_top10"])
+            metrics.format_number(row["consistency_top10"])
 
 
 def test_bad_renders_are_reported_and_the_rest_is_still_evaluated(bench, tmp_path, s3_bucket):
@@ -238,7 +238,7 @@ def test_story_consistency_for_a_batch_table_row(bench):
 
 
 def test_two_configs_of_one_method_get_their_hash_in_the_label(bench, tmp_path):
-    from storymem_model.evaluation.story_eval import find_rendered_stories
+    from storymem_model.evaluation.renders import find_rendered_stories
 
     out = tmp_path / "out"
     kite = next(bench["out"].glob("kite-day-*"))
@@ -252,7 +252,7 @@ def test_two_configs_of_one_method_get_their_hash_in_the_label(bench, tmp_path):
 
 
 def test_method_label_reads_the_memory_flag_and_old_baseline_renders():
-    from storymem_model.evaluation.story_eval import method_label
+    from storymem_model.evaluation.renders import method_label
 
     assert method_label({"model_id": "tiny", "memory": True}) == "storymem"
     assert method_label({"model_id": "tiny"}) == "storymem"  # configs before the flag

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from storymem_model.evaluation import video_encoders as ve
+from storymem_model.evaluation.encoder_factory import build_video_encoder
 
 torch.set_num_threads(1)
 
@@ -62,7 +63,7 @@ def test_tiny_checkpoint_round_trip_in_released_format(tiny, tmp_path):
     ve.save_viclip_checkpoint(tiny, str(path))
     raw = torch.load(path, weights_only=True)
     assert set(raw) >= {"model"} and "vision_encoder.conv1.weight" in raw["model"]
-    loaded = ve.build_video_encoder(str(tmp_path))  # a folder holding one checkpoint
+    loaded = build_video_encoder(str(tmp_path))  # a folder holding one checkpoint
     assert loaded.config == tiny.config
     videos = _videos()
     np.testing.assert_array_equal(loaded.embed_videos(videos), tiny.embed_videos(videos))
@@ -128,7 +129,7 @@ def test_clip_frame_average_is_the_renormalised_mean_of_sampled_frames():
 
 
 def test_tiny_clip_frame_average_over_the_projects_clip_embedder():
-    encoder = ve.build_video_encoder("tiny-clip")
+    encoder = build_video_encoder("tiny-clip")
     embeddings = encoder.embed_videos(_videos())
     assert embeddings.shape[0] == 2
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
@@ -151,7 +152,7 @@ def test_bad_inputs_and_checkpoints_raise_clear_errors(tiny, tmp_path):
     with pytest.raises(ve.VideoEncoderError, match="not a ViCLIP checkpoint"):
         ve.ViCLIPEncoder.from_checkpoint(str(tmp_path / "other.pth"))
     with pytest.raises(ve.VideoEncoderError, match="unknown video encoder"):
-        ve.build_video_encoder("no-such-encoder")
+        build_video_encoder("no-such-encoder")
 
 
 def test_one_frame_through_the_vision_tower_equals_open_clips_image_vit(tiny):

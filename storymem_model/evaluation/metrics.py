@@ -2,7 +2,8 @@
 
 Nothing here touches a model: every function takes embeddings or scores that an encoder
 already produced, so the math can be checked by hand and reused anywhere (evaluation,
-batch tables, notebooks).
+batch tables, notebooks). docs/method.md#st-bench-and-its-metrics has the paper's
+definitions and numbers.
 
 Choices (documented once, here):
 - Similarities are cosine similarities: rows are L2-normalised here (float64) whatever the
@@ -13,7 +14,7 @@ Choices (documented once, here):
 - Prompt following: cosine of a video embedding and a text embedding from the same
   video-text encoder (ViCLIP in the paper). "Single-shot" for a story = mean over its shots
   of cos(shot video, shot prompt); "global" = cos(whole story video, story text), see
-  `storymem_model.evaluation` for what the story video and text are.
+  `story_eval` for what the story video and text are.
 - Cross-shot consistency: the cosine similarity of every pair of distinct shots (i < j) of
   one story. "All pairs" = their mean; "top-10" = the mean of the 10 largest. A story with
   fewer than 10 pairs (fewer than 5 shots) averages all the pairs it has, so top-10 equals
@@ -39,6 +40,14 @@ TABLE1_COLUMNS = (
     "consistency_all_pairs",
     "consistency_top10",
 )
+TABLE1_HEADERS = {
+    "aesthetic_quality": "Aesthetic Quality",
+    "prompt_following_global": "Prompt Following (Global)",
+    "prompt_following_single_shot": "Prompt Following (Single-Shot)",
+    "consistency_all_pairs": "Cross-shot Consistency (All)",
+    "consistency_top10": "Cross-shot Consistency (Top-10)",
+}
+PAPER_STORIES = 30  # ST-Bench stories behind the paper's numbers
 
 # The paper's Table 1 rows (real weights, ST-Bench), for side-by-side reference only.
 PAPER_TABLE1 = {
@@ -145,3 +154,10 @@ def benchmark_mean(values: Iterable[float]) -> float:
     array = np.asarray([float(v) for v in values], dtype=np.float64)
     array = array[np.isfinite(array)]
     return float(array.mean()) if array.size else math.nan
+
+
+def format_number(value) -> str:
+    """A metric as the paper prints it (4 decimals); '-' for a missing (None/NaN) value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{float(value):.4f}"

@@ -32,7 +32,9 @@ Two encoders:
   text through the same CLIP's text tower.
 
 Tiny variants (`tiny_viclip_encoder`, `ClipFrameAverageEncoder` over the tiny CLIP) have
-seeded random weights: they exercise the code, their numbers mean nothing.
+seeded random weights: they exercise the code, their numbers mean nothing. Which encoder an
+evaluation uses is a spec (`encoder_spec.VideoEncoderSpec`), loaded by
+`encoder_factory.build_video_encoder`.
 """
 from __future__ import annotations
 
@@ -403,29 +405,3 @@ class ClipFrameAverageEncoder:
         texts = check_texts(texts)
         embeddings = np.asarray(self.embedder.embed_texts(texts), dtype=np.float32)
         return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-
-
-def build_video_encoder(spec: str, device=None, clip_embedder=None) -> VideoTextEncoder:
-    """An encoder from a spec string.
-
-    - "tiny" / "tiny-viclip": tiny random ViCLIP;
-    - "clip" with `clip_embedder` given: CLIP frame average over that embedder
-      ("tiny-clip" builds it over the tiny CLIP of storymem_model.scorers);
-    - a ViCLIP checkpoint file or a folder holding exactly one.
-    """
-    if spec in ("tiny", "tiny-viclip"):
-        return tiny_viclip_encoder(device=device)
-    if spec == "tiny-clip":
-        if clip_embedder is None:
-            from storymem_model.scorers.clip_embedder import OpenClipEmbedder
-
-            clip_embedder = OpenClipEmbedder.tiny()
-        return ClipFrameAverageEncoder(clip_embedder)
-    if spec == "clip":
-        if clip_embedder is None:
-            raise VideoEncoderError("the CLIP frame-average encoder needs a CLIP embedder")
-        return ClipFrameAverageEncoder(clip_embedder)
-    if os.path.exists(spec):
-        return ViCLIPEncoder.from_checkpoint(spec, device=device)
-    raise VideoEncoderError(
-        f"unknown video encoder {spec!r}: use 'tiny', 'tiny-clip', 'clip' or a ViCLIP checkpoint path")
