@@ -126,29 +126,27 @@ def test_references_make_the_first_shot_mr2v_with_bars_on_a_terminal(tmp_path, c
     assert "reference image" in capsys.readouterr().err
 
 
-def test_no_memory_flag_makes_a_no_memory_config_and_refuses_references(tmp_path, capsys):
-    """--no-memory -> memory=False and transition none (the render itself is covered by
-    test_runner_e2e and the bench-stbench baseline in test_eval_e2e)."""
+def test_no_memory_flag_makes_a_no_memory_spec_and_refuses_references(tmp_path, capsys):
+    """--no-memory -> memory=False, transition none and no scorers (the render itself is
+    covered by test_runner_e2e and the bench-stbench baseline in test_eval_e2e)."""
     import argparse
-    from types import SimpleNamespace
 
     from PIL import Image
 
-    from storymem_model.cli_render import add_model_arguments, config_from_args
+    from flows.cli.model_flags import add_model_arguments, render_spec_from_args
 
     with pytest.raises(SystemExit):
         main(["render", "--help"])
     assert "--no-memory" in capsys.readouterr().out
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)
-    stand_in = SimpleNamespace(model_id="tiny", default_height=32, default_width=32,
-                               default_num_frames=9, fps=16, default_sampling={})
-    config = config_from_args(parser.parse_args(["--preset", "tiny", "--no-memory"]),
-                              stand_in, references=[])
-    assert config.memory is False and config.transition == "none"
-    default = config_from_args(parser.parse_args(["--preset", "tiny"]), stand_in,
-                               references=[])
-    assert default.memory is True and default.transition == "mi2v"
+    spec = render_spec_from_args(parser.parse_args(["--preset", "tiny", "--no-memory"]),
+                                 accelerator=False)
+    assert spec.config.memory is False and spec.config.transition == "none"
+    assert spec.scorers is None
+    default = render_spec_from_args(parser.parse_args(["--preset", "tiny"]), accelerator=False)
+    assert default.config.memory is True and default.config.transition == "mi2v"
+    assert default.scorers is not None
 
     script = _write(tmp_path / "s.json", TWO_SHOTS)
     ref = tmp_path / "hero.png"

@@ -1,18 +1,24 @@
-"""The `storymem` command: every layer registers its own subcommands here."""
+"""The `storymem` command: each subcommand is one module of this package, registered here.
+
+All command-line parsing lives in `flows/cli/`: a command module turns its flags into
+typed specs (`flows.cli.model_flags`) and hands those to the layer below; nothing under
+`pipelines/`, `actors/` or `storymem_model/` sees an argparse Namespace.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-# (module, function) pairs; each function takes the argparse subparsers object.
-# Import direction stays flows -> pipelines -> actors -> storymem_model.
+# (module, function) pairs, in the order `storymem --help` lists the commands; each
+# function takes the argparse subparsers object.
 COMMAND_MODULES = [
-    ("storymem_model.cli_render", "add_render_command"),
-    ("storymem_model.cli_eval", "add_eval_commands"),
-    ("pipelines.cli_batch", "add_batch_command"),
-    ("pipelines.cli_serve", "add_serve_command"),
-    ("flows.cli_flow", "add_flow_commands"),
+    ("flows.cli.render", "add_render_command"),
+    ("flows.cli.plan", "add_plan_command"),
+    ("flows.cli.batch", "add_batch_command"),
+    ("flows.cli.serve", "add_serve_command"),
+    ("flows.cli.eval", "add_eval_commands"),
+    ("flows.cli.flow", "add_flow_commands"),
 ]
 
 

@@ -195,11 +195,33 @@ def render_spec_from_args(args: argparse.Namespace, *, accelerator: bool):
     from storymem_model.model_identity import IdentityError
     from storymem_model.render_spec import ReferenceImageError, resolve_render_spec
 
-    model, scorers, settings = specs_from_args(args)
+    model, scorers, settings = _specs_naming_every_problem(args)
     try:
         return resolve_render_spec(model, scorers, settings, accelerator=accelerator)
     except (SpecError, IdentityError, ReferenceImageError) as exc:
         raise ArgumentsError(str(exc)) from None
+
+
+def _specs_naming_every_problem(args: argparse.Namespace):
+    """`specs_from_args`, but an unusable model folder is named together with missing
+    scorer or setting flags (one run of the command shows every problem)."""
+    from storymem_model.model_identity import IdentityError, model_identity
+
+    model = model_spec_from_args(args)
+    problems = []
+    try:
+        model_identity(model)
+    except IdentityError as exc:
+        problems.append(str(exc))
+    specs = []
+    for build in (scorer_spec_from_args, render_settings_from_args):
+        try:
+            specs.append(build(args))
+        except ArgumentsError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ArgumentsError("; ".join(problems))
+    return model, *specs
 
 
 def local_accelerator() -> bool:
@@ -207,6 +229,14 @@ def local_accelerator() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def accelerator_from_args(args: argparse.Namespace) -> bool:
+    """Whether a render on this machine runs on a GPU: `--device` says so when given (and
+    torch is not even imported), else `local_accelerator()` decides."""
+    if args.device:
+        return not args.device.startswith("cpu")
+    return local_accelerator()
 
 
 def _spec(cls, **values):
