@@ -236,6 +236,75 @@ def test_single_shots_memory_images_and_modes(server):
     assert (t2v["mode"], t2v["num_frames"], t2v["memory_count"]) == ("t2v", 9, 0)
 
 
+def test_single_shot_is_the_story_shot_step(server):
+    """POST /v1/shots is `ShotStep` (plan -> generate -> select -> write): its files are in
+    the story layout, its video is the bytes ShotStep makes in process from the same
+    request, and its keyframes are `ShotStep.select` on those frames."""
+    import torch
+
+    from flows.cli.model_flags import render_spec_from_args
+    from pipelines.serve.auth import key_digest, scope_of_digest
+    from pipelines.serve.schemas import ShotRequest
+    from pipelines.serve.single_shot import shot_config
+    from storymem_model.memory_bank import MemoryBank
+    from storymem_model.model_loading import build_pipeline
+    from storymem_model.scorers.factory import build_keyframe_scorers
+    from storymem_model.shot_step import ShotMode, ShotStep
+    from storymem_model.video_io import encode_mp4
+
+    request = {"prompt": "a lighthouse keeper climbs the stairs", "seed": 11,
+               "memory_images": [png_b64(1), png_b64(2, (48, 80))],
+               "negative_prompt": "blurry", "return_video": "uri"}
+    response = server.a.post("/v1/shots", json=request)
+    assert response.status_code == 200, response.text
+    shot = response.json()
+    assert shot["keyframes"], "the tiny gate threshold should let some keyframes through"
+
+    scope = scope_of_digest(key_digest(KEY_A))
+    prefix = f"serve/shots/{scope}/{shot['shot_id']}/"
+    listed = server.s3.list_objects_v2(Bucket=server.bucket, Prefix=prefix)["Contents"]
+    assert sorted(o["Key"][len(prefix):] for o in listed) == sorted(
+        ["shots/01_01.mp4", "shots/01_01.json"]
+        + [f"keyframes/{k['keyframe_id']}.png" for k in shot["keyframes"]])
+    record = json.loads(server.s3.get_object(Bucket=server.bucket,
+                                             Key=prefix + "shots/01_01.json")["Body"].read())
+    assert record["video_uri"] == shot["video_uri"]
+    assert (record["story_id"], record["mode"], record["seed"], record["video_sha256"]) == (
+        shot["shot_id"], "m2v", 11, shot["video_sha256"])
+    assert record["memory_keyframe_ids"] == ["reference000", "reference001"]
+    assert record["keyframe_ids"] == [k["keyframe_id"] for k in shot["keyframes"]]
+
+    # The same shot in this process, through ShotStep, with the server's torch threads.
+    args = _render_parser().parse_args(["render", "story.json", "--out", "out",
+                                        "--preset", "tiny"])
+    spec = render_spec_from_args(args, accelerator=False)
+    config = shot_config(spec.config, ShotRequest(**request))
+    assert record["config_hash"] == config.config_hash()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        scorers = build_keyframe_scorers(spec.scorers)
+        step = ShotStep(build_pipeline(spec.model), scorers, config)
+        bank = MemoryBank(max_size=2, sink=0)
+        images = [np.asarray(Image.open(io.BytesIO(png_bytes(1)))),
+                  np.asarray(Image.open(io.BytesIO(png_bytes(2, (48, 80)))))]
+        bank.add_references(images, story_id=shot["shot_id"], embedder=scorers.embedder)
+        plan = step.plan(request["prompt"], ShotMode.M2V, 11, bank)
+        frames = step.generate(plan, bank)
+        selected = step.select(frames, bank.stored_embeddings(include_references=True),
+                               story_id=shot["shot_id"], scene=1, shot=1,
+                               prompt=request["prompt"])
+    finally:
+        torch.set_num_threads(saved)
+    from storymem_model import storage
+
+    assert storage.sha256_hex(encode_mp4(frames, config.fps)) == shot["video_sha256"]
+    assert [k["frame_index"] for k in shot["keyframes"]] == selected.indices
+    assert [k["keyframe_id"] for k in shot["keyframes"]] == [e.keyframe_id
+                                                           for e in selected.entries]
+    assert [k["score"] for k in shot["keyframes"]] == selected.scores
+
+
 SESSION_SHOTS = [
     {"prompt": "An old keeper in a red cap climbs a spiral stair.", "cut": True},
     {"prompt": "He reaches the lamp room and polishes the lens.", "cut": False},
@@ -526,8 +595,16 @@ def test_scorer_deployments_are_shared_and_batch_requests(server):
     vectors = [r.result() for r in responses]
     assert [v.shape[0] for v in vectors] == [3] * 6
     assert embedder.stats.remote().result()["max_requests_per_batch"] > 1
-    alone = embedder.embed_images.remote(frames[4]).result()
-    np.testing.assert_allclose(alone, vectors[4], rtol=0, atol=1e-6)  # split back correctly
+    # Split back correctly, and bit-identical to the request alone in its batch: the
+    # scorer runs fixed-size forwards, so batch mates never change a frame's numbers.
+    for index in (0, 4):
+        alone = embedder.embed_images.remote(frames[index]).result()
+        np.testing.assert_array_equal(alone, vectors[index])
+    gate = serve.get_deployment_handle("image_gate", app_name=APP_NAME)
+    scores = [r.result() for r in [gate.score_images.remote((f, None)) for f in frames]]
+    assert gate.stats.remote().result()["max_requests_per_batch"] > 1
+    np.testing.assert_array_equal(gate.score_images.remote((frames[5], None)).result(),
+                                  scores[5])
 
 
 def test_api_keys_never_logged(server):
