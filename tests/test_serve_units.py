@@ -301,3 +301,45 @@ def test_request_modes_are_shot_modes():
     for mode in ("mr2v", "m2v-no-memory", "i2v"):  # story-only modes are not requests
         with pytest.raises(ValidationError):
             ShotRequest(prompt="x", mode=mode)
+
+
+# -- the single-shot step without a cluster --------------------------------------------
+def test_single_shot_without_scorers_conditions_on_memory_and_selects_nothing(
+        pipe, monkeypatch, tmp_path):
+    """A server with memory off has no scorers: a single shot still uses the request's
+    memory images, writes the story layout and selects no keyframe."""
+    from flows.cli.serve import settings_from_args
+    from pipelines.serve.schemas import ShotRequest
+    from pipelines.serve.single_shot import render_single_shot
+    from storymem_model import storage
+
+    monkeypatch.setenv("STORYMEM_API_KEYS", KEY)
+    settings = settings_from_args(_serve_args(["--preset", "tiny", "--no-memory"]))
+    assert settings.render.scorers is None and not settings.render.config.memory
+    request = ShotRequest(prompt="a boat at dawn", seed=3, return_video="uri",
+                          sampling={"num_inference_steps": 2, "num_frames": 9})
+    memory = [np.full((40, 24, 3), 90, np.uint8)]
+    shot = render_single_shot(pipe, None, settings.render.config, str(tmp_path), "scopeA",
+                              request, memory, None, None)
+    assert (shot.mode, shot.num_frames, shot.memory_count, shot.keyframes) == (
+        "m2v", 9, 1, [])
+    folder = tmp_path / "shots" / "scopeA" / shot.shot_id
+    assert storage.list_files(str(folder)) == ["shots/01_01.json", "shots/01_01.mp4"]
+    no_memory = render_single_shot(pipe, None, settings.render.config, str(tmp_path),
+                                   "scopeA", request, [], None, None)
+    assert no_memory.memory_count == 0 and no_memory.video_sha256 != shot.video_sha256
+
+
+def test_story_settings_change_the_config_as_render_flags_do(monkeypatch):
+    from flows.cli.serve import settings_from_args
+    from pipelines.serve.session_state import story_config
+
+    monkeypatch.setenv("STORYMEM_API_KEYS", KEY)
+    for flags, transition in ((["--preset", "tiny"], "mm2v"),
+                              (["--preset", "tiny", "--no-memory"], "none")):
+        base = settings_from_args(_serve_args(flags)).render.config
+        render = settings_from_args(_serve_args([*flags, "--seed", "9", "--transition",
+                                                 "mm2v"])).render.config
+        config = story_config(base, 9, "mm2v")
+        assert config.transition == transition and config == render
+        assert story_config(base) is base
