@@ -36,6 +36,8 @@ from storymem_model.spec_json import SpecError
 log = logging.getLogger("storymem.eval")
 
 INDEPENDENT = "independent"
+# `storymem eval` reads scripts for their stories, not to plan a render: it has no config
+ANY_CONFIG = "eval"
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,10 +93,10 @@ def encoder_spec_from_args(args: argparse.Namespace) -> EvalEncoderSpec:
         raise ArgumentsError(str(exc)) from None
 
 
-def read_scripts(source: str, out: str, config_hash: str):
+def read_scripts(source: str, out: str, config_hash: str = ANY_CONFIG):
     """({story_id: StoryScript} in listing order, [InvalidScript]) of every script of
     `source`, through the story planner (ScriptSourceError when `source` is unusable).
-    `config_hash` only names the planner's (unused) story folders."""
+    `config_hash` only names the story folders the planner reports (not used here)."""
     from pipelines.story_planner import InvalidScript, plan_items
 
     scripts, invalid = {}, []
@@ -160,7 +162,7 @@ def run_eval(args: argparse.Namespace) -> int:
         spec = encoder_spec_from_args(args)
         scripts = None
         if args.scripts:
-            scripts, invalid = read_scripts(args.scripts, args.output, "eval")
+            scripts, invalid = read_scripts(args.scripts, args.output)
             for problem in invalid:
                 log.error("script %s skipped: %s", problem.source, _one_line(problem.message))
         encoders = build_encoders(spec)
