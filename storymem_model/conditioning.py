@@ -84,19 +84,27 @@ def conditioning_video(given_frames: torch.Tensor | None, num_frames: int, heigh
 
 
 def condition_mask(num_memory: int, num_frames: int, num_given_frames: int,
-                   latent_height: int, latent_width: int) -> torch.Tensor:
-    """Mask (4, M + f, h, w): 1 for memory frames and the given pixel frames, Wan-packed."""
+                   latent_height: int, latent_width: int, fix_mem: int | None = None) -> torch.Tensor:
+    """Mask (4, M + f, h, w): 1 for memory frames and the given pixel frames, Wan-packed.
+
+    `fix_mem` (the reference's optional argument): memory frames after the first `fix_mem`
+    get the value 2 instead of 1; None marks every memory frame 1 (what the reference's
+    story pipeline does)."""
+    if fix_mem is not None and (isinstance(fix_mem, bool) or not isinstance(fix_mem, int) or fix_mem < 0):
+        raise ValueError(f"fix_mem must be None or an int >= 0, got {fix_mem!r}")
     flags = torch.zeros(num_frames)
     flags[:num_given_frames] = 1.0
     packed = torch.cat([flags[:1].repeat(VAE_TEMPORAL_STRIDE), flags[1:]])  # 4 + (F - 1) values
     shot = packed.view(-1, VAE_TEMPORAL_STRIDE).t()  # (4, f): channel c of latent frame j
     memory = torch.ones(MASK_CHANNELS, num_memory)
+    if fix_mem is not None:
+        memory[:, fix_mem:] = 2.0
     mask = torch.cat([memory, shot], dim=1)
     return mask[:, :, None, None].expand(-1, -1, latent_height, latent_width).contiguous()
 
 
 def build_condition(memory_latents: torch.Tensor | None, shot_condition_latents: torch.Tensor,
-                    num_frames: int, num_given_frames: int) -> torch.Tensor:
+                    num_frames: int, num_given_frames: int, fix_mem: int | None = None) -> torch.Tensor:
     """y (20, M + f, h, w) from memory latents (M, 16, 1, h, w) and the shot's (16, f, h, w)."""
     _, f, h, w = shot_condition_latents.shape
     if memory_latents is None or len(memory_latents) == 0:
@@ -104,7 +112,7 @@ def build_condition(memory_latents: torch.Tensor | None, shot_condition_latents:
     else:
         memory = memory_latents[:, :, 0].permute(1, 0, 2, 3).to(shot_condition_latents)
     latents = torch.cat([memory, shot_condition_latents], dim=1)
-    mask = condition_mask(memory.shape[1], num_frames, num_given_frames, h, w).to(latents)
+    mask = condition_mask(memory.shape[1], num_frames, num_given_frames, h, w, fix_mem).to(latents)
     if mask.shape[1] != latents.shape[1]:
         raise ValueError(f"mask has {mask.shape[1]} latent frames but the latents have {latents.shape[1]}")
     return torch.cat([mask, latents], dim=0)

@@ -135,6 +135,8 @@ def extract_keyframes(frames, scorers: KeyframeScorers, memory_embeddings=None,
     The gate scores frames with the empty prompt, as the reference does.
     """
     batch = check_image_batch(frames, "shot frames")
+    # the frames as the gate and CLIP see them (smart-resized in "reference" mode)
+    batch = scorers.scoring_frames(batch) if hasattr(scorers, "scoring_frames") else batch
     embeddings = np.asarray(scorers.embedder.embed_images(batch), dtype=np.float32)
     if scorers.gate_scores_embeddings:
         scores = scorers.gate.score_embeddings(embeddings)  # gate on the same CLIP: embed once

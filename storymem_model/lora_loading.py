@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 ADAPTER_NAME = "storymem"
+DISTILL_ADAPTER_NAME = "distill"
 PEFT_PREFIX = "base_model.model."
 FILE_STEMS = ("backbone_high_noise", "backbone_low_noise")
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt")
@@ -154,7 +155,7 @@ def _inject(transformer, converted: dict[str, torch.Tensor], rank: int, alpha: f
                 "lora_dropout": 0.0, "bias": "none"}
     transformer.load_lora_adapter({k: v.to(dtype) for k, v in converted.items()}, prefix=None,
                                   adapter_name=ADAPTER_NAME, metadata=metadata)
-    transformer.set_adapters([ADAPTER_NAME], weights=[float(strength)])
+    _activate_adapters(transformer, {ADAPTER_NAME: float(strength)})
 
 
 def has_storymem_lora(transformer) -> bool:
@@ -192,15 +193,127 @@ def load_storymem_lora(pipeline, lora, strength: float = 1.0, fuse: bool = False
     except Exception as error:
         for expert in done + [e for e in experts if e not in done and has_storymem_lora(e)]:
             expert.delete_adapters(ADAPTER_NAME)
+            _activate_adapters(expert, {ADAPTER_NAME: None})
         raise LoraLoadError(f"loading {high_path} / {low_path} failed and was rolled back: {error}") from error
     if fuse:
+        if any(DISTILL_ADAPTER_NAME in (getattr(e, "peft_config", None) or {}) for e in experts):
+            raise LoraLoadError("fuse the StoryMem LoRA before loading a distillation LoRA "
+                                "(fusing unloads every adapter)")
         for expert in experts:
             expert.fuse_lora(adapter_names=[ADAPTER_NAME])
             expert.unload_lora()
+            _activate_adapters(expert, {ADAPTER_NAME: None})
         pipeline.lora_fused = True
     lora_id = _lora_id(high_path, low_path, strength)
     pipeline.lora_id = lora_id
     return lora_id
+
+
+# ---------------------------------------------------------------------------------------
+# Step-distillation LoRAs (Lightning / LightX2V), stacked on the StoryMem LoRA.
+
+def convert_distill_state_dict(state: dict[str, torch.Tensor], path: Path,
+                               transformer) -> dict[str, torch.Tensor]:
+    """A published Wan2.2 distillation LoRA as diffusers peft keys for `transformer`.
+
+    Accepted formats: the original Wan names with a `diffusion_model.` prefix
+    (`lora_down`/`lora_up` or `lora_A`/`lora_B`, optional `alpha`, `diff_b` biases) as the
+    LightX2V and Lightning releases ship them - converted by diffusers' own Wan LoRA
+    conversion (which folds `alpha / rank` into the matrices) - or diffusers peft keys
+    (`blocks.N.attn1.to_q.lora_A.weight`, optionally prefixed `transformer.`). Every key
+    must name a Linear of this expert with matching shapes; anything else refuses the file.
+    """
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+    try:
+        converted = WanLoraLoaderMixin.lora_state_dict(dict(state))
+    except Exception as error:  # noqa: BLE001 - diffusers raises ValueError/KeyError
+        raise LoraLoadError(f"{path}: not a Wan LoRA diffusers can convert "
+                            f"({type(error).__name__}: {error})") from error
+    converted = {(k[len("transformer."):] if k.startswith("transformer.") else k): v
+                 for k, v in converted.items()}
+    modules = dict(transformer.named_modules())
+    problems = []
+    for key, tensor in converted.items():
+        name, _, part = key.partition(".lora_")
+        layer = modules.get(name)
+        layer = getattr(layer, "base_layer", layer)
+        if not isinstance(layer, torch.nn.Linear) or part not in ("A.weight", "B.weight", "B.bias"):
+            problems.append(f"{key}: no such Linear in this expert")
+            continue
+        if part == "A.weight":
+            ok = tensor.ndim == 2 and tensor.shape[1] == layer.in_features
+        elif part == "B.weight":
+            ok = tensor.ndim == 2 and tensor.shape[0] == layer.out_features
+        else:
+            ok = tensor.ndim == 1 and tensor.shape[0] == layer.out_features
+        if not ok:
+            problems.append(f"{key}: shape {tuple(tensor.shape)} does not fit "
+                            f"{layer.out_features}x{layer.in_features}")
+    pairs = {k.rsplit(".lora_", 1)[0] for k in converted if k.endswith(".lora_A.weight")}
+    half = sorted(n for n in {k.rsplit(".lora_", 1)[0] for k in converted if "weight" in k}
+                  if f"{n}.lora_A.weight" not in converted or f"{n}.lora_B.weight" not in converted)
+    problems += [f"{name}: lora_A and lora_B must come together" for name in half]
+    if not pairs:
+        problems.append("no LoRA matrices")
+    if problems:
+        raise LoraLoadError(f"{path}: {len(problems)} problem(s), e.g. {problems[:3]}")
+    bad = [k for k, t in converted.items() if not torch.isfinite(t.float()).all()]
+    if bad:
+        raise LoraLoadError(f"{path}: NaN or inf in {bad[:3]}")
+    return converted
+
+
+def load_distill_lora(pipeline, lora, strength: float = 1.0) -> str:
+    """Stack a step-distillation LoRA pair on the two M2V experts (high-noise file on
+    `transformer`, low-noise on `transformer_2`) with its own `strength`, beside the
+    StoryMem LoRA; returns its id. Both files are read and checked before either expert is
+    touched; a failure rolls back, nothing is half-loaded."""
+    from .model_identity import IdentityError, distill_lora_files, lora_identity
+
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool):
+        raise LoraLoadError(f"distillation LoRA strength must be a number, got {strength!r}")
+    try:
+        high_path, low_path = distill_lora_files(lora)
+    except IdentityError as error:
+        raise LoraLoadError(str(error)) from None
+    experts = (pipeline.transformer, pipeline.transformer_2)
+    if any(DISTILL_ADAPTER_NAME in (getattr(e, "peft_config", None) or {}) for e in experts):
+        raise LoraLoadError("this pipeline already holds a distillation LoRA")
+    checked = [convert_distill_state_dict(read_lora_file(path), path, expert)
+               for path, expert in zip((high_path, low_path), experts)]
+    done = []
+    try:
+        for expert, state in zip(experts, checked):
+            dtype = next(expert.parameters()).dtype
+            expert.load_lora_adapter({k: v.to(dtype) for k, v in state.items()}, prefix=None,
+                                     adapter_name=DISTILL_ADAPTER_NAME)
+            done.append(expert)
+            _activate_adapters(expert, {DISTILL_ADAPTER_NAME: float(strength)})
+    except Exception as error:
+        for expert in done:
+            expert.delete_adapters(DISTILL_ADAPTER_NAME)
+            _activate_adapters(expert, {DISTILL_ADAPTER_NAME: None})
+        raise LoraLoadError(f"loading {high_path} / {low_path} failed and was rolled back: "
+                            f"{error}") from error
+    pipeline.distill_lora_id = lora_identity(high_path, low_path, strength, kind="distill-lora")
+    return pipeline.distill_lora_id
+
+
+def _activate_adapters(expert, changes: dict[str, float | None]) -> None:
+    """Record adapter strengths (None: removed) and make every loaded adapter active with
+    its own strength, so stacked LoRAs add up (StoryMem + distillation)."""
+    weights = dict(getattr(expert, "_storymem_adapter_weights", {}))
+    for name, weight in changes.items():
+        if weight is None:
+            weights.pop(name, None)
+        else:
+            weights[name] = weight
+    expert._storymem_adapter_weights = weights
+    loaded = getattr(expert, "peft_config", None) or {}
+    names = [name for name in weights if name in loaded]
+    if names:
+        expert.set_adapters(names, weights=[weights[n] for n in names])
 
 
 def unload_storymem_lora(pipeline) -> None:
@@ -210,6 +323,7 @@ def unload_storymem_lora(pipeline) -> None:
     for expert in (pipeline.transformer, pipeline.transformer_2):
         if has_storymem_lora(expert):
             expert.delete_adapters(ADAPTER_NAME)
+            _activate_adapters(expert, {ADAPTER_NAME: None})
     pipeline.lora_id = None
 
 

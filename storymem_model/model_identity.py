@@ -61,6 +61,7 @@ class ModelIdentity:
     model_id: str
     t2v_model_id: str | None
     lora_id: str | None
+    distill_lora_id: str | None = None
 
     @property
     def has_t2v(self) -> bool:
@@ -211,6 +212,37 @@ def lora_files(lora_dir: str | os.PathLike) -> tuple[Path, Path]:
     return found[0], found[1]
 
 
+def distill_lora_files(folder_or_pair) -> tuple[Path, Path]:
+    """(high-noise, low-noise) files of a step-distillation LoRA: a folder holding exactly one
+    weights file whose name says "high" and one that says "low" (as the Lightning and
+    LightX2V releases name them), or a (high, low) pair of files."""
+    if isinstance(folder_or_pair, (tuple, list)):
+        if len(folder_or_pair) != 2:
+            raise IdentityError(f"a distillation LoRA pair is two files (high, low), got "
+                                f"{len(folder_or_pair)}")
+        files = tuple(Path(p) for p in folder_or_pair)
+        for path in files:
+            if not path.is_file():
+                raise IdentityError(f"{path}: distillation LoRA file not found")
+        return files[0], files[1]
+    folder = Path(folder_or_pair)
+    if not folder.is_dir():
+        raise IdentityError(f"{folder}: distillation LoRA folder not found")
+    weights = sorted(p for p in folder.iterdir()
+                     if p.is_file() and p.suffix in LORA_SUFFIXES and not p.name.startswith("."))
+    found = []
+    for role in ("high", "low"):
+        matches = [p for p in weights if role in p.name.lower()]
+        if len(matches) != 1:
+            names = [p.name for p in weights] or "no weights files"
+            raise IdentityError(
+                f"{folder}: expected exactly one {role}-noise file (a name containing "
+                f"'{role}') of a distillation LoRA pair, found {len(matches)} among {names}; "
+                "a half pair is never loaded")
+        found.append(matches[0])
+    return found[0], found[1]
+
+
 def lora_identity(high: str | os.PathLike, low: str | os.PathLike, strength: float = 1.0,
                   kind: str = "storymem-lora") -> str:
     """`storymem-lora:<high>+<low>[@strength]` from the files' full sha256."""
@@ -221,14 +253,17 @@ def lora_identity(high: str | os.PathLike, low: str | os.PathLike, strength: flo
 
 def model_identity(spec: ModelSpec) -> ModelIdentity:
     """The content ids of the model a spec names (no weights are loaded)."""
-    lora_id = None
+    lora_id = distill_id = None
     if spec.lora_dir is not None:
         lora_id = lora_identity(*lora_files(spec.lora_dir), spec.lora_strength)
+    if spec.distill_lora_dir is not None:
+        distill_id = lora_identity(*distill_lora_files(spec.distill_lora_dir),
+                                   spec.distill_lora_strength, kind="distill-lora")
     if spec.preset == "tiny":
         from storymem_model.presets import TINY
 
         return ModelIdentity(TINY_MODEL_ID, TINY_T2V_MODEL_ID if TINY.with_t2v else None,
-                             lora_id)
+                             lora_id, distill_id)
     folder = Path(spec.model_dir)
     parts = _expert_folders(folder)
     base = Path(spec.components_dir) if spec.components_dir else folder
@@ -242,7 +277,7 @@ def model_identity(spec: ModelSpec) -> ModelIdentity:
     t2v_id = None
     if spec.t2v_model_dir is not None:
         t2v_id = f"wan2.2-t2v-a14b:{_parts_digest(_expert_folders(Path(spec.t2v_model_dir)))}"
-    return ModelIdentity(model_id, t2v_id, lora_id)
+    return ModelIdentity(model_id, t2v_id, lora_id, distill_id)
 
 
 def embedder_identity(spec: ScorerSpec) -> str:

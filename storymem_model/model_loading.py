@@ -83,7 +83,9 @@ def detect_layout(folder: Path) -> str:
 def load_pipeline(preset_or_path: str | os.PathLike, lora=None, device=None, dtype=None, *, t2v=None,
                   components=None, lora_strength: float = 1.0, fuse_lora: bool = False,
                   lora_rank: int | None = None, lora_alpha: float | None = None, offload: str | None = None,
-                  vae_dtype=torch.float32, text_length: int | None = None):
+                  vae_dtype=torch.float32, text_length: int | None = None, distill_lora=None,
+                  distill_lora_strength: float = 1.0, storage_dtype: str | None = None,
+                  attention_backend: str = "native", compile: bool = False):
     """Build a `StoryMemPipeline`.
 
     preset_or_path: "tiny" or a Wan2.2 I2V-A14B folder (diffusers or original layout).
@@ -93,20 +95,28 @@ def load_pipeline(preset_or_path: str | os.PathLike, lora=None, device=None, dty
     t2v: a Wan2.2 T2V-A14B folder for text-only first shots (tiny builds its own T2V experts).
     components: the diffusers-layout folder that supplies the VAE, text encoder and tokenizer;
         required for an original-layout folder, optional otherwise (default: the model folder).
-    offload: None, "model" (whole components move to the GPU when used) or "sequential"
-        (layer by layer, slowest, least memory); needs an accelerator.
+    offload: None, "model" (whole components move to the GPU when used), "sequential"
+        (layer by layer, slowest, least memory) or "group" (block groups with CUDA streams);
+        needs an accelerator.
     text_length: UMT5 sequence length (default: 512 for real models, TINY.text_length for tiny).
+    distill_lora: a step-distillation LoRA pair (folder or (high, low) files) stacked on the
+        StoryMem LoRA with `distill_lora_strength` (see `lora_loading.load_distill_lora`).
+    storage_dtype / attention_backend / compile: see `acceleration.py`.
     """
-    from .lora_loading import load_storymem_lora
+    from .acceleration import apply_acceleration, group_offload
+    from .lora_loading import load_distill_lora, load_storymem_lora
     from .shot_pipeline import StoryMemPipeline
 
     device = torch.device(device) if device is not None else default_device()
     dtype = _resolve_dtype(dtype) or default_dtype(device)
     vae_dtype = _resolve_dtype(vae_dtype) or torch.float32
-    if offload not in (None, "model", "sequential"):
-        raise ValueError(f"offload must be None, 'model' or 'sequential', got {offload!r}")
+    if offload not in (None, "model", "sequential", "group"):
+        raise ValueError(f"offload must be None, 'model', 'sequential' or 'group', got {offload!r}")
     if offload is not None and device.type == "cpu":
         raise ValueError("offload moves weights between CPU and an accelerator; it needs device='cuda'")
+    from .acceleration import check_attention_backend
+
+    check_attention_backend(attention_backend, device)  # before minutes of loading
 
     if str(preset_or_path) == "tiny":
         from .tiny_models import build_tiny_components
@@ -125,21 +135,32 @@ def load_pipeline(preset_or_path: str | os.PathLike, lora=None, device=None, dty
     model_id, t2v_model_id = identity.model_id, identity.t2v_model_id
 
     pipeline = StoryMemPipeline(**parts)
-    lora_id = None
+    lora_id = distill_lora_id = None
     if lora is not None:
         lora_id = load_storymem_lora(pipeline, lora, strength=lora_strength, fuse=fuse_lora,
                                      rank=expected_rank, alpha=lora_alpha)
+    if distill_lora is not None:
+        distill_lora_id = load_distill_lora(pipeline, distill_lora, strength=distill_lora_strength)
     for name in ("text_encoder", "transformer", "transformer_2", "t2v_transformer", "t2v_transformer_2"):
         cast_keeping_fp32_modules(getattr(pipeline, name), dtype)
     cast_keeping_fp32_modules(pipeline.vae, vae_dtype)
+    apply_acceleration(pipeline, device=device, compute_dtype=dtype, storage_dtype=storage_dtype,
+                       attention_backend=attention_backend, compile=compile)
     if offload == "model":
         pipeline.enable_model_cpu_offload(device=device)
     elif offload == "sequential":
         pipeline.enable_sequential_cpu_offload(device=device)
+    elif offload == "group":
+        group_offload(pipeline, device)
     else:
         pipeline.to(device)
     pipeline.configure(shot=shot, text_length=text_length or default_length, model_id=model_id, lora_id=lora_id,
-                       t2v_model_id=t2v_model_id, scheduler_config=scheduler_config, offload_device=device if offload else None)
+                       t2v_model_id=t2v_model_id, scheduler_config=scheduler_config,
+                       offload_device=device if offload else None, compute_dtype=dtype)
+    pipeline.distill_lora_id = distill_lora_id
+    pipeline.storage_dtype = storage_dtype
+    pipeline.attention_backend = attention_backend
+    pipeline.compiled = bool(compile)
     return pipeline
 
 
@@ -147,7 +168,11 @@ def build_pipeline(spec: ModelSpec):
     """The pipeline a (resolved) ModelSpec names: the one way every host loads the model."""
     return load_pipeline(spec.preset or spec.model_dir, lora=spec.lora_dir, device=spec.device,
                          dtype=spec.dtype, t2v=spec.t2v_model_dir, components=spec.components_dir,
-                         lora_strength=spec.lora_strength, offload=spec.offload)
+                         lora_strength=spec.lora_strength, offload=spec.offload,
+                         distill_lora=spec.distill_lora_dir,
+                         distill_lora_strength=spec.distill_lora_strength,
+                         storage_dtype=spec.storage_dtype,
+                         attention_backend=spec.attention_backend, compile=spec.compile)
 
 
 def _folder_identity(folder, components, t2v) -> ModelIdentity:

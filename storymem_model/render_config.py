@@ -19,9 +19,13 @@ from storymem_model.spec_json import Spec, SpecError
 
 TRANSITIONS = ("mi2v", "mm2v", "none")
 CONFIG_HASH_CHARS = 12
-CONFIG_FORMAT = 2  # bump when the meaning of a field changes (2: T2V shots use t2v_sampling)
+# bump when the meaning of a field changes (2: T2V shots use t2v_sampling; 3: content ids,
+# T2V guidance 3.5/3.5, keyframe preprocessing, fix_mem, sampling presets, kernels)
+CONFIG_FORMAT = 3
 SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "guidance_scale_2", "shift",
-                 "boundary_ratio", "reference_sigmas", "cfg_mode")
+                 "boundary_ratio", "reference_sigmas", "cfg_mode", "solver", "step_list")
+SAMPLING_PRESETS = ("standard", "fast")
+KEYFRAME_PREPROCESS = ("reference", "direct")
 # User sampling overrides that also apply to T2V shots. Shift, boundary and guidance are
 # tuned per expert pair (M2V: 4.0 / 0.9, T2V: 12.0 / 0.875), so M2V overrides of those
 # never leak into T2V shots; give them through `t2v_sampling=` instead.
@@ -39,6 +43,10 @@ class RenderConfig(Spec):
     lora_id: str | None = None
     t2v_model_id: str | None = None
     dtype: str = "float32"
+    distill_lora_id: str | None = None  # a step-distillation LoRA pair stacked on both experts
+    storage_dtype: str | None = None  # weights stored as e.g. float8_e4m3fn, computed in dtype
+    attention_backend: str = "native"  # diffusers' attention dispatcher backend
+    compiled: bool = False  # torch.compile of the transformer blocks (kernels may differ)
     # method
     transition: str = "mi2v"
     seed: int = 0
@@ -50,15 +58,20 @@ class RenderConfig(Spec):
     # False: every shot on its own (the "independent shots" baseline): no memory, no
     # transitions, no keyframe selection; modes "t2v" or "m2v-no-memory".
     memory: bool = True
-    # sampling and output geometry; `sampling` is for M2V/MR2V/MI2V/MM2V shots,
+    # memory frames after the first `fix_mem` get mask value 2 (None: all 1, the reference)
+    fix_mem: int | None = None
+    # sampling and output geometry; `sampling_preset` names where `sampling` started from; `sampling` is for M2V/MR2V/MI2V/MM2V shots,
     # `t2v_sampling` for T2V shots (the T2V experts' defaults plus shared overrides)
+    sampling_preset: str = "standard"
     sampling: dict = field(default_factory=dict)
     t2v_sampling: dict = field(default_factory=dict)
     height: int = 480
     width: int = 832
     num_frames: int = 81
     fps: int = 16
-    # keyframe selection (facts §7)
+    # keyframe selection (docs/method.md#keyframes); `keyframe_preprocess`: "reference"
+    # (Qwen2-VL smart-resize, CLIP squash bilinear) or "direct" (each scorer's own resize)
+    keyframe_preprocess: str = "reference"
     keyframe_threshold: float = 0.9
     keyframe_step: float = 0.01
     max_keyframes: int = 3
@@ -118,6 +131,15 @@ class RenderConfig(Spec):
         elif not self.memory and self.references_sha256:
             out.append("memory=False renders every shot without memory, so reference images "
                        "(the MR2V initial memory) cannot be used with it")
+        if self.fix_mem is not None and (isinstance(self.fix_mem, bool)
+                                         or not isinstance(self.fix_mem, int) or self.fix_mem < 0):
+            out.append(f"fix_mem must be None or an integer >= 0, got {self.fix_mem!r}")
+        if self.sampling_preset not in SAMPLING_PRESETS:
+            out.append(f"sampling_preset must be one of {', '.join(SAMPLING_PRESETS)}, "
+                       f"got {self.sampling_preset!r}")
+        if self.keyframe_preprocess not in KEYFRAME_PREPROCESS:
+            out.append(f"keyframe_preprocess must be one of {', '.join(KEYFRAME_PREPROCESS)}, "
+                       f"got {self.keyframe_preprocess!r}")
         if not 0.0 < self.keyframe_threshold <= 1.0:
             out.append(f"keyframe_threshold must be in (0, 1], got {self.keyframe_threshold}")
         if not self.keyframe_step > 0:
@@ -161,16 +183,30 @@ class RenderConfig(Spec):
         when the pipeline has T2V experts) is its `default_t2v_sampling`, plus the sampling
         choices in T2V_SHARED_SAMPLING_KEYS, plus `t2v_sampling=` choices."""
         has_t2v = bool(getattr(pipeline, "has_t2v", False))
+        sampling_defaults = dict(getattr(pipeline, "default_sampling", {}) or {})
+        preset = choices.get("sampling_preset") or "standard"
+        if preset != "standard":
+            from storymem_model.sampling import preset_sampling
+
+            steps = sampling_defaults.get("num_inference_steps", 40)
+            sampling_defaults = preset_sampling(preset, steps).as_dict()
+        if scorers is not None and getattr(scorers, "preprocess", None):
+            choices.setdefault("keyframe_preprocess", scorers.preprocess)
         defaults = ModelDefaults(
             model_id=pipeline.model_id, lora_id=getattr(pipeline, "lora_id", None),
             t2v_model_id=getattr(pipeline, "t2v_model_id", None) or (
                 f"{pipeline.model_id}:t2v" if has_t2v else None),
-            dtype=str(getattr(pipeline, "dtype", "float32")).replace("torch.", ""),
+            dtype=str(getattr(pipeline, "compute_dtype", None) or getattr(pipeline, "dtype", "float32")
+                      ).replace("torch.", ""),
             height=int(pipeline.default_height), width=int(pipeline.default_width),
             num_frames=int(pipeline.default_num_frames), fps=int(pipeline.fps),
-            sampling=dict(getattr(pipeline, "default_sampling", {}) or {}),
+            sampling=sampling_defaults,
             t2v_sampling=dict(getattr(pipeline, "default_t2v_sampling", None) or {})
-            if has_t2v else None)
+            if has_t2v else None,
+            distill_lora_id=getattr(pipeline, "distill_lora_id", None),
+            storage_dtype=getattr(pipeline, "storage_dtype", None),
+            attention_backend=getattr(pipeline, "attention_backend", None) or "native",
+            compiled=bool(getattr(pipeline, "compiled", False)))
         scorer_values = {}
         if scorers is not None:
             scorer_values = {"embedder_id": str(getattr(scorers.embedder, "name", "")),
@@ -201,6 +237,8 @@ class RenderConfig(Spec):
         values: dict[str, Any] = {
             "model_id": defaults.model_id, "lora_id": defaults.lora_id,
             "t2v_model_id": defaults.t2v_model_id, "dtype": defaults.dtype,
+            "distill_lora_id": defaults.distill_lora_id, "storage_dtype": defaults.storage_dtype,
+            "attention_backend": defaults.attention_backend, "compiled": defaults.compiled,
             "height": defaults.height, "width": defaults.width,
             "num_frames": defaults.num_frames, "fps": defaults.fps,
             "sampling": merged, "t2v_sampling": t2v_merged,
@@ -225,3 +263,7 @@ class ModelDefaults:
     fps: int
     sampling: dict
     t2v_sampling: dict | None
+    distill_lora_id: str | None = None
+    storage_dtype: str | None = None
+    attention_backend: str = "native"
+    compiled: bool = False

@@ -55,10 +55,11 @@ class RenderSpec(Spec):
         return self.config.config_hash()
 
 
-def model_defaults(model: ModelSpec) -> ModelDefaults:
-    """The ids, dtype, geometry and sampling defaults a model will have once loaded."""
+def model_defaults(model: ModelSpec, sampling_preset: str = "standard") -> ModelDefaults:
+    """The ids, dtype, geometry, kernels and (preset) sampling defaults of a model, known
+    before it loads."""
     from storymem_model.presets import REAL_SHOT, TINY
-    from storymem_model.sampling import M2V_SAMPLING, T2V_SAMPLING
+    from storymem_model.sampling import T2V_SAMPLING, preset_sampling
 
     if not model.is_resolved:
         raise ValueError("model_defaults needs a resolved ModelSpec (device and dtype)")
@@ -69,9 +70,11 @@ def model_defaults(model: ModelSpec) -> ModelDefaults:
         model_id=identity.model_id, lora_id=identity.lora_id,
         t2v_model_id=identity.t2v_model_id, dtype=model.dtype, height=shot.height,
         width=shot.width, num_frames=shot.num_frames, fps=shot.fps,
-        sampling=M2V_SAMPLING.updated(num_inference_steps=steps).as_dict(),
+        sampling=preset_sampling(sampling_preset, steps).as_dict(),
         t2v_sampling=T2V_SAMPLING.updated(num_inference_steps=steps).as_dict()
-        if identity.has_t2v else None)
+        if identity.has_t2v else None,
+        distill_lora_id=identity.distill_lora_id, storage_dtype=model.storage_dtype,
+        attention_backend=model.attention_backend, compiled=model.compile)
 
 
 def resolve_render_spec(model: ModelSpec, scorers: ScorerSpec | None,
@@ -95,12 +98,14 @@ def resolve_render_spec(model: ModelSpec, scorers: ScorerSpec | None,
     if scorers is not None:
         identity = scorer_identity(scorers)
         scorer_values = {"embedder_id": identity.embedder_id, "gate_id": identity.gate_id,
-                         "gate_threshold": identity.gate_threshold}
+                         "gate_threshold": identity.gate_threshold,
+                         "keyframe_preprocess": scorers.keyframe_preprocess}
     from storymem_model.runner import images_sha256
 
     config = RenderConfig.assemble(
-        model_defaults(model), settings.sampling.given(), settings.t2v_sampling.given(),
-        transition=settings.transition, seed=settings.seed, memory=settings.memory,
+        model_defaults(model, settings.sampling_preset), settings.sampling.given(),
+        settings.t2v_sampling.given(), sampling_preset=settings.sampling_preset,
+        fix_mem=settings.fix_mem, transition=settings.transition, seed=settings.seed, memory=settings.memory,
         max_memory=settings.max_memory, memory_sink=settings.memory_sink,
         rope_shift=settings.rope_shift, prompt_aware_memory=settings.prompt_aware_memory,
         negative_prompt=settings.negative_prompt,

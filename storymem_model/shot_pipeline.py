@@ -12,6 +12,7 @@ M2V), and T2V (`use_t2v=True`, the Wan2.2 T2V-A14B experts, no conditioning).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,6 +38,16 @@ class ShotLatents:
     latents: torch.Tensor
     num_given_frames: int
     mode: str
+    model_evaluations: int = 0  # transformer evaluations x batch (40-step CFG: 80)
+    denoise_seconds: float = 0.0
+
+
+@dataclass
+class ShotStats:
+    """Filled by `generate_shot(..., stats=ShotStats())`: what the shot cost."""
+
+    model_evaluations: int = 0
+    denoise_seconds: float = 0.0
 
 
 class StoryMemPipeline(DiffusionPipeline):
@@ -57,11 +68,16 @@ class StoryMemPipeline(DiffusionPipeline):
                 install_frame_position_rope(expert)
         self._check_experts()
         self.lora_fused = False
+        self.distill_lora_id: str | None = None
+        self.storage_dtype: str | None = None  # see acceleration.py
+        self.attention_backend = "native"
+        self.compiled = False
         self.configure()
 
     def configure(self, *, shot: ShotDefaults = REAL_SHOT, text_length: int = 512, model_id: str = "custom",
                   lora_id: str | None = None, t2v_model_id: str | None = None, scheduler_config: dict | None = None,
-                  offload_device: torch.device | None = None) -> "StoryMemPipeline":
+                  offload_device: torch.device | None = None,
+                  compute_dtype: torch.dtype | None = None) -> "StoryMemPipeline":
         """Set the defaults and identity of this pipeline (called by `load_pipeline`)."""
         self.default_height = shot.height
         self.default_width = shot.width
@@ -74,6 +90,7 @@ class StoryMemPipeline(DiffusionPipeline):
         self.t2v_model_id = t2v_model_id if self.has_t2v else None
         self.scheduler_config = scheduler_config
         self._compute_device = offload_device
+        self._compute_dtype = compute_dtype
         self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder, text_length)
         self._zero_condition_cache: dict[tuple, torch.Tensor] = {}
         return self
@@ -103,7 +120,12 @@ class StoryMemPipeline(DiffusionPipeline):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        """The compute dtype (weights may be stored in fp8, see acceleration.py)."""
+        return getattr(self, "_compute_dtype", None) or self.transformer.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.dtype
 
     def load_lora(self, lora, strength: float = 1.0, fuse: bool = False, rank: int | None = None,
                   alpha: float | None = None) -> str:
@@ -205,22 +227,31 @@ class StoryMemPipeline(DiffusionPipeline):
                       seed: int = 0, rope_shift: int | None = DEFAULT_ROPE_SHIFT,
                       negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
                       num_frames: int | None = None, use_t2v: bool = False,
-                      progress: Callable[[int, int], None] | None = None, **sampling) -> np.ndarray:
-        """One shot as (F_out, H, W, 3) uint8; F_out = num_frames minus the 1 or 5 conditioned frames."""
+                      progress: Callable[[int, int], None] | None = None, fix_mem: int | None = None,
+                      stats: ShotStats | None = None, **sampling) -> np.ndarray:
+        """One shot as (F_out, H, W, 3) uint8; F_out = num_frames minus the 1 or 5 conditioned frames.
+        `stats` (a ShotStats) receives the shot's model evaluations and denoising seconds."""
         result = self.generate_shot_latents(
             prompt, memory=memory, memory_latents=memory_latents, first_frame=first_frame,
             motion_frames=motion_frames, seed=seed, rope_shift=rope_shift, negative_prompt=negative_prompt,
-            height=height, width=width, num_frames=num_frames, use_t2v=use_t2v, progress=progress, **sampling)
+            height=height, width=width, num_frames=num_frames, use_t2v=use_t2v, progress=progress,
+            fix_mem=fix_mem, **sampling)
         video = cond.frames_to_uint8(self._vae_decode(result.latents))
         self.maybe_free_model_hooks()
+        if stats is not None:
+            stats.model_evaluations = result.model_evaluations
+            stats.denoise_seconds = result.denoise_seconds
         return video[result.num_given_frames:]
 
     @torch.no_grad()
     def generate_shot_latents(self, prompt: str, memory=None, memory_latents=None, first_frame=None,
                               motion_frames=None, seed: int = 0, rope_shift: int | None = DEFAULT_ROPE_SHIFT,
                               negative_prompt: str | None = None, height=None, width=None, num_frames=None,
-                              use_t2v: bool = False, progress=None, **sampling) -> ShotLatents:
-        """Everything of `generate_shot` except decoding: the denoised shot latents."""
+                              use_t2v: bool = False, progress=None, fix_mem: int | None = None,
+                              **sampling) -> ShotLatents:
+        """Everything of `generate_shot` except decoding: the denoised shot latents.
+        `fix_mem`: memory frames after the first `fix_mem` get mask value 2 (the reference's
+        optional `fix_mem`; None: every memory frame is 1)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
@@ -262,7 +293,8 @@ class StoryMemPipeline(DiffusionPipeline):
                 if len(given) != cond.MOTION_FRAMES:
                     raise ValueError(f"motion_frames must hold {cond.MOTION_FRAMES} frames, got {len(given)}")
             shot_latents = self._shot_condition_latents(given, num_frames, height, width)
-            y = cond.build_condition(mem, shot_latents, num_frames, num_given)[None].to(device, self.dtype)
+            y = cond.build_condition(mem, shot_latents, num_frames, num_given,
+                                     fix_mem=fix_mem)[None].to(device, self.dtype)
             positions = memory_rope_positions(len(mem), f, rope_shift)
             mode = {0: "M2V", 1: "MI2V", cond.MOTION_FRAMES: "MM2V"}[num_given]
         num_memory = len(mem)
@@ -277,6 +309,9 @@ class StoryMemPipeline(DiffusionPipeline):
         guidance = {"high": float(config.guidance_scale), "low": float(config.guidance_scale_2)}
         scheduler = make_scheduler(config, self.scheduler_config)
         timesteps = scheduler.timesteps
+        evaluations = 0
+        self._synchronize(device)
+        started = time.perf_counter()
         for index, t in enumerate(timesteps):
             which = expert_for_timestep(t, config.boundary_ratio)
             model = experts[which]
@@ -284,10 +319,18 @@ class StoryMemPipeline(DiffusionPipeline):
             with frame_positions(model, positions):
                 noise_pred = self._guided_prediction(model, model_input, t, embeddings, guidance[which],
                                                      config.cfg_mode)
+            evaluations += 1 if guidance[which] <= 1.0 else 2
             latents = scheduler.step(noise_pred.float(), t, latents, return_dict=False)[0]
             if progress is not None:
                 progress(index + 1, len(timesteps))
-        return ShotLatents(latents=latents[:, :, num_memory:], num_given_frames=num_given, mode=mode)
+        self._synchronize(device)
+        return ShotLatents(latents=latents[:, :, num_memory:], num_given_frames=num_given, mode=mode,
+                           model_evaluations=evaluations, denoise_seconds=time.perf_counter() - started)
+
+    @staticmethod
+    def _synchronize(device: torch.device) -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
 
     @staticmethod
     def _guided_prediction(model, model_input: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,

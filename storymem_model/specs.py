@@ -24,7 +24,13 @@ from storymem_model.spec_json import Spec, check_choice, check_number
 PRESETS = ("tiny",)
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-OFFLOAD_MODES = ("model", "sequential")
+OFFLOAD_MODES = ("model", "sequential", "group")
+STORAGE_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+STORAGE_DTYPE_ALIASES = {"fp8": "float8_e4m3fn"}
+ATTENTION_BACKENDS = ("native", "flash", "sage")
+SAMPLING_PRESETS = ("standard", "fast")
+KEYFRAME_PREPROCESS = ("reference", "direct")
+SOLVERS = ("unipc", "euler")
 TRANSITIONS = ("mi2v", "mm2v", "none")
 CFG_MODES = ("batched", "sequential")
 REFERENCE_CLIP_MODEL = "ViT-B-32-quickgelu"  # OpenAI CLIP ViT-B/32, as the reference uses
@@ -48,8 +54,15 @@ class ModelSpec(Spec):
     t2v_model_dir: a Wan2.2 T2V-A14B folder for text-only first shots (optional).
     lora_dir: a folder with backbone_high_noise.* and backbone_low_noise.* (the StoryMem
         LoRA pair); lora_strength multiplies its rsLoRA scale.
+    distill_lora_dir: a step-distillation LoRA pair for the two M2V experts (the Wan2.2
+        I2V-A14B Lightning / LightX2V releases), stacked on the StoryMem LoRA with its own
+        strength; use with the `fast` sampling preset.
     device / dtype: None until `resolved()`: cuda + bfloat16 with an accelerator, else
-        cpu + float32. offload: None, "model" or "sequential" (needs an accelerator).
+        cpu + float32. offload: None, "model", "sequential" or "group" (needs an
+        accelerator). storage_dtype: keep transformer weights in fp8 (float8_e4m3fn) and
+        compute in `dtype` (diffusers layerwise casting). attention_backend: diffusers'
+        attention dispatcher (native, flash, sage). compile: torch.compile each
+        transformer block (regional compilation).
     """
 
     preset: str | None = None
@@ -58,12 +71,20 @@ class ModelSpec(Spec):
     t2v_model_dir: str | None = None
     lora_dir: str | None = None
     lora_strength: float = 1.0
+    distill_lora_dir: str | None = None
+    distill_lora_strength: float = 1.0
     device: str | None = None
     dtype: str | None = None
     offload: str | None = None
+    storage_dtype: str | None = None
+    attention_backend: str = "native"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        if self.storage_dtype is not None:
+            object.__setattr__(self, "storage_dtype", STORAGE_DTYPE_ALIASES.get(
+                str(self.storage_dtype), self.storage_dtype))
         super().__post_init__()
 
     def problems(self) -> list[str]:
@@ -76,11 +97,18 @@ class ModelSpec(Spec):
                 if getattr(self, name) is not None:
                     out.append(f"{name} is for real model folders; the {self.preset} preset "
                                "builds every component itself")
-        for name in ("model_dir", "components_dir", "t2v_model_dir", "lora_dir", "device"):
+        for name in ("model_dir", "components_dir", "t2v_model_dir", "lora_dir",
+                     "distill_lora_dir", "device"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 out.append(f"{name} must be a non-empty string, got {value!r}")
         check_number(out, "lora_strength", self.lora_strength)
+        check_number(out, "distill_lora_strength", self.distill_lora_strength)
+        if self.storage_dtype is not None:
+            check_choice(out, "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+        check_choice(out, "attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if not isinstance(self.compile, bool):
+            out.append(f"compile must be true or false, got {self.compile!r}")
         if self.dtype is not None:
             check_choice(out, "dtype", self.dtype, DTYPES)
         if self.offload is not None:
@@ -112,6 +140,9 @@ class ScorerSpec(Spec):
     CLIP ViT-L/14 from aesthetic_clip_checkpoint) or HPSv3 (hps_checkpoint on the Qwen2-VL
     folder hps_base_model, run in the separate HPS environment `hps_python`). HPSv3 may
     also stand beside the tiny CLIP. gate_threshold None = the gate's documented default.
+    keyframe_preprocess: "reference" (the reference release's path: frames resized to the
+    Qwen2-VL smart-resize size, the gate scores those, CLIP gets them squashed to its input
+    size, bilinear without antialias) or "direct" (each scorer resizes full frames itself).
     """
 
     preset: str | None = None
@@ -124,10 +155,12 @@ class ScorerSpec(Spec):
     hps_base_model: str | None = None
     hps_python: str | None = None
     gate_threshold: float | None = None
+    keyframe_preprocess: str = "reference"
     device: str | None = None
 
     def problems(self) -> list[str]:
         out: list[str] = []
+        check_choice(out, "keyframe_preprocess", self.keyframe_preprocess, KEYFRAME_PREPROCESS)
         if self.preset is not None:
             check_choice(out, "preset", self.preset, PRESETS)
             for name in ("clip_checkpoint", "aesthetic_head", "aesthetic_clip_checkpoint"):
@@ -177,11 +210,26 @@ class SamplingOverrides(Spec):
     boundary_ratio: float | None = None
     reference_sigmas: bool | None = None
     cfg_mode: str | None = None
+    solver: str | None = None
+    step_list: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.step_list is not None:
+            object.__setattr__(self, "step_list", tuple(self.step_list))
+        super().__post_init__()
 
     def problems(self) -> list[str]:
         out: list[str] = []
         check_number(out, "num_inference_steps", self.num_inference_steps, minimum=1,
                      integer=True, optional=True)
+        if self.solver is not None:
+            check_choice(out, "solver", self.solver, SOLVERS)
+        if self.step_list is not None:
+            steps = list(self.step_list)
+            if not steps or any(not isinstance(t, int) or isinstance(t, bool) or not 0 < t <= 1000
+                                for t in steps) or any(a <= b for a, b in zip(steps, steps[1:])):
+                out.append(f"step_list must be strictly decreasing timesteps in 1..1000, "
+                           f"got {steps}")
         for name in ("guidance_scale", "guidance_scale_2"):
             check_number(out, name, getattr(self, name), minimum=0, optional=True)
         check_number(out, "shift", self.shift, above=0, optional=True)
@@ -194,7 +242,7 @@ class SamplingOverrides(Spec):
         return out
 
     def given(self) -> dict:
-        """Only the values that were set."""
+        """Only the values that were set (a step list as a list, as configs store it)."""
         return {k: v for k, v in self.to_dict().items() if v is not None}
 
 
@@ -206,8 +254,11 @@ class RenderSettings(Spec):
     no memory, no transitions (transition is then "none"), no keyframe selection, so no
     keyframe scorers are needed. `sampling` overrides the M2V/MR2V/MI2V/MM2V sampling;
     T2V shots keep the T2V defaults plus the shared keys (steps, cfg_mode,
-    reference_sigmas) of `sampling`, plus `t2v_sampling`. `references` are URIs of MR2V
-    reference images (the story's initial memory).
+    reference_sigmas) of `sampling`, plus `t2v_sampling`. `sampling_preset` picks the M2V
+    sampling the overrides start from: "standard" (the reference: 40 steps with guidance)
+    or "fast" (4 guidance-free steps for a step-distillation LoRA). `fix_mem`: memory
+    frames after the first `fix_mem` get mask value 2 (None: all 1, as the reference story
+    pipeline). `references` are URIs of MR2V reference images (the story's initial memory).
     """
 
     transition: str = "mi2v"
@@ -220,6 +271,8 @@ class RenderSettings(Spec):
     negative_prompt: str | None = None
     keyframe_threshold: float = 0.9
     max_keyframes: int = 3
+    fix_mem: int | None = None
+    sampling_preset: str = "standard"
     sampling: SamplingOverrides = field(default_factory=SamplingOverrides)
     t2v_sampling: SamplingOverrides = field(default_factory=SamplingOverrides)
     height: int | None = None
@@ -250,6 +303,8 @@ class RenderSettings(Spec):
                      optional=True)
         check_number(out, "keyframe_threshold", self.keyframe_threshold, above=0, maximum=1)
         check_number(out, "max_keyframes", self.max_keyframes, minimum=1, integer=True)
+        check_number(out, "fix_mem", self.fix_mem, minimum=0, integer=True, optional=True)
+        check_choice(out, "sampling_preset", self.sampling_preset, SAMPLING_PRESETS)
         for name in ("height", "width", "num_frames"):
             check_number(out, name, getattr(self, name), minimum=1, integer=True,
                          optional=True)

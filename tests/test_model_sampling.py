@@ -20,6 +20,8 @@ def test_reference_defaults():
     assert (M2V_SAMPLING.num_inference_steps, M2V_SAMPLING.shift, M2V_SAMPLING.boundary_ratio) == (40, 4.0, 0.9)
     assert (M2V_SAMPLING.guidance_scale, M2V_SAMPLING.guidance_scale_2) == (3.5, 3.5)
     assert (T2V_SAMPLING.shift, T2V_SAMPLING.boundary_ratio) == (12.0, 0.875)
+    # T2V first shot as the reference story pipeline runs it: guidance 3.5 for both experts
+    assert (T2V_SAMPLING.guidance_scale, T2V_SAMPLING.guidance_scale_2) == (3.5, 3.5)
     assert M2V_SAMPLING.cfg_mode == "batched"
     assert WAN_NEGATIVE_PROMPT.startswith("色调艳丽")
 

@@ -20,6 +20,9 @@ CHANGES = {
     "max_keyframes": 2, "gate_threshold": 2.5, "duplicate_threshold": 0.95,
     "embedder_id": "clip-b", "gate_id": "hps", "references_sha256": ("ab" * 32,),
     "memory": False, "t2v_sampling": {"num_inference_steps": 4, "shift": 12.0},
+    "distill_lora_id": "distill:abc", "storage_dtype": "float8_e4m3fn",
+    "attention_backend": "flash", "compiled": True, "fix_mem": 2, "sampling_preset": "fast",
+    "keyframe_preprocess": "direct",
 }
 
 
@@ -51,6 +54,9 @@ def test_frames_per_shot():
     ({"keyframe_threshold": 1.5}, "keyframe_threshold must be in (0, 1]"),
     ({"t2v_sampling": {"steps": 3}}, "unknown t2v_sampling keys ['steps']"),
     ({"memory": "no"}, "memory must be True or False"),
+    ({"fix_mem": -1}, "fix_mem must be None or an integer >= 0"),
+    ({"sampling_preset": "turbo"}, "sampling_preset must be one of standard, fast"),
+    ({"keyframe_preprocess": "crop"}, "keyframe_preprocess must be one of reference, direct"),
     ({"memory": False, "references_sha256": ("ab" * 32,)},
      "reference images (the MR2V initial memory) cannot be used with it"),
 ])

@@ -277,7 +277,8 @@ def test_t2v_first_shot_gets_the_t2v_sampling_and_the_rest_m2v(tiny, tmp_path):
     assert t2v["use_t2v"] is True
     assert {k: t2v[k] for k in expected_t2v} == expected_t2v
     assert (t2v["shift"], t2v["boundary_ratio"]) == (12.0, 0.875)
-    assert (t2v["guidance_scale"], t2v["guidance_scale_2"]) == (4.0, 3.0)
+    # the reference story pipeline passes its guidance (3.5) to the T2V first shot too
+    assert (t2v["guidance_scale"], t2v["guidance_scale_2"]) == (3.5, 3.5)
     assert "use_t2v" not in mi2v
     assert (mi2v["shift"], mi2v["boundary_ratio"], mi2v["num_inference_steps"]) == (5.0, 0.9, 1)
     saved = json.loads(storage.read_bytes(storage.join(result.story_uri, "config.json")))

@@ -52,6 +52,21 @@ class KeyframeScorers:
     embedder: ImageEmbedder
     gate: ImageScorer
     gate_threshold: float
+    # how the frames are prepared before embedding and gating (keyframe_preprocess.py):
+    # "reference" (smart-resize first, as the reference release) or "direct"
+    preprocess: str = "direct"
+
+    def scoring_frames(self, frames):
+        """The frames the gate and the embedder see (smart-resized in "reference" mode)."""
+        from storymem_model.keyframe_preprocess import frames_for_scoring
+
+        return frames_for_scoring(frames, self.preprocess)
+
+    @property
+    def frame_embedder(self) -> "FrameEmbedder":
+        """An ImageEmbedder applying this preprocessing first (for images that must be
+        compared with keyframes, e.g. MR2V references)."""
+        return FrameEmbedder(self)
 
     @property
     def gate_scores_embeddings(self) -> bool:
@@ -108,3 +123,18 @@ def check_prompts(prompts, count: int) -> list[str]:
         if not isinstance(prompt, str):
             raise ScorerError(f"prompts[{index}]: expected str, got {type(prompt).__name__}")
     return prompts
+
+
+class FrameEmbedder:
+    """`ImageEmbedder` view of KeyframeScorers: preprocessing, then the embedder."""
+
+    def __init__(self, scorers: KeyframeScorers):
+        self._scorers = scorers
+        self.name = getattr(scorers.embedder, "name", "")
+
+    def embed_images(self, images) -> np.ndarray:
+        batch = check_image_batch(images)
+        return self._scorers.embedder.embed_images(self._scorers.scoring_frames(batch))
+
+    def embed_texts(self, texts) -> np.ndarray:
+        return self._scorers.embedder.embed_texts(texts)

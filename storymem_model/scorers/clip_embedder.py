@@ -29,7 +29,7 @@ from storymem_model.scorers.base import ScorerError, check_image_batch
 
 REFERENCE_CLIP_MODEL = "ViT-B-32-quickgelu"  # OpenAI CLIP ViT-B/32, as the reference uses
 
-RESIZE_MODES = ("squash", "center_crop")
+RESIZE_MODES = ("squash", "center_crop", "squash_bilinear")
 
 TINY_CLIP_NAME = "storymem-tiny-clip"
 # ~4.2 M parameters: the 49408-token embedding table of the text tower and one 64x64
@@ -177,15 +177,22 @@ class OpenClipEmbedder:
     def preprocess(self, batch: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> normalised (N, 3, S, S) with CLIP's mean/std.
 
-        `resize_mode="squash"` resizes the whole frame to S x S (what the reference does
-        before CLIP, so a change anywhere in a wide frame counts); `"center_crop"` resizes
-        the shortest side to S and crops the centre (open_clip's own transform, used for
-        the aesthetic predictor). Bicubic with antialiasing; on the CPU the resize runs on
-        uint8 pixels like PIL's (much faster than on floats).
+        `resize_mode="squash"` resizes the whole frame to S x S, bicubic with antialias (so a
+        change anywhere in a wide frame counts); `"squash_bilinear"` squashes it bilinear
+        without antialias, on float pixels (the reference release's CLIP input, used with
+        keyframe_preprocess "reference"); `"center_crop"` resizes the shortest side to S and
+        crops the centre (open_clip's own transform, used for the aesthetic predictor). The
+        bicubic resizes run on uint8 pixels on the CPU like PIL's (much faster than floats).
         """
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2)
         target_h, target_w = self.image_size
         height, width = x.shape[-2:]
+        if self.resize_mode == "squash_bilinear":
+            x = x.float() / 255.0
+            if (height, width) != (target_h, target_w):
+                x = F.interpolate(x, size=(target_h, target_w), mode="bilinear",
+                                  align_corners=False, antialias=False)
+            return (x - self._mean.to(x.device)) / self._std.to(x.device)
         if self.resize_mode == "squash":
             size = (target_h, target_w)
         else:

@@ -26,11 +26,13 @@ def _device(spec: ScorerSpec) -> str:
 def build_embedder(spec: ScorerSpec) -> ImageEmbedder:
     from storymem_model.scorers.clip_embedder import OpenClipEmbedder
 
+    # "reference" preprocessing: CLIP squashes the smart-resized frames bilinear, no antialias
+    resize = "squash_bilinear" if spec.keyframe_preprocess == "reference" else "squash"
     if spec.preset == "tiny":
-        embedder = OpenClipEmbedder.tiny(device=_device(spec))
+        embedder = OpenClipEmbedder.tiny(device=_device(spec), resize_mode=resize)
     else:
         embedder = OpenClipEmbedder(spec.clip_model, spec.clip_checkpoint,
-                                    device=_device(spec))
+                                    device=_device(spec), resize_mode=resize)
     embedder.name = embedder_identity(spec)
     return embedder
 
@@ -94,5 +96,5 @@ def build_keyframe_scorers(spec: ScorerSpec) -> KeyframeScorers:
         raise ScorerError("; ".join(problems))
     embedder = build_embedder(spec)
     gate = build_gate(spec, embedder if spec.preset == "tiny" else None)
-    return KeyframeScorers(embedder=embedder, gate=gate,
-                           gate_threshold=gate_identity(spec)[1])
+    return KeyframeScorers(embedder=embedder, gate=gate, gate_threshold=gate_identity(spec)[1],
+                           preprocess=spec.keyframe_preprocess)
