@@ -7,7 +7,9 @@ Renders go to `render_out` (default `{out}/renders`), the dataset to `{out}`:
 (`pipelines.dataset_writer`). Stories already committed under `render_out` are not
 rendered again, so pointing `render_out` at a nightly output turns its renders into a
 dataset without any GPU work. Stories that failed are left out and counted in the card;
-the flow's state message says how many.
+the flow's state message says how many. Keyframes and prompts are embedded in the flow's
+own process by the CLIP the `scorers` spec names (`scorers.factory.build_embedder`), on
+this machine's GPU when it has one, else on its CPU.
 """
 from __future__ import annotations
 
@@ -21,11 +23,12 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows.output_lock import OutputLock
-from flows.render_options import model_argv, parse_model_args
-from flows.render_stage import (absolute_uri, check_settings, default_run_id, render_stage,
-                                run_logger)
+from flows.render_stage import (absolute_uri, default_run_id, render_stage,
+                                resolve_stage_spec, run_logger)
 from flows.retry_policy import retry_options
+from pipelines.batch.spec import BatchOptions
 from storymem_model import output_layout, storage
+from storymem_model.specs import ModelSpec, RenderSettings, ScorerSpec
 
 FLOW_NAME = "storymem-generate-dataset"
 
@@ -44,22 +47,23 @@ def committed_story_uris(plan, run_summary: dict) -> list[str]:
 
 
 @task(name="write-dataset", cache_policy=NO_CACHE)
-def dataset_task(story_uris: list[str], out: str, argv: list[str], validation_percent: float,
-                 card_extra: dict) -> dict:
+def dataset_task(story_uris: list[str], out: str, scorers: ScorerSpec, render_spec: dict,
+                 validation_percent: float, card_extra: dict) -> dict:
     import torch
 
+    from flows.cli.model_flags import local_accelerator
     from pipelines.dataset_writer import write_dataset
-    from storymem_model.cli_render import scorers_from_args
+    from storymem_model.scorers.factory import build_embedder
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    args = parse_model_args(argv)
-    embedder = scorers_from_args(args).embedder
+    embedder = build_embedder(scorers.replace(
+        device="cuda" if local_accelerator() else "cpu"))  # runs here, not on a worker
     config = {}
     if story_uris:
         config = json.loads(storage.read_bytes(
             storage.join(story_uris[0], output_layout.CONFIG_FILE)))
     result = write_dataset(story_uris, out, embedder, validation_percent=validation_percent,
-                           config={"render_config": config, "model_argv": argv},
+                           config={"render_config": config, "render_spec": render_spec},
                            source=card_extra)
     return result.card
 
@@ -68,16 +72,12 @@ def dataset_task(story_uris: list[str], out: str, argv: list[str], validation_pe
 def generate_dataset(
     source: str,
     out: str,
+    model: ModelSpec,
+    scorers: ScorerSpec,
+    render: RenderSettings = RenderSettings(),
+    batch: BatchOptions = BatchOptions(),
     render_out: str | None = None,
     ray_address: str | None = None,
-    preset: str | None = None,
-    model_dir: str | None = None,
-    t2v_model_dir: str | None = None,
-    lora_dir: str | None = None,
-    render_args: list[str] | None = None,
-    workers: int = 1,
-    gpus_per_worker: float = 0.0,
-    batch_args: list[str] | None = None,
     validation_percent: float = 10.0,
     dataset_name: str | None = None,
     run_id: str | None = None,
@@ -91,6 +91,8 @@ def generate_dataset(
 ):
     """Render the scripts of `source` and write a shot-level training dataset to `out`.
 
+    scorers: required here: its CLIP embeds the keyframes and prompts of the dataset (and,
+        with `render.memory` true, the render selects keyframes with it and its gate).
     render_out: where the stories are rendered (default `{out}/renders`); committed stories
         there are reused.
     validation_percent: share of stories (by a hash of the story id) in split=validation.
@@ -101,26 +103,26 @@ def generate_dataset(
     render_out = absolute_uri(render_out) if render_out else storage.join(out, "renders")
     if not 0 <= validation_percent <= 100:
         raise ValueError(f"validation_percent must be within 0..100, got {validation_percent}")
-    argv = model_argv(preset, model_dir, t2v_model_dir, lora_dir, render_args)
-    check_settings(render_out, argv, workers, gpus_per_worker, batch_args)
+    render_spec = resolve_stage_spec(model, scorers, render, batch, retries=retries,
+                                     retry_backoff_s=retry_backoff_s)
     run_id = run_id or default_run_id("dataset")
     owner = f"{FLOW_NAME} run {run_id} (flow run {flow_run.id or '-'})"
     opts = retry_options(retries, retry_backoff_s)
     with OutputLock(render_out, name="render", owner=owner, ttl_s=lock_ttl_s,
                     wait_s=lock_wait_s):
         plan, run_summary = render_stage(
-            "dataset", source, render_out, run_id, argv, ray_address=ray_address,
-            workers=workers, gpus_per_worker=gpus_per_worker, batch_args=batch_args,
-            runtime_env=runtime_env, retries=retries, retry_backoff_s=retry_backoff_s,
-            job_poll_s=job_poll_s, job_timeout_s=job_timeout_s)
+            "dataset", source, render_out, run_id, render_spec, batch,
+            ray_address=ray_address, runtime_env=runtime_env, retries=retries,
+            retry_backoff_s=retry_backoff_s, job_poll_s=job_poll_s,
+            job_timeout_s=job_timeout_s)
         story_uris = committed_story_uris(plan, run_summary)
     with OutputLock(out, name="dataset", owner=owner, ttl_s=lock_ttl_s, wait_s=lock_wait_s):
         card = dataset_task.with_options(**opts)(
-            story_uris, out, argv, validation_percent,
+            story_uris, out, scorers, render_spec.to_dict(), validation_percent,
             {"name": dataset_name, "scripts": source, "renders": render_out,
              "run_id": run_id, "run_uri": run_summary["run_uri"],
              "failures": run_summary["failures"], "errors_uri": run_summary["errors_uri"],
-             "batch_args": list(batch_args or [])})
+             "batch_options": batch.to_dict()})
     summary = {
         "flow": "dataset", "run_id": run_id, "out": out, "render_out": render_out,
         "dataset_card_uri": storage.join(out, "dataset_card.json"),

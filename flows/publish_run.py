@@ -1,12 +1,15 @@
 """The end of a flow run: complete the run folder, write the flow summary, show it in Prefect.
 
 The batch writes `{out}/runs/{run_id}/` (stories, shots, errors, summary.json). When the
-flow had nothing to render it writes that folder itself with the same tables
-(`pipelines.run_tables`), so every scheduled run leaves a complete, comparable record.
-The counts come from the run's own tables (not from memory), then:
+flow had nothing to render it writes that folder itself with the same tables and row
+types (`pipelines.run_tables`), so every scheduled run leaves a complete, comparable
+record. Scripts the plan found invalid never reach the batch; they are added to the run's
+`errors.parquet` (stage "listing", the planner's error type). The counts come from the
+run's own tables (not from memory), then:
 
 - `{out}/runs/{run_id}/flow_summary.json`: the plan (listed, already committed, invalid),
-  the run's counts, where the tables and errors are, the cluster job id;
+  the run's counts, where the tables and errors are, the cluster job id, the resolved
+  render spec (model, scorers, config) and the batch options;
 - Prefect artifacts: a Markdown summary and a table of the failures (first 100).
 """
 from __future__ import annotations
@@ -18,41 +21,47 @@ import time
 
 import pyarrow.parquet as pq
 
-from pipelines.run_tables import RunTables, run_uri
-from storymem_model import storage
+from pipelines.run_tables import (ErrorRow, ErrorStage, StoryRow, StoryStatus, run_uri,
+                                  table_bytes, write_run_tables, write_summary)
+from storymem_model import output_layout, storage
 
 log = logging.getLogger("storymem.flows")
 
 MAX_LISTED_ERRORS = 100
 
 
-def _read_table(uri: str):
+def _read_table(uri: str) -> list[dict]:
     try:
         return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
     except FileNotFoundError:
-        return None
+        return []
+
+
+def plan_error_row(run_id: str, bad) -> ErrorRow:
+    """The errors.parquet row of a script the plan found invalid."""
+    return ErrorRow(run_id=run_id, position=bad.position, stage=ErrorStage.LISTING.value,
+                    source=bad.source, story_id=bad.story_id, error_type=bad.error_type,
+                    message=bad.message, attempts=0)
 
 
 def write_tables_without_batch(plan, run_id: str, out: str) -> None:
     """Run tables for a run where the batch was not needed (nothing pending)."""
-    tables = RunTables(out, run_id)
-    for story in plan.committed:
-        tables.add_story(position=story.position, source=story.source,
-                         story_id=story.story_id, story_name=story.story_name,
-                         status="skipped", num_shots=story.num_shots, shots_rendered=0,
-                         attempts=0, config_hash=plan.config_hash, story_uri=story.story_uri,
-                         video_uri=storage.join(story.story_uri, f"{story.story_id}.mp4"))
-    for bad in plan.invalid:
-        tables.add_error(position=bad.position, stage="listing", source=bad.source,
-                         story_id=None, error_type=bad.error_type, message=bad.message,
-                         attempts=0)
-    tables.write_stories()
-    tables.write_errors()
-    tables.write_shots([])
-    tables.write_summary({"run_id": run_id, "out": out, "source": plan.source,
-                          "config_hash": plan.config_hash, "counts": tables.counts(),
-                          "written_by": "flow (no story needed rendering)",
-                          "finished_at": time.time()})
+    stories = [StoryRow(run_id=run_id, position=story.position, source=story.source,
+                        story_id=story.story_id, story_name=story.story_name,
+                        status=StoryStatus.SKIPPED.value, num_shots=story.num_shots,
+                        shots_rendered=0, attempts=0, config_hash=plan.config_hash,
+                        story_uri=story.story_uri,
+                        video_uri=storage.join(story.story_uri,
+                                               output_layout.story_video_key(story.story_id)))
+               for story in plan.committed]
+    errors = [plan_error_row(run_id, bad) for bad in plan.invalid]
+    folder = run_uri(out, run_id)
+    write_run_tables(folder, run_id, stories, errors)
+    write_summary(folder, {"run_id": run_id, "out": out, "scripts": plan.source,
+                           "config_hash": plan.config_hash, "listed": plan.listed,
+                           "skipped": len(stories), "invalid": len(errors),
+                           "written_by": "flow (no story needed rendering)",
+                           "finished_at": time.time()})
 
 
 def publish_run(kind: str, plan, outcome, run_id: str, extra: dict) -> dict:
@@ -60,34 +69,33 @@ def publish_run(kind: str, plan, outcome, run_id: str, extra: dict) -> dict:
     folder = run_uri(out, run_id)
     if outcome is None:
         write_tables_without_batch(plan, run_id, out)
-    stories = _read_table(storage.join(folder, "stories.parquet")) or []
-    errors = _read_table(storage.join(folder, "errors.parquet")) or []
-    # Invalid scripts the flow kept out of the batch are part of this run's errors too.
-    known = {(e.get("source"), e.get("stage")) for e in errors}
-    flow_errors = [{"run_id": run_id, "position": bad.position, "stage": "listing",
-                    "source": bad.source, "story_id": None, "error_type": bad.error_type,
-                    "message": bad.message, "attempts": 0}
-                   for bad in plan.invalid if (bad.source, "listing") not in known]
-    if flow_errors:
-        tables = RunTables(out, run_id)
-        tables.errors = errors + flow_errors
-        tables.write_errors()
-        errors = errors + flow_errors
-    status_counts = {s: sum(1 for r in stories if r.get("status") == s)
-                     for s in ("rendered", "skipped", "failed")}
-    failed = status_counts["failed"]
-    invalid = sum(1 for e in errors if e.get("stage") == "listing")
-    failures = failed + invalid
+    stories = _read_table(storage.join(folder, "stories.parquet"))
     errors_uri = storage.join(folder, "errors.parquet")
+    errors = _read_table(errors_uri)
+    # Invalid scripts the flow kept out of the batch are part of this run's errors too.
+    listing = ErrorStage.LISTING.value
+    known = {(e.get("source"), e.get("stage")) for e in errors}
+    flow_errors = [plan_error_row(run_id, bad) for bad in plan.invalid
+                   if (bad.source, listing) not in known]
+    if flow_errors:
+        rows = sorted([ErrorRow.from_row(e) for e in errors] + flow_errors,
+                      key=lambda r: (r.position, r.stage))
+        storage.write_bytes(errors_uri, table_bytes(ErrorRow.table(rows)))
+        errors = [r.to_row() for r in rows]
+    status_counts = {s.value: sum(1 for r in stories if r.get("status") == s.value)
+                     for s in StoryStatus}
+    failed = status_counts[StoryStatus.FAILED.value]
+    invalid = sum(1 for e in errors if e.get("stage") == listing)
+    failures = failed + invalid
     summary = {
         "flow": kind, "run_id": run_id, "run_uri": folder,
         "source": extra.get("source"), "out": out,
-        "config_hash": plan.config_hash or _first(stories, "config_hash"),
+        "config_hash": plan.config_hash,
         "listed": plan.listed,
         # Without a batch the flow's own tables list the committed stories as skipped.
         "already_committed": len(plan.committed) + (
-            status_counts["skipped"] if outcome is not None else 0),
-        "rendered": status_counts["rendered"],
+            status_counts[StoryStatus.SKIPPED.value] if outcome is not None else 0),
+        "rendered": status_counts[StoryStatus.RENDERED.value],
         "failed": failed, "invalid": invalid, "failures": failures,
         "stories_uri": storage.join(folder, "stories.parquet"),
         "shots_uri": storage.join(folder, "shots.parquet"),
@@ -101,7 +109,8 @@ def publish_run(kind: str, plan, outcome, run_id: str, extra: dict) -> dict:
                     "message": (e.get("message") or "").splitlines()[0][:500]}
                    for e in errors[:MAX_LISTED_ERRORS]],
         "started_at": extra.get("started_at"), "finished_at": time.time(),
-        "model_argv": extra.get("model_argv"), "ray_address": extra.get("ray_address"),
+        "ray_address": extra.get("ray_address"),
+        "render_spec": extra.get("render_spec"), "batch_options": extra.get("batch_options"),
     }
     summary["message"] = _message(summary)
     summary["summary_uri"] = storage.join(folder, "flow_summary.json")
@@ -109,10 +118,6 @@ def publish_run(kind: str, plan, outcome, run_id: str, extra: dict) -> dict:
         summary, indent=2, sort_keys=True, default=str).encode("utf-8"))
     _artifacts(kind, summary)
     return summary
-
-
-def _first(rows: list[dict], key: str):
-    return next((r.get(key) for r in rows if r.get(key)), None)
 
 
 def _message(summary: dict) -> str:

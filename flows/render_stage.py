@@ -1,6 +1,17 @@
-"""The render part both flows share: plan -> batch -> published run tables.
+"""The render part both flows share: resolve -> plan -> batch -> published run tables.
 
-    config hash -> plan (list, validate, drop committed) -> manifest -> batch -> publish
+    ModelSpec + ScorerSpec + RenderSettings --resolve--> RenderSpec (config hash)
+    source --plan (list, validate, drop committed)--> manifest of pending stories
+    BatchSpec(manifest, out, RenderSpec, BatchOptions) --> batch here or as a Ray job
+    --> publish (run tables, flow_summary.json, Prefect artifacts)
+
+The render spec is resolved for the hosts that render: the batch's story workers, with a
+GPU each when `BatchOptions.gpus_per_worker > 0` (that decides the default device and
+dtype, hence the hash). Resolving reads model config files, safetensors headers, LoRA and
+scorer files for their content ids and the reference images, and loads no weights: the
+flow's process needs read access to the model folders (on a cluster: the workers' paths,
+mounted read-only where the flow runs too). With the hash known, committed stories are
+dropped here, locally and on a cluster alike, so the batch only sees work.
 
 Each step is a Prefect task with the run's retry options (`flows.retry_policy`). The
 caller holds the output lock (`flows.output_lock`) around the whole stage.
@@ -19,8 +30,14 @@ from prefect.runtime import flow_run
 from flows import batch_launch, ray_job
 from flows.publish_run import publish_run
 from flows.retry_policy import retry_options
-from flows.story_plan import StoryPlan, plan_stories, write_manifest
+from pipelines.batch.spec import BatchOptions, BatchSpec
+from pipelines.story_planner import StoryPlan
 from storymem_model import storage
+from storymem_model.render_spec import RenderSpec, resolve_render_spec
+from storymem_model.specs import ModelSpec, RenderSettings, ScorerSpec
+
+# Inside a Ray job the batch driver joins the job's own cluster.
+JOB_RAY_ADDRESS = "auto"
 
 
 def run_logger():
@@ -45,39 +62,55 @@ def absolute_uri(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
-# -- tasks -------------------------------------------------------------------------------
-@task(name="config-hash", cache_policy=NO_CACHE)
-def resolve_config_hash(argv: list[str], same_machine: bool) -> str | None:
-    from flows.config_identity import config_hash_for_argv
+def spec_uri(out: str, run_id: str) -> str:
+    """Where a run's BatchSpec is written (the cluster job reads it from there)."""
+    return storage.join(out, "runs", run_id, "flow", "batch_spec.json")
 
-    return config_hash_for_argv(argv, same_machine=same_machine)
+
+# -- tasks -------------------------------------------------------------------------------
+@task(name="resolve-render-spec", cache_policy=NO_CACHE)
+def resolve_task(model: ModelSpec, scorers: ScorerSpec | None, render: RenderSettings,
+                 batch: BatchOptions) -> RenderSpec:
+    spec = resolve_render_spec(model, scorers, render,
+                               accelerator=batch.gpus_per_worker > 0)
+    run_logger().info("config %s: model %s on %s (%s)", spec.config_hash,
+                      spec.config.model_id, spec.model.device, spec.model.dtype)
+    return spec
 
 
 @task(name="plan-stories", cache_policy=NO_CACHE)
-def plan_task(source: str, out: str, config_hash: str | None) -> StoryPlan:
-    plan = plan_stories(source, out, config_hash)
+def plan_task(source: str, out: str, config_hash: str) -> StoryPlan:
+    plan = StoryPlan.build(source, out, config_hash)
     log = run_logger()
     log.info("listed %d scripts: %d to render, %d already committed, %d invalid",
              plan.listed, len(plan.pending), len(plan.committed), len(plan.invalid))
     for bad in plan.invalid:
-        log.warning("invalid script %s: %s", bad.source, bad.message.splitlines()[0])
+        log.warning("invalid script %s: %s: %s", bad.source, bad.error_type,
+                    bad.message.splitlines()[0] if bad.message else "")
     return plan
 
 
 @task(name="write-manifest", cache_policy=NO_CACHE)
 def manifest_task(plan: StoryPlan, uri: str) -> str:
-    return write_manifest(plan.pending, uri)
+    storage.write_bytes(uri, plan.manifest_bytes())
+    return uri
+
+
+@task(name="write-batch-spec", cache_policy=NO_CACHE)
+def batch_spec_task(spec: BatchSpec, uri: str) -> str:
+    storage.write_bytes(uri, spec.to_json(indent=1).encode("utf-8"))
+    return uri
 
 
 @task(name="run-batch", cache_policy=NO_CACHE)
-def batch_task(request: batch_launch.BatchRequest, ray_address: str | None,
-               submission_id: str, runtime_env: dict | None, poll_s: float,
+def batch_task(spec: BatchSpec, uri: str, ray_address: str | None, submission_id: str,
+               runtime_env: dict | None, poll_s: float,
                timeout_s: float | None) -> batch_launch.BatchOutcome:
     if ray_address:
-        return batch_launch.run_on_cluster(request, ray_address, submission_id,
+        return batch_launch.run_on_cluster(spec, uri, ray_address, submission_id,
                                            runtime_env=runtime_env, poll_s=poll_s,
                                            timeout_s=timeout_s)
-    return batch_launch.run_local(request)
+    return batch_launch.run_local(spec)
 
 
 @task(name="publish-run", cache_policy=NO_CACHE)
@@ -86,46 +119,42 @@ def publish_task(kind: str, plan: StoryPlan, outcome, run_id: str, extra: dict) 
 
 
 # -- the stage -------------------------------------------------------------------------------
-def check_settings(out: str, argv: list[str], workers: int, gpus_per_worker: float,
-                   batch_args: list[str] | None) -> None:
-    """Bad settings fail before any work, with the `storymem batch` parser's message."""
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    batch_launch.BatchRequest("<scripts>", out, "check", argv, workers, gpus_per_worker,
-                              list(batch_args or [])).parse()
+def resolve_stage_spec(model: ModelSpec, scorers: ScorerSpec | None,
+                       render: RenderSettings, batch: BatchOptions, *, retries: int,
+                       retry_backoff_s: float) -> RenderSpec:
+    """The RenderSpec of the run (a Prefect task: reference images may live on S3)."""
+    return resolve_task.with_options(**retry_options(retries, retry_backoff_s))(
+        model, scorers, render, batch)
 
 
-def render_stage(kind: str, source: str, out: str, run_id: str, argv: list[str], *,
-                 ray_address: str | None, workers: int, gpus_per_worker: float,
-                 batch_args: list[str] | None, runtime_env: dict | None, retries: int,
-                 retry_backoff_s: float, job_poll_s: float,
-                 job_timeout_s: float | None) -> tuple[StoryPlan, dict]:
+def render_stage(kind: str, source: str, out: str, run_id: str, render_spec: RenderSpec,
+                 options: BatchOptions, *, ray_address: str | None,
+                 runtime_env: dict | None, retries: int, retry_backoff_s: float,
+                 job_poll_s: float, job_timeout_s: float | None) -> tuple[StoryPlan, dict]:
     """Render what is not committed yet; returns (plan, published run summary)."""
     started = time.time()
     opts = retry_options(retries, retry_backoff_s)
-    config_hash = resolve_config_hash.with_options(**opts)(argv, not ray_address)
-    plan = plan_task.with_options(**opts)(source, out, config_hash)
+    plan = plan_task.with_options(**opts)(source, out, render_spec.config_hash)
     outcome = None
-    submission_id = None
     if plan.pending:
         run_folder = storage.join(out, "runs", run_id)
         manifest = manifest_task.with_options(**opts)(
             plan, storage.join(run_folder, "flow", "manifest.jsonl"))
-        request = batch_launch.BatchRequest(
-            scripts=manifest, out=out, run_id=run_id, model_argv=argv, workers=workers,
-            gpus_per_worker=gpus_per_worker, batch_args=list(batch_args or []))
+        spec = BatchSpec(scripts=manifest, out=out, render=render_spec, options=options,
+                         run_id=run_id, ray_address=JOB_RAY_ADDRESS if ray_address else None)
+        uri = batch_spec_task.with_options(**opts)(spec, spec_uri(out, run_id))
         submission_id = ray_job.submission_id_for(
             kind, out, run_id, attempt=int(flow_run.run_count or 1))
         # A local batch is not retried as a whole: it retries stories itself. A cluster
         # job is: a retry attaches to the job the first attempt submitted.
         batch_opts = opts if ray_address else retry_options(0, 0)
         outcome = batch_task.with_options(**batch_opts)(
-            request, ray_address, submission_id, runtime_env, job_poll_s, job_timeout_s)
+            spec, uri, ray_address, submission_id, runtime_env, job_poll_s, job_timeout_s)
     else:
         run_logger().info("nothing to render: every valid script is already committed")
     summary = publish_task.with_options(**opts)(
         kind, plan, outcome, run_id,
         {"source": source, "out": out, "ray_address": ray_address,
-         "model_argv": argv, "batch_args": list(batch_args or []),
+         "render_spec": render_spec.to_dict(), "batch_options": options.to_dict(),
          "started_at": started})
     return plan, summary

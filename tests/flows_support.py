@@ -11,7 +11,19 @@ import json
 
 import boto3
 
-TINY_RENDER_ARGS = ["--steps", "2", "--height", "32", "--width", "32", "--num-frames", "9"]
+# The tiny model and scorers at their cheapest settings, as the flows take them.
+TINY_FLAGS = ["--preset", "tiny", "--steps", "2", "--height", "32", "--width", "32",
+              "--num-frames", "9"]
+
+
+def tiny_specs() -> dict:
+    """The flows' model/scorer/render parameters for the tiny preset (TINY_FLAGS)."""
+    from storymem_model.specs import ModelSpec, RenderSettings, SamplingOverrides, ScorerSpec
+
+    return {"model": ModelSpec(preset="tiny"), "scorers": ScorerSpec(preset="tiny"),
+            "render": RenderSettings(sampling=SamplingOverrides(num_inference_steps=2),
+                                     height=32, width=32, num_frames=9)}
+
 
 # Three small valid stories (4 shots in all) and one malformed script.
 SCRIPTS = {
@@ -69,10 +81,12 @@ def new_bucket(endpoint: str, name: str) -> str:
     return f"s3://{name}"
 
 
-def upload_scripts(endpoint: str, bucket_uri: str, prefix: str = "scripts") -> str:
+def upload_scripts(endpoint: str, bucket_uri: str, prefix: str = "scripts",
+                   extra: dict | None = None) -> str:
+    """SCRIPTS (and `extra` scripts) under `{bucket_uri}/{prefix}/`; returns that URI."""
     client = s3_client(endpoint)
     bucket = bucket_uri.removeprefix("s3://")
-    for name, body in SCRIPTS.items():
+    for name, body in {**SCRIPTS, **(extra or {})}.items():
         data = body if isinstance(body, str) else json.dumps(body)
         client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=data.encode())
     return f"{bucket_uri}/{prefix}/"
@@ -86,8 +100,7 @@ def nightly_rendered(endpoint: str) -> dict:
         bucket = new_bucket(endpoint, "flows-nightly")
         source = upload_scripts(endpoint, bucket)
         out = f"{bucket}/renders"
-        state = nightly_render(source, out, preset="tiny", render_args=TINY_RENDER_ARGS,
-                               run_id="night-1", retries=2, retry_backoff_s=0.2,
-                               lock_ttl_s=60, return_state=True)
+        state = nightly_render(source, out, **tiny_specs(), run_id="night-1", retries=2,
+                               retry_backoff_s=0.2, lock_ttl_s=60, return_state=True)
         _rendered.update(state=state, source=source, out=out, bucket=bucket)
     return _rendered

@@ -21,9 +21,8 @@ def dataset(s3_endpoint, ray_cluster):
 
     nightly = support.nightly_rendered(s3_endpoint)
     out = nightly["bucket"] + "/datasets/shots-v1"
-    state = generate_dataset(nightly["source"], out, render_out=nightly["out"],
-                             preset="tiny", render_args=support.TINY_RENDER_ARGS,
-                             validation_percent=34.0, dataset_name="tiny-shots",
+    state = generate_dataset(nightly["source"], out, **support.tiny_specs(),
+                             render_out=nightly["out"], validation_percent=34.0, dataset_name="tiny-shots",
                              run_id="dataset-1", retry_backoff_s=0.2, return_state=True)
     return {"state": state, "out": out, "renders": nightly["out"], "source": nightly["source"]}
 
@@ -113,7 +112,9 @@ def test_dataset_card_and_commit(dataset):
     by_split = card["counts"]["by_split"]
     assert sum(s["shots"] for s in by_split.values()) == support.VALID_SHOTS
     assert card["config"]["render_config"]["model_id"] == "tiny"
-    assert card["config"]["model_argv"][:2] == ["--preset", "tiny"]
+    # the flow's resolved spec is the config the stories were rendered with
+    assert card["config"]["render_spec"]["model"]["preset"] == "tiny"
+    assert card["config"]["render_spec"]["config"] == card["config"]["render_config"]
     assert card["source"]["failures"] == 1
     assert {f["name"] for f in card["schema"]} >= {
         "video_uri", "prompt", "keyframe_images", "keyframe_clip_embeddings",
@@ -144,7 +145,7 @@ def test_dataset_command_line(dataset, capsys):
     rc = main(["flow", "dataset", "--source", dataset["source"], "--out", out,
                "--render-out", dataset["renders"], "--validation-percent", "100",
                "--run-id", "dataset-cli", "--retry-backoff", "0.2",
-               "--preset", "tiny", *support.TINY_RENDER_ARGS])
+               *support.TINY_FLAGS])
     printed = capsys.readouterr().out
     assert rc == 1 and f"dataset of {support.VALID_SHOTS} shots from 3 stories" in printed
     assert "dataset_card_uri" in printed and "errors.parquet" in printed

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import flows_support as support
+from pipelines.batch.spec import BatchSpec
 from storymem_model import storage
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.usefixtures("prefect_server")]
@@ -59,6 +60,14 @@ def test_nightly_commits_three_and_reports_the_malformed_script(nightly):
     assert storage.exists(storage.join(summary["run_uri"], "summary.json"))
     assert storage.read_bytes(storage.join(summary["run_uri"], "flow", "manifest.jsonl")
                               ).count(b"\n") == 3  # only the valid, uncommitted stories
+    # The config hash was resolved before the batch, and it is the one the workers used.
+    spec = BatchSpec.from_json(storage.read_bytes(
+        storage.join(summary["run_uri"], "flow", "batch_spec.json")))
+    assert spec.render.config_hash == summary["config_hash"] == \
+        summary["batch_summary"]["config_hash"]
+    assert {p.split("/")[-2] for p in markers} == {summary["config_hash"]}
+    assert spec.ray_address is None and spec.run_id == "night-1"
+    assert summary["render_spec"] == spec.render.to_dict()
     assert not storage.exists(storage.join(out, "_locks", "render.json"))  # released
 
 
@@ -66,9 +75,8 @@ def test_rerun_renders_nothing_new(nightly):
     from flows.nightly_render import nightly_render
 
     before = _markers(nightly["out"])
-    state = nightly_render(nightly["source"], nightly["out"], preset="tiny",
-                           render_args=support.TINY_RENDER_ARGS, run_id="night-2",
-                           retry_backoff_s=0.2, return_state=True)
+    state = nightly_render(nightly["source"], nightly["out"], **support.tiny_specs(),
+                           run_id="night-2", retry_backoff_s=0.2, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
     assert (summary["rendered"], summary["already_committed"], summary["invalid"]) == (0, 3, 1)
@@ -96,9 +104,9 @@ def test_transient_storage_failure_is_retried_and_the_run_succeeds(nightly, monk
         return real_write(uri, data)
 
     monkeypatch.setattr(publish_run.storage, "write_bytes", flaky_write)
-    state = nightly_render(nightly["source"], nightly["out"], preset="tiny",
-                           render_args=support.TINY_RENDER_ARGS, run_id="night-flaky",
-                           retries=2, retry_backoff_s=0.1, return_state=True)
+    state = nightly_render(nightly["source"], nightly["out"], **support.tiny_specs(),
+                           run_id="night-flaky", retries=2, retry_backoff_s=0.1,
+                           return_state=True)
     assert state.is_completed(), state.message
     assert len(attempts) == 2
     summary = state.result()
@@ -111,19 +119,19 @@ def real_read(uri):
 
 def test_bad_source_fails_fast_without_retries(nightly, monkeypatch):
     """A wrong source is not transient: one attempt, a failed run naming the URI."""
-    import flows.story_plan as story_plan
+    import pipelines.story_planner as story_planner
     from flows.nightly_render import nightly_render
 
     calls = []
-    real_list = story_plan.list_scripts
+    real_list = story_planner.list_scripts
 
-    def counting_list(uri):
+    def counting_list(uri, exclude=None):
         calls.append(uri)
-        return real_list(uri)
+        return real_list(uri, exclude=exclude)
 
-    monkeypatch.setattr(story_plan, "list_scripts", counting_list)
+    monkeypatch.setattr(story_planner, "list_scripts", counting_list)
     missing = nightly["bucket"] + "/no-such-prefix/"
-    state = nightly_render(missing, nightly["out"], preset="tiny", retries=3,
+    state = nightly_render(missing, nightly["out"], **support.tiny_specs(), retries=3,
                            retry_backoff_s=0.1, return_state=True)
     assert state.is_failed()
     assert "no-such-prefix" in state.message and "no such file" in state.message
@@ -131,12 +139,21 @@ def test_bad_source_fails_fast_without_retries(nightly, monkeypatch):
     assert not storage.exists(storage.join(nightly["out"], "_locks", "render.json"))
 
 
-def test_bad_model_flag_fails_before_any_work(nightly):
+def test_bad_model_setting_fails_before_any_work(nightly):
     from flows.nightly_render import nightly_render
 
-    state = nightly_render(nightly["source"], nightly["out"], preset="tiny",
-                           render_args=["--transition", "sideways"], return_state=True)
+    specs = support.tiny_specs()
+    state = nightly_render(nightly["source"], nightly["out"], model=specs["model"],
+                           scorers=specs["scorers"], render={"transition": "sideways"},
+                           run_id="night-sideways", return_state=True)
     assert state.is_failed() and "sideways" in state.message
+    state = nightly_render(nightly["source"], nightly["out"],
+                           model={"model_dir": nightly["bucket"] + "/no-such-model"},
+                           render={"memory": False}, run_id="night-no-model",
+                           return_state=True)
+    assert state.is_failed() and "no-such-model" in state.message
+    for run_id in ("night-sideways", "night-no-model"):
+        assert not storage.exists(storage.join(nightly["out"], "runs", run_id))
 
 
 def test_second_run_on_a_locked_output_is_refused(nightly):
@@ -144,9 +161,8 @@ def test_second_run_on_a_locked_output_is_refused(nightly):
     from flows.output_lock import OutputLock
 
     with OutputLock(nightly["out"], owner="the other nightly run", ttl_s=60):
-        state = nightly_render(nightly["source"], nightly["out"], preset="tiny",
-                               render_args=support.TINY_RENDER_ARGS, run_id="night-blocked",
-                               return_state=True)
+        state = nightly_render(nightly["source"], nightly["out"], **support.tiny_specs(),
+                               run_id="night-blocked", return_state=True)
     assert state.is_failed()
     assert "locked" in state.message and "the other nightly run" in state.message
     assert not storage.exists(storage.join(nightly["out"], "runs", "night-blocked"))
@@ -195,28 +211,45 @@ class FakeJobClient:
         return ""
 
 
-def test_cluster_path_submits_one_ray_job_and_attaches_on_retry(nightly, monkeypatch):
+NEW_STORY = {"lighthouse.json": {"story_name": "Lighthouse Keeper", "scenes": [
+    {"scene_num": 1, "video_prompts": ["A keeper lights the lamp of a lighthouse at dusk"],
+     "cut": [True]}]}}
+
+
+def test_cluster_path_submits_the_batch_spec_as_one_ray_job_and_attaches_on_retry(
+        nightly, s3_endpoint, monkeypatch):
+    """On a cluster the flow resolves the config hash too: of the nightly scripts plus one
+    new story, only the new one goes to the Ray job, whose entrypoint is `storymem batch
+    --spec` on the BatchSpec the flow wrote."""
     from flows import ray_job
     from flows.nightly_render import nightly_render
 
+    source = support.upload_scripts(s3_endpoint, nightly["bucket"], "scripts-cluster",
+                                    extra=NEW_STORY)
     fake = FakeJobClient()
     monkeypatch.setattr(ray_job, "client_for", lambda address: fake)
-    state = nightly_render(nightly["source"], nightly["out"], preset="tiny",
-                           render_args=support.TINY_RENDER_ARGS, run_id="night-cluster",
-                           ray_address="http://head:8265", retries=2, retry_backoff_s=0.1,
-                           job_poll_s=0.05, return_state=True)
+    state = nightly_render(source, nightly["out"], **support.tiny_specs(),
+                           run_id="night-cluster", ray_address="http://head:8265",
+                           retries=2, retry_backoff_s=0.1, job_poll_s=0.05,
+                           return_state=True)
     assert state.is_completed(), state.message
     # One submission although the task ran twice (the poll failed once, then attached).
     assert len(fake.submissions) == 1 and fake.polls >= 2
     submission_id = fake.submissions[0]
     assert submission_id.startswith("storymem-nightly-") and "night-cluster" in submission_id
-    entry = fake.jobs[submission_id]["entrypoint"]
-    assert "--ray-address auto" in entry and "--run-id night-cluster" in entry
     summary = state.result()
-    # Unknown config hash on a cluster: the batch itself skips the committed stories.
+    spec_uri = storage.join(summary["run_uri"], "flow", "batch_spec.json")
+    assert fake.jobs[submission_id]["entrypoint"] == f"storymem batch --spec {spec_uri}"
+    spec = BatchSpec.from_json(storage.read_bytes(spec_uri))
+    assert spec.ray_address == "auto" and spec.run_id == "night-cluster"
+    assert spec.scripts == storage.join(summary["run_uri"], "flow", "manifest.jsonl")
+    assert storage.read_bytes(spec.scripts).count(b"\n") == 1  # only the new story
+    assert spec.render.config_hash == summary["config_hash"] == \
+        nightly["state"].result()["config_hash"]
     assert summary["ray_submission_id"] == submission_id and summary["batch_mode"] == "cluster"
-    assert (summary["rendered"], summary["already_committed"], summary["invalid"]) == (0, 3, 1)
-    assert summary["batch_summary"]["skipped"] == 3
+    assert (summary["rendered"], summary["already_committed"], summary["invalid"]) == (1, 3, 1)
+    assert (summary["batch_summary"]["rendered"], summary["batch_summary"]["skipped"]) == (1, 0)
+    assert len(_markers(nightly["out"])) == 4
 
 
 def test_submission_ids_are_stable_and_safe():

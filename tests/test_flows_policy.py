@@ -42,28 +42,47 @@ def test_retry_options_back_off_exponentially():
         retry_options(-1, 1)
 
 
-def test_model_flags_round_trip_through_the_cli():
+def test_flow_flags_become_typed_parameters_that_survive_json():
+    """`storymem flow` turns its flags into the flow's typed parameters; as JSON (what a
+    deployment stores) Prefect validates them back into the same specs."""
+    import json
+
     from flows.cli import build_parser
-    from flows.cli_flow import flow_kwargs, model_flags
+    from flows.cli.flow import flow_kwargs
+    from flows.nightly_render import nightly_render
+    from storymem_model.specs import ModelSpec, ScorerSpec
 
     argv = ["flow", "nightly", "--source", "s3://b/scripts/", "--out", "s3://b/out",
             "--preset", "tiny", "--seed", "7", "--transition", "mm2v", "--steps", "2",
             "--no-reference-sigmas", "--prompt-aware-memory", "--batch-args",
             "--clip-actors 2 --max-attempts 5", "--workers", "2"]
-    args = build_parser().parse_args(argv)
-    flags = model_flags(args)
-    assert flags[:2] == ["--preset", "tiny"]
-    assert {"--no-reference-sigmas", "--prompt-aware-memory"} <= set(flags)
-    kwargs = flow_kwargs(args)
-    assert kwargs["preset"] == "tiny" and "--preset" not in kwargs["render_args"]
-    assert kwargs["render_args"][kwargs["render_args"].index("--seed") + 1] == "7"
-    assert kwargs["batch_args"] == ["--clip-actors", "2", "--max-attempts", "5"]
-    # The flags give back the same settings when parsed again.
-    again = build_parser().parse_args(["flow", "nightly", "--source", "x", "--out", "y",
-                                       *flags])
-    for name in ("seed", "transition", "num_inference_steps", "reference_sigmas",
-                 "prompt_aware_memory", "preset"):
-        assert getattr(again, name) == getattr(args, name)
+    kwargs = flow_kwargs(build_parser().parse_args(argv))
+    assert kwargs["model"] == ModelSpec(preset="tiny")
+    assert kwargs["scorers"] == ScorerSpec(preset="tiny")
+    render = kwargs["render"]
+    assert (render.seed, render.transition, render.prompt_aware_memory) == (7, "mm2v", True)
+    assert render.sampling.num_inference_steps == 2
+    assert render.sampling.reference_sigmas is False
+    batch = kwargs["batch"]
+    assert (batch.workers, batch.max_attempts, batch.scorers.clip_actors) == (2, 5, 2)
+    stored = json.loads(json.dumps({k: v.to_dict() if hasattr(v, "to_dict") else v
+                                    for k, v in kwargs.items()}))
+    validated = nightly_render.validate_parameters(stored)
+    for name in ("model", "scorers", "render", "batch"):
+        assert validated[name] == kwargs[name], name
+
+
+def test_batch_args_take_run_options_only(capsys):
+    from flows.cli import main
+
+    common = ["flow", "nightly", "--source", "x", "--out", "y", "--preset", "tiny"]
+    assert main([*common, "--batch-args=--no-such-flag"]) == 2
+    assert "--no-such-flag" in capsys.readouterr().err
+    assert main([*common, "--batch-args=--seed 3"]) == 2
+    err = capsys.readouterr().err
+    assert "--seed" in err and "to `storymem flow` itself" in err
+    assert main([*common, "--batch-args=--max-attempts 0"]) == 2
+    assert "max_attempts must be >= 1" in capsys.readouterr().err
 
 
 def test_flow_command_needs_a_model(capsys):
@@ -75,16 +94,21 @@ def test_flow_command_needs_a_model(capsys):
         main(["flow", "dataset", "--out", "y", "--preset", "tiny"])  # no --source
 
 
-def test_settings_are_checked_before_any_work(tmp_path):
-    from flows.batch_launch import BatchArgsError
-    from flows.render_options import RenderOptionsError, model_argv
-    from flows.render_stage import check_settings
+def test_settings_are_checked_before_any_work():
+    """Flow parameters are typed specs: Prefect refuses a bad value before the run does
+    any work, naming the field."""
+    from prefect.exceptions import ParameterTypeError
 
-    with pytest.raises(RenderOptionsError, match="not both"):
-        model_argv(preset="tiny", model_dir="/m")
-    with pytest.raises(RenderOptionsError, match="no model"):
-        model_argv()
-    with pytest.raises(BatchArgsError, match="--no-such-flag"):
-        check_settings(str(tmp_path), ["--preset", "tiny"], 1, 0.0, ["--no-such-flag"])
-    with pytest.raises(ValueError, match="workers"):
-        check_settings(str(tmp_path), ["--preset", "tiny"], 0, 0.0, [])
+    from flows.nightly_render import nightly_render
+
+    base = {"source": "s3://b/scripts/", "out": "s3://b/out"}
+    for params, message in (
+            ({"model": {"preset": "tiny", "model_dir": "/m"}}, "exactly one of preset"),
+            ({"model": {}}, "exactly one of preset"),
+            ({"model": {"preset": "tiny"}, "batch": {"workers": 0}}, "workers must be >= 1"),
+            ({"model": {"preset": "tiny"}, "render": {"transition": "sideways"}},
+             "sideways"),
+            ({"model": {"preset": "tiny", "lora": "/l"}}, "lora"),
+            ({}, "model")):
+        with pytest.raises(ParameterTypeError, match=message):
+            nightly_render.validate_parameters({**base, **params})

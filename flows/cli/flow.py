@@ -2,22 +2,29 @@
 
 With no Prefect server configured (`PREFECT_API_URL` unset) Prefect starts a temporary
 local server for the run: nothing to set up. With `PREFECT_API_URL` set, the run shows up
-on that server like a deployment's run. The model flags are those of `storymem render`
-(`add_model_arguments`) and reach the batch unchanged.
+on that server like a deployment's run. The model, scorer and render flags are those of
+`storymem render` (`model_flags.add_model_arguments`); they become the flow's typed
+parameters (`ModelSpec`, `ScorerSpec`, `RenderSettings`), and `--workers`,
+`--gpus-per-worker` and `--batch-args` become its `BatchOptions` - the same values a
+deployment gives as JSON (infra/prefect.yaml).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import shlex
 import sys
+
+from flows.cli.model_flags import (ArgumentsError, add_model_arguments,
+                                   model_spec_from_args, render_settings_from_args,
+                                   scorer_spec_from_args)
 
 # Prefect's default (20 s) is too short for a temporary server on a busy small machine.
 EPHEMERAL_STARTUP_TIMEOUT_S = 120
 
 
 def add_flow_commands(subparsers) -> argparse.ArgumentParser:
-    from storymem_model.cli_render import add_model_arguments
-
     parser = subparsers.add_parser(
         "flow", help="run the Prefect flows (nightly render, dataset generation)",
         description="Run a storymem Prefect flow once, now. Without PREFECT_API_URL Prefect "
@@ -27,11 +34,12 @@ def add_flow_commands(subparsers) -> argparse.ArgumentParser:
 
     nightly = flows.add_parser(
         "nightly", help="render every new script of a source (skips committed stories)",
-        description="List the scripts of --source, validate them, drop stories already "
-        "committed in --out, render the rest with the Ray batch pipeline, and publish the "
-        "run's tables and summary to OUT/runs/RUN_ID/. A failing story does not fail the "
-        "run; the exit status is 1 when any script or story failed, 2 when the run could not "
-        "happen (bad flags or source, output locked by another run).",
+        description="Resolve the model and settings into the config hash, list the scripts "
+        "of --source, validate them, drop stories already committed in --out, render the "
+        "rest with the Ray batch pipeline, and publish the run's tables and summary to "
+        "OUT/runs/RUN_ID/. A failing story does not fail the run; the exit status is 1 when "
+        "any script or story failed, 2 when the run could not happen (bad flags or source, "
+        "output locked by another run).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_common(nightly)
     add_model_arguments(nightly)
@@ -42,7 +50,8 @@ def add_flow_commands(subparsers) -> argparse.ArgumentParser:
         description="Render the scripts of --source (committed stories in --render-out are "
         "reused) and write a training dataset to --out: data/split=*/STORY.parquet (one row "
         "per shot: video URI, prompt and context, keyframe images and ids, CLIP embeddings, "
-        "aesthetic scores, memory used), dataset_card.json and _COMMITTED.json.",
+        "aesthetic scores, memory used), dataset_card.json and _COMMITTED.json. The CLIP "
+        "of the scorer flags embeds keyframes and prompts (also with --no-memory).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_common(dataset)
     dataset.add_argument("--render-out", metavar="URI",
@@ -67,10 +76,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                             "local Ray")
     group.add_argument("--workers", type=int, default=1, help="story worker actors")
     group.add_argument("--gpus-per-worker", type=float, default=0.0,
-                       help="GPUs per story worker (fractions share a GPU; 0 on CPU)")
+                       help="GPUs per story worker (fractions share a GPU; 0 on CPU); the "
+                            "default device and dtype, hence the config hash, follow it")
     group.add_argument("--batch-args", default="", metavar="'FLAGS'",
-                       help="other `storymem batch` flags as one quoted string, e.g. "
-                            "'--clip-actors 2 --max-attempts 5'")
+                       help="other `storymem batch` run options as one quoted string, e.g. "
+                            "'--clip-actors 2 --max-attempts 5' (model and render flags go "
+                            "to this command directly)")
     group.add_argument("--run-id", help="run folder name (default: KIND-DATE-FLOWRUN)")
     group.add_argument("--job-timeout", type=float, metavar="SECONDS",
                        help="stop waiting for the cluster job after this long")
@@ -85,48 +96,58 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                      help="lease of the output lock (renewed while the run lives)")
 
 
-def model_flags(args: argparse.Namespace) -> list[str]:
-    """The `storymem render` model flags of `args`, back as a flag list (non-defaults)."""
-    from storymem_model.cli_render import add_model_arguments
+def batch_options_from_args(args: argparse.Namespace):
+    """BatchOptions from --workers, --gpus-per-worker and --batch-args, read by the
+    `storymem batch` parser and mapped by its own `batch_spec_from_args` (ArgumentsError
+    naming a bad or misplaced flag)."""
+    from flows.cli.batch import add_batch_command, batch_spec_from_args
 
+    parser = argparse.ArgumentParser(prog="storymem", exit_on_error=False)
+    add_batch_command(parser.add_subparsers(dest="command", required=True))
+    batch_args = shlex.split(args.batch_args or "")
+    argv = ["batch", "--scripts", args.source, "--out", args.out,
+            "--workers", str(args.workers), "--gpus-per-worker", str(args.gpus_per_worker),
+            *batch_args]
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            parsed = parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as exc:
+        message = stderr.getvalue().strip() or str(exc)
+        raise ArgumentsError(f"--batch-args {batch_args}: {message}") from None
+    model_flags = _model_flag_actions()
+    misplaced = [a.option_strings[0] for a in model_flags
+                 if getattr(parsed, a.dest) != a.default]
+    if misplaced or parsed.spec:
+        raise ArgumentsError(f"--batch-args takes `storymem batch` run options only; give "
+                             f"{', '.join(misplaced or ['--spec'])} to `storymem flow` "
+                             "itself")
+    for action in model_flags:  # this command's model flags complete the batch's
+        setattr(parsed, action.dest, getattr(args, action.dest))
+    return batch_spec_from_args(parsed).options
+
+
+def _model_flag_actions() -> list[argparse.Action]:
+    """The model/render flags (`add_model_arguments`), as argparse actions."""
     probe = argparse.ArgumentParser(add_help=False)
     add_model_arguments(probe)
-    argv: list[str] = []
-    for action in probe._actions:
-        if not action.option_strings or not hasattr(args, action.dest):
-            continue
-        value = getattr(args, action.dest)
-        if value == action.default:
-            continue
-        flag = action.option_strings[0]
-        if isinstance(action, argparse.BooleanOptionalAction):
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif action.nargs == 0:  # store_true / store_false
-            argv.append(flag)
-        elif isinstance(value, (list, tuple)):
-            argv += [flag, *map(str, value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
+    return [action for action in probe._actions if action.option_strings]
 
 
 def flow_kwargs(args: argparse.Namespace) -> dict:
-    """Flow parameters from the parsed command line."""
-    flags = model_flags(args)
-    preset, model_dir = args.preset, args.model_dir
-    render_args = [f for f in flags]
-    for name in ("--preset", "--model-dir", "--t2v-model-dir", "--lora-dir"):
-        if name in render_args:
-            i = render_args.index(name)
-            del render_args[i:i + 2]
+    """The flow's parameters from the parsed command line: typed specs, no flag lists."""
+    model = model_spec_from_args(args)
+    scorers = scorer_spec_from_args(args)
+    if args.flow_kind == "dataset" and scorers is None:
+        # The dataset embeds keyframes and prompts with the scorer flags' CLIP even when
+        # the render itself selects no keyframes (--no-memory).
+        scorers = scorer_spec_from_args(argparse.Namespace(**{**vars(args), "memory": True}))
     kwargs = dict(
-        source=args.source, out=args.out, ray_address=args.ray_address, preset=preset,
-        model_dir=model_dir, t2v_model_dir=args.t2v_model_dir, lora_dir=args.lora_dir,
-        render_args=render_args, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-        batch_args=shlex.split(args.batch_args or ""), run_id=args.run_id,
-        retries=args.retries, retry_backoff_s=args.retry_backoff,
-        lock_wait_s=args.lock_wait, lock_ttl_s=args.lock_ttl,
-        job_timeout_s=args.job_timeout)
+        source=args.source, out=args.out, model=model, scorers=scorers,
+        render=render_settings_from_args(args), batch=batch_options_from_args(args),
+        ray_address=args.ray_address, run_id=args.run_id, retries=args.retries,
+        retry_backoff_s=args.retry_backoff, lock_wait_s=args.lock_wait,
+        lock_ttl_s=args.lock_ttl, job_timeout_s=args.job_timeout)
     if args.flow_kind == "dataset":
         kwargs.update(render_out=args.render_out, validation_percent=args.validation_percent,
                       dataset_name=args.dataset_name)
@@ -137,9 +158,10 @@ def run_flow_command(args: argparse.Namespace) -> int:
     from prefect.settings import (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
                                   temporary_settings)
 
-    if not args.preset and not args.model_dir:
-        print(f"storymem flow {args.flow_kind}: error: give --preset tiny or --model-dir DIR",
-              file=sys.stderr)
+    try:
+        kwargs = flow_kwargs(args)
+    except ArgumentsError as exc:
+        print(f"storymem flow {args.flow_kind}: error: {exc}", file=sys.stderr)
         return 2
     if args.flow_kind == "nightly":
         from flows.nightly_render import nightly_render as flow_fn
@@ -148,7 +170,7 @@ def run_flow_command(args: argparse.Namespace) -> int:
     timeout = max(EPHEMERAL_STARTUP_TIMEOUT_S,
                   PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: timeout}):
-        state = flow_fn(**flow_kwargs(args), return_state=True)
+        state = flow_fn(**kwargs, return_state=True)
     if not state.is_completed():
         print(f"storymem flow {args.flow_kind}: {state.type.value}: {state.message}",
               file=sys.stderr)
