@@ -127,16 +127,18 @@ def drop_memory_duplicates(embeddings, chosen: list[int], memory_embeddings, *,
 
 
 def extract_keyframes(frames, scorers: KeyframeScorers, memory_embeddings=None,
-                      **selection) -> ShotKeyframes:
+                      preprocess: str = "direct", **selection) -> ShotKeyframes:
     """Embed and gate-score every frame once (batched), then select keyframes.
 
     `frames` (N, H, W, 3) uint8; `memory_embeddings` as for `select_keyframes` (use
-    `MemoryBank.stored_embeddings()`); other keywords go to `select_keyframes`.
-    The gate scores frames with the empty prompt, as the reference does.
+    `MemoryBank.stored_embeddings()`); `preprocess`: how the gate and CLIP see the frames
+    ("reference": smart-resized first, see keyframe_preprocess.py; "direct"); other
+    keywords go to `select_keyframes`. The gate scores frames with the empty prompt, as
+    the reference does.
     """
-    batch = check_image_batch(frames, "shot frames")
-    # the frames as the gate and CLIP see them (smart-resized in "reference" mode)
-    batch = scorers.scoring_frames(batch) if hasattr(scorers, "scoring_frames") else batch
+    from storymem_model.keyframe_preprocess import frames_for_scoring
+
+    batch = frames_for_scoring(check_image_batch(frames, "shot frames"), preprocess)
     embeddings = np.asarray(scorers.embedder.embed_images(batch), dtype=np.float32)
     if scorers.gate_scores_embeddings:
         scores = scorers.gate.score_embeddings(embeddings)  # gate on the same CLIP: embed once

@@ -249,7 +249,7 @@ class StorySession:
             self.tail = strip.reshape(-1, int(last.height), *strip.shape[1:])
         elif self.runner.references:
             self.bank.add_references(self.runner.references, story_id=self.story_id,
-                                     embedder=self.runner.scorers.frame_embedder)
+                                     embedder=self.runner.step.reference_embedder())
         self.rows = rows
 
     # -- one shot ----------------------------------------------------------------------

@@ -167,7 +167,8 @@ class ShotStep:
 
         cfg = self.config
         selected = extract_keyframes(
-            frames, self.scorers, stored_embeddings, threshold=cfg.keyframe_threshold,
+            frames, self.scorers, stored_embeddings, preprocess=cfg.keyframe_preprocess,
+            threshold=cfg.keyframe_threshold,
             step=cfg.keyframe_step, max_keyframes=cfg.max_keyframes,
             min_score=cfg.gate_threshold, duplicate_threshold=cfg.duplicate_threshold)
         chosen = [int(i) for i in selected.indices]
@@ -175,6 +176,13 @@ class ShotStep:
             frames, chosen, story_id=story_id, scene=scene, shot=shot, prompt=prompt,
             embeddings=selected.embeddings, scores=selected.scores)
         return SelectedKeyframes(chosen, [float(selected.scores[i]) for i in chosen], entries)
+
+    def reference_embedder(self):
+        """The embedder for images compared with keyframes (MR2V references, a single
+        shot's memory images): they are prepared as keyframe selection prepares frames."""
+        from storymem_model.scorers.base import FrameEmbedder
+
+        return FrameEmbedder(self.scorers.embedder, self.config.keyframe_preprocess)
 
     # -- write -------------------------------------------------------------------------
     def write(self, folder_uri: str, spec, plan: ShotPlan, frames: np.ndarray,

@@ -82,4 +82,4 @@ def build_scorers(spec: str | ScorerSpec | Mapping[str, Any] = "tiny", *,
         raise ScorerError(f"gate {gate!r} does not follow the ImageScorer protocol "
                           "(name, score_images)")
     return KeyframeScorers(embedder=build_embedder(spec), gate=gate,
-                           gate_threshold=float(threshold), preprocess=spec.keyframe_preprocess)
+                           gate_threshold=float(threshold))

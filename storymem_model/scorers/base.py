@@ -52,21 +52,6 @@ class KeyframeScorers:
     embedder: ImageEmbedder
     gate: ImageScorer
     gate_threshold: float
-    # how the frames are prepared before embedding and gating (keyframe_preprocess.py):
-    # "reference" (smart-resize first, as the reference release) or "direct"
-    preprocess: str = "direct"
-
-    def scoring_frames(self, frames):
-        """The frames the gate and the embedder see (smart-resized in "reference" mode)."""
-        from storymem_model.keyframe_preprocess import frames_for_scoring
-
-        return frames_for_scoring(frames, self.preprocess)
-
-    @property
-    def frame_embedder(self) -> "FrameEmbedder":
-        """An ImageEmbedder applying this preprocessing first (for images that must be
-        compared with keyframes, e.g. MR2V references)."""
-        return FrameEmbedder(self)
 
     @property
     def gate_scores_embeddings(self) -> bool:
@@ -74,6 +59,26 @@ class KeyframeScorers:
         scores embeddings: frames are then embedded once and the gate scores those."""
         return (getattr(self.gate, "embedder", None) is self.embedder
                 and hasattr(self.gate, "score_embeddings"))
+
+
+class FrameEmbedder:
+    """`ImageEmbedder` that prepares images as keyframe selection does (`preprocess`:
+    "reference" or "direct", keyframe_preprocess.py) before embedding them - for images
+    compared with keyframes, e.g. MR2V references."""
+
+    def __init__(self, embedder: ImageEmbedder, preprocess: str):
+        self._embedder = embedder
+        self._preprocess = preprocess
+        self.name = getattr(embedder, "name", "")
+
+    def embed_images(self, images) -> np.ndarray:
+        from storymem_model.keyframe_preprocess import frames_for_scoring
+
+        return self._embedder.embed_images(
+            frames_for_scoring(check_image_batch(images), self._preprocess))
+
+    def embed_texts(self, texts) -> np.ndarray:
+        return self._embedder.embed_texts(texts)
 
 
 def check_image_batch(images, what: str = "images") -> np.ndarray:
@@ -124,17 +129,3 @@ def check_prompts(prompts, count: int) -> list[str]:
             raise ScorerError(f"prompts[{index}]: expected str, got {type(prompt).__name__}")
     return prompts
 
-
-class FrameEmbedder:
-    """`ImageEmbedder` view of KeyframeScorers: preprocessing, then the embedder."""
-
-    def __init__(self, scorers: KeyframeScorers):
-        self._scorers = scorers
-        self.name = getattr(scorers.embedder, "name", "")
-
-    def embed_images(self, images) -> np.ndarray:
-        batch = check_image_batch(images)
-        return self._scorers.embedder.embed_images(self._scorers.scoring_frames(batch))
-
-    def embed_texts(self, texts) -> np.ndarray:
-        return self._scorers.embedder.embed_texts(texts)

@@ -96,5 +96,4 @@ def build_keyframe_scorers(spec: ScorerSpec) -> KeyframeScorers:
         raise ScorerError("; ".join(problems))
     embedder = build_embedder(spec)
     gate = build_gate(spec, embedder if spec.preset == "tiny" else None)
-    return KeyframeScorers(embedder=embedder, gate=gate, gate_threshold=gate_identity(spec)[1],
-                           preprocess=spec.keyframe_preprocess)
+    return KeyframeScorers(embedder=embedder, gate=gate, gate_threshold=gate_identity(spec)[1])
