@@ -122,6 +122,10 @@ class ShotRecord(Record):
     select_seconds: float = 0.0
     write_seconds: float = 0.0
     shot_seconds: float = 0.0
+    # cost: transformer evaluations x batch (40-step CFG = 80, `fast` = 4) and the seconds
+    # spent denoising (accelerator-synchronised), the GPU time a shot is billed for
+    model_evaluations: int = arrow_field("int32", default=0)
+    denoise_seconds: float = 0.0
 
     # Checkpoint identity: a stored shot is trusted only if it is this script's shot.
     def matches(self, spec) -> bool:
@@ -129,7 +133,8 @@ class ShotRecord(Record):
             spec.scene, spec.shot, spec.prompt, spec.cut)
 
 
-TIMING_COLUMNS = ("generate_seconds", "select_seconds", "write_seconds", "shot_seconds")
+TIMING_COLUMNS = ("generate_seconds", "select_seconds", "write_seconds", "shot_seconds",
+                  "denoise_seconds")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ from storymem_model.images import image_png, images_sha256, png_image
 from storymem_model.records import TIMING_COLUMNS, ShotDone, ShotRecord
 from storymem_model.render_config import RenderConfig
 from storymem_model.shot_step import (MOTION_FRAMES, NO_KEYFRAMES, RenderError, ShotMode,
-                                      ShotStep, Stopwatch, story_shot_mode, write_record)
+                                      ShotStats, ShotStep, Stopwatch, story_shot_mode,
+                                      write_record)
 from storymem_model.story_script import ShotSpec, StoryScript
 from storymem_model.video_io import stitch_mp4
 
@@ -273,7 +274,8 @@ class StorySession:
         clock = Stopwatch()
         plan = step.plan(spec.prompt, self.shot_mode(spec),
                          shot_seed(cfg.seed, spec.scene, spec.shot), self.bank)
-        frames = step.generate(plan, self.bank, self.tail, where=where)
+        stats = ShotStats()
+        frames = step.generate(plan, self.bank, self.tail, where=where, stats=stats)
         generate_s = clock.lap()
         selected = NO_KEYFRAMES
         if cfg.memory:  # new keyframes must not duplicate any keyframe stored earlier
@@ -287,7 +289,7 @@ class StorySession:
             if spec.shot_index == 0:
                 self._write_story_files()
             row = step.write(self.story_uri, spec, plan, frames, selected,
-                             story_id=self.story_id, story_name=self.story_name)
+                             story_id=self.story_id, story_name=self.story_name, stats=stats)
             if cfg.memory:
                 self._write_memory(spec, frames)
             row.generate_seconds, row.select_seconds = generate_s, select_s

@@ -24,6 +24,7 @@ from . import conditioning as cond
 from .presets import REAL_SHOT, ShotDefaults
 from .rope import DEFAULT_ROPE_SHIFT, frame_positions, install_frame_position_rope, memory_rope_positions
 from .sampling import M2V_SAMPLING, T2V_SAMPLING, SamplingConfig, expert_for_timestep, make_scheduler
+from .shot_step import ShotStats
 from .text_encoding import WAN_NEGATIVE_PROMPT, PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -39,14 +40,6 @@ class ShotLatents:
     num_given_frames: int
     mode: str
     model_evaluations: int = 0  # transformer evaluations x batch (40-step CFG: 80)
-    denoise_seconds: float = 0.0
-
-
-@dataclass
-class ShotStats:
-    """Filled by `generate_shot(..., stats=ShotStats())`: what the shot cost."""
-
-    model_evaluations: int = 0
     denoise_seconds: float = 0.0
 
 

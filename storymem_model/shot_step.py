@@ -102,6 +102,14 @@ class SelectedKeyframes:
 NO_KEYFRAMES = SelectedKeyframes([], [], [])
 
 
+@dataclass
+class ShotStats:
+    """Filled by the pipeline (`generate_shot(..., stats=)`): what the shot cost."""
+
+    model_evaluations: int = 0  # transformer evaluations x batch (40-step CFG: 80)
+    denoise_seconds: float = 0.0
+
+
 class ShotStep:
     """The shot step for one pipeline, one set of scorers and one config."""
 
@@ -127,13 +135,18 @@ class ShotStep:
 
     # -- generate ----------------------------------------------------------------------
     def generate(self, plan: ShotPlan, bank=None, given: np.ndarray | None = None,
-                 where: str = "shot") -> np.ndarray:
+                 where: str = "shot", stats=None) -> np.ndarray:
         """The shot's frames (F, H, W, 3) uint8. `given`: the frames it continues from
-        (at least 1 for MI2V, 5 for MM2V; the last ones are used)."""
+        (at least 1 for MI2V, 5 for MM2V; the last ones are used). `stats` (a
+        `ShotStats`) receives the shot's model evaluations and denoise time."""
         cfg = self.config
         kwargs = dict(seed=plan.seed, rope_shift=cfg.rope_shift,
                       negative_prompt=cfg.negative_prompt, height=cfg.height,
                       width=cfg.width, num_frames=cfg.num_frames, **plan.sampling)
+        if cfg.fix_mem is not None:
+            kwargs["fix_mem"] = cfg.fix_mem
+        if stats is not None:
+            kwargs["stats"] = stats
         if plan.mode == ShotMode.T2V:
             kwargs["use_t2v"] = True
         elif plan.memory:
@@ -186,7 +199,8 @@ class ShotStep:
 
     # -- write -------------------------------------------------------------------------
     def write(self, folder_uri: str, spec, plan: ShotPlan, frames: np.ndarray,
-              selected: SelectedKeyframes, *, story_id: str, story_name: str) -> ShotRecord:
+              selected: SelectedKeyframes, *, story_id: str, story_name: str,
+              stats=None) -> ShotRecord:
         """Write the shot's video and keyframe PNGs under `folder_uri` (story layout) and
         return its record (not yet written: the caller writes it last, as the checkpoint)."""
         from storymem_model.video_io import encode_mp4
@@ -210,7 +224,9 @@ class ShotStep:
             keyframe_ids=[e.keyframe_id for e in selected.entries],
             keyframe_frame_indices=list(selected.indices),
             keyframe_scores=list(selected.scores), model_id=cfg.model_id,
-            lora_id=cfg.lora_id, t2v_model_id=cfg.t2v_model_id)
+            lora_id=cfg.lora_id, t2v_model_id=cfg.t2v_model_id,
+            model_evaluations=int(getattr(stats, "model_evaluations", 0)),
+            denoise_seconds=float(getattr(stats, "denoise_seconds", 0.0)))
 
 
 def write_record(folder_uri: str, record: ShotRecord) -> None:
