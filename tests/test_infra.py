@@ -151,18 +151,39 @@ def test_raycluster_has_gpu_story_workers_and_scorers_with_project_images():
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
 
 
+def test_every_pod_that_reads_model_folders_mounts_them_read_only():
+    """Workers load the weights; the head (the batch driver resolves the config hash from
+    file headers) and the Prefect flow pod do too: one claim, mounted read-only."""
+    spec = _yaml("kuberay/raycluster.yaml")["spec"]
+    pods = {"head": spec["headGroupSpec"]["template"]["spec"]}
+    pods.update({g["groupName"]: g["template"]["spec"] for g in spec["workerGroupSpecs"]})
+    pods["prefect-flow"] = _prefect_flow_pod()
+    for name, pod in pods.items():
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "models"]
+        assert volume["persistentVolumeClaim"] == {"claimName": "storymem-models",
+                                                   "readOnly": True}, name
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "models"]
+        assert mount == {"name": "models", "mountPath": "/models", "readOnly": True}, name
+
+
 def test_rayjob_runs_storymem_batch_on_the_same_cluster_spec():
-    from flows.batch_launch import parse_batch_argv
+    from flows.cli import build_parser
+    from flows.cli.model_flags import specs_from_args
 
     job = _yaml("kuberay/rayjob.yaml")
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     assert job["spec"]["rayClusterSpec"] == _yaml("kuberay/raycluster.yaml")["spec"]
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[0] == "storymem" and argv[0] in _pyproject()["project"]["scripts"]
-    args = parse_batch_argv(argv[1:])  # the real `storymem batch` parser
+    args = build_parser().parse_args(argv[1:])  # the real `storymem` parser
     assert args.command == "batch" and args.ray_address == "auto"
     assert args.workers >= 1 and args.gpus_per_worker == 1
-    assert args.model_dir and args.lora_dir
+    model, scorers, settings = specs_from_args(args)  # the specs the driver resolves
+    assert model.model_dir and model.lora_dir and scorers.clip_checkpoint and scorers.has_gate
+    assert settings.memory and settings.transition == "mi2v"
+    for path in (model.model_dir, model.t2v_model_dir, model.lora_dir,
+                 scorers.clip_checkpoint, scorers.hps_checkpoint, scorers.hps_base_model):
+        assert path.startswith("/models/"), path  # on the read-only models volume
     assert job["spec"]["shutdownAfterJobFinishes"] is True
 
 
@@ -210,9 +231,47 @@ def test_prefect_yaml_passes_prefects_own_deploy_schema():
     assert all(d.work_pool and d.work_pool.name == "storymem-k8s" for d in model.deployments)
 
 
+def _job_template() -> dict:
+    import json
+
+    return json.loads((INFRA / "prefect-k8s-job-template.json").read_text())
+
+
+def _prefect_flow_pod(job_variables: dict | None = None) -> dict:
+    """The pod spec a flow run of the storymem-k8s pool gets: the base job template with
+    its defaults and `job_variables` filled in by Prefect's own templating."""
+    from prefect.utilities.templating import apply_values
+
+    template = _job_template()
+    values = {name: prop["default"] for name, prop in
+              template["variables"]["properties"].items() if "default" in prop}
+    values.update(job_variables or {})
+    config = apply_values(template["job_configuration"], values)
+    return config["job_manifest"]["spec"]["template"]["spec"]
+
+
+def test_prefect_job_template_passes_prefects_checks_and_runs_the_storymem_image():
+    from prefect.server.schemas.actions import validate_base_job_template
+    from prefect.utilities.schema_tools import validate
+
+    template = _job_template()
+    validate_base_job_template(template)  # every placeholder is a declared variable
+    schema = template["variables"]
+    defaults = {name: prop["default"] for name, prop in schema["properties"].items()
+                if "default" in prop}
+    validate(defaults, schema, raise_on_error=True, preprocess=True, ignore_required=True)
+    for deployment in _deployments().values():
+        variables = deployment["work_pool"]["job_variables"]
+        validate(variables, schema, raise_on_error=True, preprocess=True,
+                 ignore_required=True)
+        (container,) = _prefect_flow_pod(variables)["containers"]
+        assert container["image"] == variables["image"] and container["image"] in IMAGES
+        assert {"secretRef": {"name": "storymem-s3", "optional": True}} in container["envFrom"]
+
+
 def test_prefect_deployments_point_at_the_flows_with_valid_parameters():
-    from flows.batch_launch import BatchRequest
-    from flows.render_options import model_argv
+    from pipelines.batch.spec import BatchOptions
+    from storymem_model.specs import ModelSpec, RenderSettings, ScorerSpec
 
     deployments = _deployments()
     assert set(deployments) == {"nightly", "dataset"}
@@ -224,13 +283,18 @@ def test_prefect_deployments_point_at_the_flows_with_valid_parameters():
         accepted = set(flow.parameters.properties)
         assert set(params) <= accepted, f"{name}: unknown parameters {set(params) - accepted}"
         assert set(flow.parameters.required) <= set(params)
-        flow.validate_parameters(params)  # types against the flow's signature
-        # The model and batch flags parse with the real `storymem batch` parser.
-        argv = model_argv(params.get("preset"), params.get("model_dir"),
-                          params.get("t2v_model_dir"), params.get("lora_dir"),
-                          params.get("render_args"))
-        BatchRequest("s3://x/", params["out"], "check", argv, params["workers"],
-                     params["gpus_per_worker"], params.get("batch_args", [])).parse()
+        # Prefect validates the JSON parameters into the flow's typed specs (every field
+        # known, every value checked by the spec itself).
+        validated = flow.validate_parameters(params)
+        assert isinstance(validated["model"], ModelSpec)
+        assert isinstance(validated["scorers"], ScorerSpec) and validated["scorers"].has_gate
+        assert isinstance(validated["render"], RenderSettings)
+        assert isinstance(validated["batch"], BatchOptions)
+        assert validated["batch"].gpus_per_worker == 1 and validated["batch"].workers >= 1
+        model, scorers = validated["model"], validated["scorers"]
+        for path in (model.model_dir, model.t2v_model_dir, model.lora_dir,
+                     scorers.clip_checkpoint, scorers.hps_checkpoint, scorers.hps_base_model):
+            assert path.startswith("/models/"), path  # the pod's read-only models volume
         assert deployment["work_pool"]["job_variables"]["image"] in IMAGES
         assert deployment["concurrency_limit"] == 1
 
@@ -249,12 +313,13 @@ def test_nightly_deployment_is_scheduled_and_targets_the_clusters_job_server():
 
 
 def test_prefect_yaml_documents_every_parameter_it_sets():
-    """Each parameter line of the nightly deployment is explained by a comment above it
-    or by the flow's docstring."""
+    """Each parameter of the nightly deployment is explained by the flow's docstring,
+    the typed ones with the spec they hold."""
     from flows.nightly_render import nightly_render
 
     doc = nightly_render.fn.__doc__
     for name in _deployments()["nightly"]["parameters"]:
-        assert name in doc or name in ("model_dir", "t2v_model_dir", "lora_dir",
-                                       "render_args"), name
-    assert "preset / model_dir / t2v_model_dir / lora_dir" in doc
+        # a docstring line "name: ..." or "name, other_name: ..."
+        assert re.search(rf"^\s*(\w+, )*{name}(, \w+)*:", doc, re.M), name
+    for spec in ("ModelSpec", "ScorerSpec", "RenderSettings", "BatchOptions"):
+        assert f"`{spec}`" in doc, spec
