@@ -78,8 +78,9 @@ def shot_config(config: RenderConfig, request: ShotRequest) -> RenderConfig:
 
 
 def memory_bank(images: list[np.ndarray], shot_id: str, embedder):
-    """A bank holding every request memory image as a reference (in order); `embedder`
-    None leaves them unembedded (no keyframe selection)."""
+    """A bank holding every request memory image as a reference (in order), embedded by
+    `embedder` (`ShotStep.reference_embedder()`: prepared as keyframe selection prepares
+    frames); None leaves them unembedded (no keyframe selection)."""
     from storymem_model.memory_bank import MemoryBank
 
     bank = MemoryBank(max_size=max(1, len(images)), sink=0)  # every image is memory
@@ -104,7 +105,7 @@ def render_single_shot(pipeline, scorers, base_config: RenderConfig, root: str, 
     spec = ShotSpec(scene=SINGLE_SHOT_SCENE, shot=SINGLE_SHOT_NUMBER, shot_index=0,
                     prompt=request.prompt, cut=True)
     clock = Stopwatch()
-    bank = memory_bank(memory, shot_id, scorers.embedder if select else None)
+    bank = memory_bank(memory, shot_id, step.reference_embedder() if select else None)
     plan = step.plan(request.prompt, mode, request.seed, bank)
     given = [first_frame] if first_frame is not None else motion_frames
     frames = step.generate(plan, bank, given_frames_of(given), where=f"shot {shot_id}")
