@@ -51,13 +51,13 @@ def dataset_task(story_uris: list[str], out: str, scorers: ScorerSpec, render_sp
                  validation_percent: float, card_extra: dict) -> dict:
     import torch
 
-    from flows.cli.model_flags import local_accelerator
     from pipelines.dataset_writer import write_dataset
     from storymem_model.scorers.factory import build_embedder
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    # The embedder runs here, on this machine's GPU if it has one, not on a worker's.
     embedder = build_embedder(scorers.replace(
-        device="cuda" if local_accelerator() else "cpu"))  # runs here, not on a worker
+        device="cuda" if torch.cuda.is_available() else "cpu"))
     config = {}
     if story_uris:
         config = json.loads(storage.read_bytes(
