@@ -286,8 +286,8 @@ def test_single_shot_is_the_story_shot_step(server):
         scorers = build_keyframe_scorers(spec.scorers)
         step = ShotStep(build_pipeline(spec.model), scorers, config)
         bank = MemoryBank(max_size=2, sink=0)
-        images = [np.asarray(Image.open(io.BytesIO(png_bytes(1)))),
-                  np.asarray(Image.open(io.BytesIO(png_bytes(2, (48, 80)))))]
+        images = [np.array(Image.open(io.BytesIO(png_bytes(1)))),
+                  np.array(Image.open(io.BytesIO(png_bytes(2, (48, 80)))))]
         bank.add_references(images, story_id=shot["shot_id"],
                             embedder=step.reference_embedder())
         plan = step.plan(request["prompt"], ShotMode.M2V, 11, bank)

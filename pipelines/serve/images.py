@@ -112,7 +112,7 @@ def decode_image(data: bytes, where: str, limits: ServeLimits) -> np.ndarray:
                 raise ImageInputError(415, "unsupported_image",
                                       f"{where}: image format {fmt} is not one of {ACCEPTED_FORMATS}")
             image.load()
-            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            array = np.array(image.convert("RGB"), dtype=np.uint8)  # writable, contiguous
     except (ImageInputError,):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -121,7 +121,7 @@ def decode_image(data: bytes, where: str, limits: ServeLimits) -> np.ndarray:
         raise ImageInputError(415, "not_an_image",
                               f"{where}: the data is not a readable image "
                               f"(accepted: {', '.join(ACCEPTED_FORMATS)})") from None
-    return np.ascontiguousarray(array)
+    return array
 
 
 def load_images(specs, field: str, limits: ServeLimits, allowed_prefixes=(),
