@@ -126,6 +126,13 @@ class RenderConfig(Spec):
             unknown = sorted(set(value) - set(SAMPLING_KEYS))
             if unknown:
                 out.append(f"unknown {name} keys {unknown}; known: {', '.join(SAMPLING_KEYS)}")
+                continue
+            from storymem_model.sampling import SamplingConfig
+
+            try:  # the values together must make a usable schedule
+                SamplingConfig().updated(**value)
+            except (TypeError, ValueError) as exc:
+                out.append(f"{name}: {exc}")
         if not isinstance(self.memory, bool):
             out.append(f"memory must be True or False, got {self.memory!r}")
         elif not self.memory and self.references_sha256:
@@ -225,6 +232,8 @@ class RenderConfig(Spec):
         overrides = {k: v for k, v in (sampling or {}).items() if v is not None}
         merged = {k: v for k, v in defaults.sampling.items() if k in SAMPLING_KEYS}
         merged.update(overrides)
+        if overrides.get("step_list") is not None and "num_inference_steps" not in overrides:
+            merged["num_inference_steps"] = len(overrides["step_list"])  # a list names its steps
         t2v_choices = {k: v for k, v in (t2v_sampling or {}).items() if v is not None}
         t2v_merged: dict[str, Any] = {}
         if defaults.t2v_sampling is not None:

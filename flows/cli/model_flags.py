@@ -15,11 +15,21 @@ from storymem_model.specs import (DTYPES, TRANSITIONS, ModelSpec, RenderSettings
                                   SamplingOverrides, ScorerSpec)
 
 SAMPLING_FLAGS = ("num_inference_steps", "guidance_scale", "guidance_scale_2", "shift",
-                  "boundary_ratio", "cfg_mode", "reference_sigmas")
+                  "boundary_ratio", "cfg_mode", "reference_sigmas", "solver", "step_list")
 
 
 class ArgumentsError(ValueError):
     """Flags that cannot work together or name something unusable (exit status 2)."""
+
+
+def _step_list(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1000,750,500,250, got {text!r}")
+    if not steps:
+        raise argparse.ArgumentTypeError("the step list is empty")
+    return steps
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +61,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "available, else cpu)")
     model.add_argument("--dtype", choices=DTYPES,
                        help="weights/compute dtype (default: bfloat16 on GPU, float32 on CPU)")
-    model.add_argument("--offload", choices=["model", "sequential"],
-                       help="move weights between CPU and GPU as they are used (small GPUs)")
+    model.add_argument("--offload", choices=["model", "sequential", "group"],
+                       help="move weights between CPU and GPU as they are used (small GPUs): "
+                            "whole components, layer by layer, or block groups with CUDA "
+                            "streams (24-48 GB GPUs)")
+    model.add_argument("--distill-lora-dir", metavar="DIR",
+                       help="a step-distillation LoRA pair for the two Wan2.2 I2V-A14B "
+                            "experts (one file named *high*, one *low*: the Lightning / "
+                            "LightX2V releases), stacked on the StoryMem LoRA; use with "
+                            "--sampling fast")
+    model.add_argument("--distill-lora-strength", type=float, default=1.0,
+                       help="multiplies the distillation LoRA's scale (default %(default)s)")
+    model.add_argument("--storage-dtype", choices=["fp8", "float8_e4m3fn", "float8_e5m2"],
+                       help="keep transformer weights in fp8 and compute in --dtype "
+                            "(diffusers layerwise casting; halves weight memory vs bf16)")
+    model.add_argument("--attention-backend", choices=["native", "flash", "sage"],
+                       default="native",
+                       help="attention kernels through diffusers' dispatcher: native (PyTorch "
+                            "SDPA), flash (flash-attn) or sage (SageAttention); the last two "
+                            "need their package and a CUDA GPU (default %(default)s)")
+    model.add_argument("--compile", action="store_true",
+                       help="torch.compile the transformer blocks (regional compilation; the "
+                            "first shot pays the compile time)")
 
     scorers = parser.add_argument_group(
         "keyframe scorers", "CLIP for similarity and a quality gate (the LAION aesthetic "
@@ -77,6 +107,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     scorers.add_argument("--gate-threshold", type=float, metavar="X",
                          help="a frame becomes a keyframe only with gate score >= X "
                               "(default: the gate's documented threshold)")
+    scorers.add_argument("--keyframe-preprocess", choices=["reference", "direct"],
+                         default="reference",
+                         help="how the scorers see a shot's frames: reference (as the "
+                              "reference release: Qwen2-VL smart resize, then CLIP squashes "
+                              "bilinear) or direct (each scorer resizes full frames); default "
+                              "%(default)s")
 
     method = parser.add_argument_group("StoryMem method")
     method.add_argument("--transition", choices=TRANSITIONS, default="mi2v",
@@ -112,12 +148,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s)")
     method.add_argument("--max-keyframes", type=int, default=3,
                         help="keyframes kept per shot at most (default %(default)s)")
+    method.add_argument("--fix-mem", type=int, metavar="N",
+                        help="memory frames after the first N get mask value 2 (the "
+                             "reference's optional fix_mem; default: off, every memory frame 1)")
 
     sampling = parser.add_argument_group(
         "sampling overrides", "Unset flags keep the model's defaults (real: 40 steps, "
         "guidance 3.5, shift 4.0; tiny: see storymem_model/presets.py). T2V shots keep the "
         "T2V defaults (shift 12.0, boundary 0.875) and take only --steps, --cfg-mode and "
         "--reference-sigmas from these flags.")
+    sampling.add_argument("--sampling", choices=["standard", "fast"], default="standard",
+                          dest="sampling_preset",
+                          help="standard: the reference (40 steps, guidance 3.5, UniPC); "
+                               "fast: 4 guidance-free Euler steps at 1000/750/500/250 with "
+                               "shift 5 for a step-distillation LoRA (--distill-lora-dir); "
+                               "default %(default)s. T2V first shots keep their own sampling")
+    sampling.add_argument("--step-list", type=_step_list, metavar="T1,T2,...",
+                          help="explicit timesteps on the 0..1000 grid before the shift, "
+                               "strictly decreasing (e.g. 1000,750,500,250)")
+    sampling.add_argument("--solver", choices=["unipc", "euler"],
+                          help="flow-matching solver (default: the preset's)")
     sampling.add_argument("--steps", type=int, dest="num_inference_steps",
                           help="denoising steps")
     sampling.add_argument("--guidance-scale", type=float, help="CFG scale, high-noise expert")
@@ -141,7 +191,11 @@ def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
     return _spec(ModelSpec, preset=args.preset, model_dir=args.model_dir,
                  components_dir=args.components_dir, t2v_model_dir=args.t2v_model_dir,
                  lora_dir=args.lora_dir, lora_strength=args.lora_strength,
-                 device=args.device, dtype=args.dtype, offload=args.offload)
+                 distill_lora_dir=args.distill_lora_dir,
+                 distill_lora_strength=args.distill_lora_strength,
+                 device=args.device, dtype=args.dtype, offload=args.offload,
+                 storage_dtype=args.storage_dtype, attention_backend=args.attention_backend,
+                 compile=args.compile)
 
 
 def scorer_spec_from_args(args: argparse.Namespace) -> ScorerSpec | None:
@@ -159,7 +213,7 @@ def scorer_spec_from_args(args: argparse.Namespace) -> ScorerSpec | None:
                  aesthetic_clip_checkpoint=args.aesthetic_clip_checkpoint,
                  hps_checkpoint=args.hps_checkpoint, hps_base_model=args.hps_base_model,
                  hps_python=args.hps_python, gate_threshold=args.gate_threshold,
-                 device=args.device)
+                 keyframe_preprocess=args.keyframe_preprocess, device=args.device)
     problems = spec.problems_for_keyframes()
     if problems:
         raise ArgumentsError("; ".join(problems))
@@ -177,7 +231,8 @@ def render_settings_from_args(args: argparse.Namespace) -> RenderSettings:
                  prompt_aware_memory=args.prompt_aware_memory,
                  negative_prompt=args.negative_prompt,
                  keyframe_threshold=args.keyframe_threshold,
-                 max_keyframes=args.max_keyframes, sampling=sampling, height=args.height,
+                 max_keyframes=args.max_keyframes, fix_mem=args.fix_mem,
+                 sampling_preset=args.sampling_preset, sampling=sampling, height=args.height,
                  width=args.width, num_frames=args.num_frames,
                  references=tuple(args.references or ()))
 
