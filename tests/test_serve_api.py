@@ -609,6 +609,13 @@ def test_scorer_deployments_are_shared_and_batch_requests(server):
     for index in (0, 4):
         alone = embedder.embed_images.remote(frames[index]).result()
         np.testing.assert_array_equal(alone, vectors[index])
+    # Requests of 20 frames sent together span the scorer's 32-row forwards.
+    shots = [np.random.default_rng(10 + i).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+             for i in range(3)]
+    together = [r.result() for r in [embedder.embed_images.remote(f) for f in shots]]
+    for shot, vectors_together in zip(shots, together):
+        np.testing.assert_array_equal(embedder.embed_images.remote(shot).result(),
+                                      vectors_together)
     gate = serve.get_deployment_handle("image_gate", app_name=APP_NAME)
     scores = [r.result() for r in [gate.score_images.remote((f, None)) for f in frames]]
     assert gate.stats.remote().result()["max_requests_per_batch"] > 1
