@@ -17,7 +17,7 @@ import torch
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from torch import nn
 
-DEFAULT_ROPE_SHIFT = 5  # S: not published by the authors; 5 follows a public port (facts §3)
+DEFAULT_ROPE_SHIFT = 5  # S: the authors' January 2026 release uses 5 (docs/method.md#negative-rope-shift)
 
 
 def memory_rope_positions(num_memory: int, num_latent_frames: int, shift: int | None) -> torch.Tensor:
