@@ -273,6 +273,7 @@ def test_single_shot_is_the_story_shot_step(server):
         shot["shot_id"], "m2v", 11, shot["video_sha256"])
     assert record["memory_keyframe_ids"] == ["reference000", "reference001"]
     assert record["keyframe_ids"] == [k["keyframe_id"] for k in shot["keyframes"]]
+    assert record["model_evaluations"] > 0  # what the shot cost, as a story shot records it
 
     # The same shot in this process, through ShotStep, with the server's torch threads.
     args = _render_parser().parse_args(["render", "story.json", "--out", "out",

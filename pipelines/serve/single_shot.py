@@ -31,8 +31,8 @@ from storymem_model import storage
 from storymem_model.images import image_png
 from storymem_model.render_config import (SAMPLING_KEYS, T2V_SHARED_SAMPLING_KEYS,
                                           ConfigError, RenderConfig)
-from storymem_model.shot_step import (NO_KEYFRAMES, ShotMode, ShotStep, Stopwatch,
-                                      given_frames_of, write_record)
+from storymem_model.shot_step import (NO_KEYFRAMES, ShotMode, ShotStats, ShotStep,
+                                      Stopwatch, given_frames_of, write_record)
 from storymem_model.story_script import ShotSpec
 
 GEOMETRY_KEYS = ("height", "width", "num_frames")
@@ -108,7 +108,9 @@ def render_single_shot(pipeline, scorers, base_config: RenderConfig, root: str, 
     bank = memory_bank(memory, shot_id, step.reference_embedder() if select else None)
     plan = step.plan(request.prompt, mode, request.seed, bank)
     given = [first_frame] if first_frame is not None else motion_frames
-    frames = step.generate(plan, bank, given_frames_of(given), where=f"shot {shot_id}")
+    stats = ShotStats()
+    frames = step.generate(plan, bank, given_frames_of(given), where=f"shot {shot_id}",
+                           stats=stats)
     generate_s = clock.lap()
     selected = NO_KEYFRAMES
     if select:
@@ -118,7 +120,7 @@ def render_single_shot(pipeline, scorers, base_config: RenderConfig, root: str, 
     select_s = clock.lap()
     folder = shot_folder(root, scope, shot_id)
     record = step.write(folder, spec, plan, frames, selected, story_id=shot_id,
-                        story_name="")
+                        story_name="", stats=stats)
     record.generate_seconds, record.select_seconds = generate_s, select_s
     record.write_seconds = clock.lap()
     record.shot_seconds = clock.total()
