@@ -84,9 +84,6 @@ class ImageEmbedderDeployment:
         self.embedder = build_embedder(spec)
         self.served = _BatchStats()
 
-    async def name(self) -> str:
-        return str(self.embedder.name)
-
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def embed_images(self, requests: list[np.ndarray]) -> list[np.ndarray]:
         self.served.add(len(requests))
@@ -110,9 +107,6 @@ class ImageGateDeployment:
         _limit_threads(torch_threads)
         self.gate = build_gate(spec)
         self.served = _BatchStats()
-
-    async def name(self) -> str:
-        return str(self.gate.name)
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def score_images(self, requests: list[tuple]) -> list[np.ndarray]:
