@@ -61,6 +61,19 @@ class BatchStats:
     failed_batches: int = 0
     requests_per_batch: collections.Counter = field(default_factory=collections.Counter)
 
+    def __add__(self, other: "BatchStats") -> "BatchStats":
+        """The counters of two groups together (e.g. one method's requests of every image
+        size)."""
+        return BatchStats(
+            batches=self.batches + other.batches, requests=self.requests + other.requests,
+            items=self.items + other.items,
+            max_requests_per_batch=max(self.max_requests_per_batch,
+                                       other.max_requests_per_batch),
+            max_items_per_batch=max(self.max_items_per_batch, other.max_items_per_batch),
+            busy_s=self.busy_s + other.busy_s, queue_wait_s=self.queue_wait_s + other.queue_wait_s,
+            failed_batches=self.failed_batches + other.failed_batches,
+            requests_per_batch=self.requests_per_batch + other.requests_per_batch)
+
     def as_dict(self) -> dict:
         batches = max(self.batches, 1)
         return {

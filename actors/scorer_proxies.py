@@ -14,10 +14,28 @@ batches wait for the batch size or the max wait.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import ray
+
+
+class ScorerMismatchError(RuntimeError):
+    """A scorer actor serves another model than the render spec names."""
+
+
+@dataclass(frozen=True)
+class ScorerPoolHandles:
+    """What a story worker needs to reach the shared scorers: both pools' actor handles,
+    the scorer ids and threshold its config was resolved with, and its own index."""
+
+    clip: tuple
+    gate: tuple
+    embedder_id: str
+    gate_id: str
+    gate_threshold: float
+    client_index: int | None = None
 
 
 class _PoolProxy:
@@ -74,7 +92,7 @@ class ImageScorerProxy(_PoolProxy):
 
 class EmbeddingGateProxy(ImageScorerProxy):
     """A gate whose actors score CLIP embeddings of the CLIP pool's own model (the tiny
-    preset's aesthetic head, as `scorers_from_args` builds it in process): keyframe
+    preset's aesthetic head, as `build_keyframe_scorers` shares it in process): keyframe
     selection embeds each frame once and sends only the embeddings to the gate."""
 
     def __init__(self, handles: Sequence, name: str, timeout_s: float | None = 600.0,
@@ -94,19 +112,22 @@ class EmbeddingGateProxy(ImageScorerProxy):
                       state.get("client_index"), state.get("embedder"))
 
 
-def keyframe_scorers_from_pools(clip: Sequence, gate: Sequence, timeout_s: float | None = 600.0,
-                                client_index: int | None = None):
-    """KeyframeScorers of proxies over the CLIP and gate pools; waits until the pools'
-    first actors have loaded their models (their names and the gate threshold).
-    `client_index`: the story worker's index (sticky routing, see the module text)."""
+def keyframe_scorers_from_pools(pools: ScorerPoolHandles, timeout_s: float | None = 600.0):
+    """KeyframeScorers of proxies over the CLIP and gate pools. Waits until the pools'
+    first actors have loaded their models and checks that they serve the scorers the
+    config names (ScorerMismatchError otherwise)."""
     from storymem_model.scorers.base import KeyframeScorers
 
-    clip_info, gate_info = ray.get([clip[0].info.remote(), gate[0].info.remote()])
-    embedder = EmbedderProxy(clip, clip_info["name"], timeout_s, client_index)
-    if gate_info.get("embeds_with_clip") == clip_info["name"]:
-        gate_proxy = EmbeddingGateProxy(gate, gate_info["name"], timeout_s, client_index,
-                                        embedder=embedder)
+    clip_info, gate_info = ray.get([pools.clip[0].info.remote(), pools.gate[0].info.remote()])
+    for info, wanted in ((clip_info, pools.embedder_id), (gate_info, pools.gate_id)):
+        if info.name != wanted:
+            raise ScorerMismatchError(f"the {info.role} scorer actor serves {info.name}, the "
+                                      f"render spec names {wanted}")
+    embedder = EmbedderProxy(pools.clip, clip_info.name, timeout_s, pools.client_index)
+    if gate_info.embeds_with == clip_info.name:
+        gate = EmbeddingGateProxy(pools.gate, gate_info.name, timeout_s, pools.client_index,
+                                  embedder=embedder)
     else:
-        gate_proxy = ImageScorerProxy(gate, gate_info["name"], timeout_s, client_index)
-    return KeyframeScorers(embedder=embedder, gate=gate_proxy,
-                           gate_threshold=float(gate_info["gate_threshold"]))
+        gate = ImageScorerProxy(pools.gate, gate_info.name, timeout_s, pools.client_index)
+    return KeyframeScorers(embedder=embedder, gate=gate,
+                           gate_threshold=float(pools.gate_threshold))

@@ -1,22 +1,24 @@
 """The story worker: a Ray actor that loads the pipeline once and renders stories in turn.
 
-Each worker holds one loaded `StoryMemPipeline` (on its GPU share, or the CPU) and a
-`StoryRunner` whose scorers are proxies to the shared scorer actor pools (`scorer_pools`:
-{"clip": [handles], "gate": [handles], "client_index": this worker's slot index, which
-picks its scorer actors and lets them batch without waiting for absent workers}). `render_story`
-renders one whole story through the runner, which checkpoints after every shot; the
-story's memory bank (and its keyframe latents, cached on the worker's device) lives in the
-worker only while that story renders. When a worker dies mid-story, the driver sends the
-story again (to the restarted or a replacement worker) and the runner resumes from the
-last committed shot.
+`StoryWorker(worker_name, render, scorer_pools, progress)` receives the resolved
+`RenderSpec` (its model device already chosen at the edge from the GPUs a worker gets),
+builds the pipeline with `model_loading.build_pipeline(render.model)` and the runner with
+`runner.open_runner(render, pipeline, scorers=proxies)`, which checks that the loaded model
+is the one the config was resolved for; the proxies check the same of the shared scorer
+actors (`actors.scorer_proxies`). Without memory there are no scorers and no pools.
 
-Progress: one event per finished shot goes to the `ProgressReporter` actor (fire and
-forget). Log lines go to the worker's stderr (Ray's per-worker log file) and, as events,
-to the driver, which keeps one log file per worker.
+`render_story` renders one whole story through the runner, which checkpoints after every
+shot; the story's memory bank (and its keyframe latents, cached on the worker's device)
+lives in the worker only while that story renders. When a worker dies mid-story, the
+driver sends the story again (to the restarted or a replacement worker) and the runner
+resumes from the last committed shot.
+
+Progress: `StoryStarted`, one `ShotRendered` per finished shot and `WorkerLog` lines go to
+the `ProgressReporter` actor (fire and forget); log lines also go to the worker's stderr
+(Ray's per-worker log file).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import socket
@@ -24,17 +26,23 @@ import time
 import traceback
 from typing import Any, Callable
 
+from actors.batch_events import ShotRendered, StoryStarted, WorkerLog
+from actors.scorer_proxies import ScorerPoolHandles
+from actors.story_outcome import Consistency, RunnerStatus, StoryOutcome, WorkerInfo
+
 logger = logging.getLogger("storymem.story_worker")
 
-PipelineFactory = Callable[[argparse.Namespace], Any]
+# Test hook: wraps the loaded pipeline (tests inject a generation failure or a hung shot,
+# which real weights cannot be made to do on purpose). Never set in production.
+PipelineWrapper = Callable[[Any], Any]
 
 
 class StoryWorker:
-    """Wrap with `ray.remote(...)`; see `pipelines/batch_render.py` for the options."""
+    """Wrap with `ray.remote(...)`; see pipelines/batch/worker_pool.py for the options."""
 
-    def __init__(self, worker_name: str, model_args: argparse.Namespace, scorer_pools: dict,
-                 progress=None, pipeline_factory: PipelineFactory | None = None,
-                 torch_threads: int | None = 1, consistency: bool = False):
+    def __init__(self, worker_name: str, render, scorer_pools: ScorerPoolHandles | None,
+                 progress=None, *, torch_threads: int | None = 1, consistency: bool = False,
+                 wrap_pipeline_for_tests: PipelineWrapper | None = None):
         started = time.monotonic()
         self.worker_name = worker_name
         self.progress = progress
@@ -44,88 +52,88 @@ class StoryWorker:
             import torch
 
             torch.set_num_threads(int(torch_threads))
-        from storymem_model.cli_render import (config_from_args, pipeline_from_args,
-                                               references_from_args)
-        from storymem_model.runner import StoryRunner
+        from storymem_model.model_loading import build_pipeline
+        from storymem_model.runner import open_runner
 
-        from actors.scorer_proxies import keyframe_scorers_from_pools
+        pipeline = build_pipeline(render.model)
+        if wrap_pipeline_for_tests is not None:
+            pipeline = wrap_pipeline_for_tests(pipeline)
+        self.scorers = None
+        if scorer_pools is not None:
+            from actors.scorer_proxies import keyframe_scorers_from_pools
 
-        model_args = _with_device(model_args)
-        references = references_from_args(model_args)
-        self.pipeline = (pipeline_factory or pipeline_from_args)(model_args)
-        # The scorer actors load their models meanwhile; wait for them only now.
-        scorers = keyframe_scorers_from_pools(scorer_pools["clip"], scorer_pools["gate"],
-                                              client_index=scorer_pools.get("client_index"))
-        self.scorers = scorers
-        self.config = config_from_args(model_args, self.pipeline, scorers, references)
-        self.runner = StoryRunner(self.pipeline, scorers, self.config, references=references)
+            # The scorer actors load their models meanwhile; wait for them only now.
+            self.scorers = keyframe_scorers_from_pools(scorer_pools)
+        elif render.scorers is not None:
+            raise ValueError("a render with memory needs the shared scorer pools")
+        self.runner = open_runner(render, pipeline, scorers=self.scorers)
         self.load_s = time.monotonic() - started
         self._log("ready: model %s on %s, config %s, loaded in %.1f s (pid %d)",
-                  self.config.model_id, getattr(self.pipeline, "device", "?"),
+                  render.config.model_id, getattr(pipeline, "device", "?"),
                   self.runner.config_hash, self.load_s, os.getpid())
 
     # ------------------------------------------------------------------------------
-    def ping(self) -> dict:
-        """Who and where this worker is, and the config it renders with."""
-        return {"worker": self.worker_name, "pid": os.getpid(), "host": socket.gethostname(),
-                "config_hash": self.runner.config_hash, "config": self.config.to_dict(),
-                "load_s": self.load_s}
+    def ping(self) -> WorkerInfo:
+        """Who and where this worker is, and the config hash it renders with."""
+        return WorkerInfo(worker=self.worker_name, pid=os.getpid(), host=socket.gethostname(),
+                          config_hash=self.runner.config_hash, load_s=self.load_s)
 
-    def render_story(self, script, out_uri: str, attempt: int = 1) -> dict:
-        """Render (or resume) one story; returns a small summary row (no frames)."""
+    def render_story(self, script, out_uri: str, attempt: int = 1) -> StoryOutcome:
+        """Render (or resume) one story; returns its outcome (no frames)."""
         started = time.monotonic()
         self._log("story %s: attempt %d, %d shots", script.story_id, attempt, len(script.shots))
-        self._event({"kind": "story_started", "story_id": script.story_id,
-                     "attempt": attempt, "shots_total": len(script.shots)})
+        self._event(StoryStarted(worker=self.worker_name, pid=os.getpid(),
+                                 story_id=script.story_id, attempt=attempt,
+                                 shots_total=len(script.shots)))
         try:
             result = self.runner.render(script, out_uri, progress=self._shot_done)
         except Exception as exc:
             self._log("story %s: attempt %d failed: %s: %s\n%s", script.story_id, attempt,
                       type(exc).__name__, exc, traceback.format_exc(), level=logging.ERROR)
             raise
-        row = {
-            "story_id": result.story_id, "config_hash": result.config_hash,
-            "story_uri": result.story_uri, "video_uri": result.video_uri,
-            "parquet_uri": result.parquet_uri, "status": result.status,
-            "num_shots": result.shots_total, "shots_rendered": result.shots_rendered,
-            "wall_s": time.monotonic() - started, "worker": self.worker_name,
-        }
-        if self.consistency:
-            row.update(self._consistency(result))
-        self._log("story %s: %s (%d shots rendered now) in %.1f s", result.story_id,
-                  result.status, result.shots_rendered, row["wall_s"])
-        return row
+        consistency = self._consistency(result) if self.consistency else None
+        outcome = StoryOutcome(
+            story_id=result.story_id, config_hash=result.config_hash,
+            story_uri=result.story_uri, video_uri=result.video_uri,
+            status=RunnerStatus(result.status), shots_total=result.shots_total,
+            shots_rendered=result.shots_rendered, wall_s=time.monotonic() - started,
+            worker=self.worker_name, consistency=consistency)
+        self._log("story %s: %s (%d shots rendered now) in %.1f s", outcome.story_id,
+                  outcome.status, outcome.shots_rendered, outcome.wall_s)
+        return outcome
 
     # ------------------------------------------------------------------------------
-    def _shot_done(self, event: dict) -> None:
-        self._log("story %s: shot %d/%d (scene %d shot %d, %s) in %.1f s", event["story_id"],
-                  event["shot_index"] + 1, event["shots_total"], event["scene"],
-                  event["shot"], event["mode"], event["seconds"])
-        self._event({"kind": "shot_done", **event})
+    def _shot_done(self, shot) -> None:
+        from storymem_model.runner import describe_shot_done
 
-    def _consistency(self, result) -> dict:
-        """Per-story cross-shot consistency (storymem_model.evaluation.metrics.story_consistency) on
-        CLIP frame-average shot embeddings, computed through the shared CLIP actors."""
+        self._log("%s", describe_shot_done(shot))
+        self._event(ShotRendered(worker=self.worker_name, pid=os.getpid(), shot=shot))
+
+    def _consistency(self, result) -> Consistency:
+        """Per-story cross-shot consistency (storymem_model.evaluation.metrics) on CLIP
+        frame-average shot embeddings, computed through the shared CLIP actors."""
         from storymem_model import storage
         from storymem_model.evaluation.metrics import story_consistency
         from storymem_model.evaluation.video_encoders import ClipFrameAverageEncoder
         from storymem_model.video_io import decode_mp4
 
+        if self.scorers is None:
+            raise ValueError("consistency needs the CLIP scorer pool (a render with memory)")
         encoder = ClipFrameAverageEncoder(self.scorers.embedder)
-        videos = [decode_mp4(storage.read_bytes(row["video_uri"])) for row in _rows(result)]
+        videos = [decode_mp4(storage.read_bytes(row.video_uri)) for row in _shot_records(result)]
         scores = story_consistency(encoder.embed_videos(videos))
-        return {"consistency_all_pairs": scores["consistency_all_pairs"],
-                "consistency_top10": scores["consistency_top10"]}
+        return Consistency(all_pairs=float(scores["consistency_all_pairs"]),
+                           top10=float(scores["consistency_top10"]))
 
-    def _event(self, event: dict) -> None:
+    def _event(self, event) -> None:
         if self.progress is not None:
-            self.progress.report.remote({"worker": self.worker_name, "pid": os.getpid(),
-                                         **event})
+            self.progress.report.remote(event)
 
     def _log(self, message: str, *args, level: int = logging.INFO) -> None:
         text = message % args if args else message
         logger.log(level, "[%s] %s", self.worker_name, text)
-        self._event({"kind": "log", "level": logging.getLevelName(level), "message": text})
+        self._event(WorkerLog(worker=self.worker_name, pid=os.getpid(),
+                              level=logging.getLevelName(level), message=text))
 
     @staticmethod
     def _setup_logging() -> None:
@@ -137,30 +145,19 @@ class StoryWorker:
             root.setLevel(logging.INFO)
 
 
-def _rows(result) -> list[dict]:
-    """The story's shot rows: from the result, or (skipped story) from its shots.parquet."""
-    if result.rows:
-        return sorted(result.rows, key=lambda r: r["shot_index"])
-    import io
+def _shot_records(result) -> list:
+    """The story's shot records, in order: from the result, or (a story an earlier attempt
+    committed) from its shots.parquet."""
+    from storymem_model.records import ShotRecord
 
-    import pyarrow.parquet as pq
+    rows = result.rows
+    if not rows:
+        import io
 
-    from storymem_model import storage
+        import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(storage.read_bytes(result.parquet_uri)))
-    return sorted(table.to_pylist(), key=lambda r: r["shot_index"])
+        from storymem_model import storage
 
-
-def _with_device(args: argparse.Namespace) -> argparse.Namespace:
-    """Use the GPU Ray gave this actor when no --device was named."""
-    if getattr(args, "device", None):
-        return args
-    try:
-        import ray
-
-        gpus = ray.get_gpu_ids()
-    except Exception:  # not inside Ray (direct use in tests): keep the default
-        gpus = []
-    args = argparse.Namespace(**vars(args))
-    args.device = "cuda" if gpus else "cpu"
-    return args
+        table = pq.read_table(io.BytesIO(storage.read_bytes(result.parquet_uri)))
+        rows = [ShotRecord.from_row(row) for row in table.to_pylist()]
+    return sorted(rows, key=lambda r: r.shot_index)

@@ -2,9 +2,9 @@
 
 Tiny preset, the same 6 stories (2-3 shots each) rendered three ways into fresh folders:
 1. in process, one after another, as `storymem render` does (`StoryRunner.render`);
-2. `run_batch(..., workers=1)` on an embedded local Ray;
-3. `run_batch(..., workers=2)` with the default scorer batching (32 images per forward,
-   at most 50 ms wait, no wait once both workers' requests are in), and with requests
+2. `run_batch(BatchSpec(...))` with 1 worker on an embedded local Ray;
+3. the same with 2 workers and the default scorer batching (up to 32 images per scorer
+   call, at most 50 ms wait, no wait once both workers' requests are in), and with requests
    waiting up to 4 s for the other worker's (on real GPUs a shot takes minutes, so seconds
    of wait cost little).
 Reported: wall times and the ratio batch(1 worker) / in-process (target <= 1.15), both for
@@ -37,7 +37,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODEL_FLAGS = ["--preset", "tiny"]
 TARGET_RATIO = 1.15
 
 _PROMPTS = [
@@ -65,23 +64,25 @@ def write_stories(folder: str, count: int) -> list[str]:
     return paths
 
 
+def tiny_render():
+    """The RenderSpec both sides render with: the tiny preset on the CPU, its defaults
+    (what `storymem render --preset tiny` resolves to)."""
+    from storymem_model.render_spec import resolve_render_spec
+    from storymem_model.specs import ModelSpec, RenderSettings, ScorerSpec
+
+    return resolve_render_spec(ModelSpec(preset="tiny"), ScorerSpec(preset="tiny"),
+                               RenderSettings(), accelerator=False)
+
+
 def in_process(paths: list[str], out: str) -> dict:
     import torch
 
-    from pipelines.batch_render import model_args_from
-    from storymem_model.cli_render import (config_from_args, pipeline_from_args,
-                                           references_from_args, scorers_from_args)
-    from storymem_model.runner import StoryRunner
+    from storymem_model.runner import open_runner
     from storymem_model.story_script import load_script
 
     torch.set_num_threads(1)  # as each Ray worker does
     started = time.perf_counter()
-    args = model_args_from(MODEL_FLAGS)
-    references = references_from_args(args)
-    pipeline = pipeline_from_args(args)
-    scorers = scorers_from_args(args)
-    runner = StoryRunner(pipeline, scorers, config_from_args(args, pipeline, scorers, references),
-                         references=references)
+    runner = open_runner(tiny_render())  # loads the pipeline and the scorers
     loaded = time.perf_counter()
     shots = 0
     for path in paths:
@@ -103,21 +104,21 @@ def in_process_fresh(paths: list[str], out: str) -> dict:
 
 def batch(folder: str, out: str, workers: int, max_wait_s: float | None = None,
           max_batch_size: int | None = None) -> dict:
-    from pipelines.batch_render import BatchOptions, run_batch
-    from pipelines.scorer_pools import ScorerPoolOptions
+    from pipelines.batch import BatchOptions, BatchSpec, ScorerPoolOptions, run_batch
 
     scorers = ScorerPoolOptions()
     if max_wait_s is not None:
         scorers = ScorerPoolOptions(max_wait_s=max_wait_s, max_batch_size=max_batch_size)
+    spec = BatchSpec(scripts=folder, out=out, render=tiny_render(), options=BatchOptions(
+        workers=workers, cpus_per_worker=0.25, progress="log", scorers=scorers))
     started = time.perf_counter()
-    summary = run_batch(folder, out, MODEL_FLAGS, options=BatchOptions(
-        workers=workers, cpus_per_worker=0.25, progress=False, scorers=scorers))
+    summary = run_batch(spec)
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "render_s": summary["render_wall_s"],
-            "shots": summary["shots_rendered"], "failed": summary["failed"],
-            "scorer_calls_per_shot": summary["scorer_calls_per_shot"],
-            "scorer_mean_batch_requests": summary["scorer_mean_batch_requests"],
-            "scorer_mean_batch_items": _mean_batch_items(summary.get("scorers") or {})}
+    return {"wall_s": wall, "render_s": summary.render_wall_s,
+            "shots": summary.shots_rendered, "failed": summary.failed,
+            "scorer_calls_per_shot": summary.scorer_calls_per_shot,
+            "scorer_mean_batch_requests": summary.scorer_mean_batch_requests,
+            "scorer_mean_batch_items": _mean_batch_items(summary.scorers)}
 
 
 def _mean_batch_items(scorers: dict) -> float:

@@ -1,14 +1,16 @@
-"""Start the shared scorer actor pools of a batch and hand workers proxies to them.
+"""Start the shared scorer actor pools of a batch and hand workers handles to them.
 
-Pools (each `n` actors of `actors.scorer_actor.ScorerActor`, shared by every story worker):
+Pools (each `n` actors of `actors.scorer_actor.ScorerActor`, shared by every story worker),
+built from the render's `ScorerSpec` by the one scorer factory:
 - `clip`: the CLIP `ImageEmbedder` (keyframe similarity, prompt-aware memory, consistency);
-- `gate`: the keyframe quality gate - the aesthetic predictor, or HPSv3 when
-  `HPSOptions` are given. The HPSv3 actors run under the HPS environment's interpreter
+- `gate`: the keyframe quality gate - the aesthetic predictor, or HPSv3 when the spec names
+  it. The HPSv3 actors run under the HPS environment's interpreter
   (`runtime_env={"py_executable": ...}`, built by `make hps-env` into .hps-venv), because
   the hpsv3 package pins an older transformers than the main environment.
 
-Scorer calls are idempotent, so actors restart on a crash and calls are retried
-(`max_restarts`, `max_task_retries`).
+A pool's device follows the GPUs its actors get (`ScorerPoolOptions.gpus_per_actor`), not
+the story workers'. Scorer calls are idempotent, so actors restart on a crash and calls are
+retried (`max_restarts`, `max_task_retries`).
 
 Batching: story worker i always calls actor i % n of each pool (`client_index` of the
 proxies), so each actor knows how many workers send to it (`clients_per_actor`) and runs a
@@ -16,16 +18,16 @@ batch as soon as all of them wait, else after `max_wait_s`: with one worker noth
 """
 from __future__ import annotations
 
-import argparse
-import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from actors import scorer_factories
-from actors.scorer_actor import ScorerActor
-from actors.scorer_proxies import keyframe_scorers_from_pools
+from actors.scorer_actor import ScorerActor, ScorerRole
+from actors.scorer_proxies import ScorerPoolHandles, keyframe_scorers_from_pools
+from pipelines.batch.spec import ScorerPoolOptions
+from storymem_model.model_identity import scorer_identity
+from storymem_model.specs import ScorerSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HPS_PYTHON = PROJECT_ROOT / ".hps-venv" / "bin" / "python"
@@ -34,47 +36,48 @@ SCORER_MAX_TASK_RETRIES = 2
 
 
 class ScorerPoolError(RuntimeError):
-    """A scorer pool that cannot start (bad option, missing HPS environment, load error)."""
+    """A scorer pool that cannot start (missing HPS environment, load error)."""
 
 
-@dataclass(frozen=True)
-class ScorerPoolOptions:
-    clip_actors: int = 1
-    gate_actors: int = 1
-    max_batch_size: int = 32  # images per forward (fixed: every forward is padded to it)
-    max_wait_s: float = 0.05  # how long a request may wait for others to fill the batch
-    cpus_per_actor: float = 0.25
-    gpus_per_actor: float = 0.0
-    torch_threads: int = 1
-
-
-@dataclass(frozen=True)
-class HPSOptions:
-    """Use HPSv3 as the keyframe gate (the reference's choice)."""
-
-    checkpoint: str
-    base_model: str  # Qwen2-VL folder
-    python: str = str(DEFAULT_HPS_PYTHON)
-    threshold: float | None = None
-    dtype: str | None = None
+def hps_python(spec: ScorerSpec) -> Path:
+    """The interpreter the HPSv3 gate actors run under."""
+    return Path(spec.hps_python) if spec.hps_python else DEFAULT_HPS_PYTHON
 
 
 @dataclass
 class ScorerPools:
+    """Both pools' actors and the scorer ids they must serve (from the spec)."""
+
+    spec: ScorerSpec
     clip: list
     gate: list
+    embedder_id: str
+    gate_id: str
     gate_threshold: float
-    clip_name: str
-    gate_name: str
-    info: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # role -> [ScorerActorInfo], after wait_ready
+
+    @property
+    def clip_name(self) -> str:
+        return self.embedder_id
+
+    @property
+    def gate_name(self) -> str:
+        return self.gate_id
+
+    def handles(self, client_index: int | None = None) -> ScorerPoolHandles:
+        """What story worker `client_index` gets (sticky routing, see the module text)."""
+        return ScorerPoolHandles(clip=tuple(self.clip), gate=tuple(self.gate),
+                                 embedder_id=self.embedder_id, gate_id=self.gate_id,
+                                 gate_threshold=self.gate_threshold,
+                                 client_index=client_index)
 
     def keyframe_scorers(self, timeout_s: float | None = 600.0,
                          client_index: int | None = None):
         """KeyframeScorers made of proxies to the pools (what the story runner takes)."""
-        return keyframe_scorers_from_pools(self.clip, self.gate, timeout_s, client_index)
+        return keyframe_scorers_from_pools(self.handles(client_index), timeout_s)
 
     def wait_ready(self) -> None:
-        """Block until every actor has loaded its model; fills the names and threshold."""
+        """Block until every actor has loaded its model; ScorerPoolError if one cannot."""
         import ray
 
         try:
@@ -82,11 +85,8 @@ class ScorerPools:
         except ray.exceptions.RayActorError as exc:
             self.kill()
             raise ScorerPoolError(f"a scorer actor could not load its model: {exc}") from exc
-        clip_info, gate_info = infos[0], infos[len(self.clip)]
-        self.clip_name = clip_info["name"]
-        self.gate_name = gate_info["name"]
-        self.gate_threshold = float(gate_info["gate_threshold"])
-        self.info = {"clip": infos[:len(self.clip)], "gate": infos[len(self.clip):]}
+        self.info = {ScorerRole.CLIP.value: infos[:len(self.clip)],
+                     ScorerRole.GATE.value: infos[len(self.clip):]}
 
     def set_clients(self, client_indices) -> None:
         """Tell every actor how many of the live workers `client_indices` call it (after a
@@ -123,7 +123,7 @@ class ScorerPools:
             for m in merged.values():
                 m["mean_requests_per_batch"] = m["requests"] / m["batches"] if m["batches"] else 0.0
                 m["mean_items_per_batch"] = m["items"] / m["batches"] if m["batches"] else 0.0
-            name = self.clip_name if pool_name == "clip" else self.gate_name
+            name = self.embedder_id if pool_name == "clip" else self.gate_id
             out[pool_name] = {"name": name, "actors": len(handles), "methods": merged}
         return out
 
@@ -148,49 +148,48 @@ def clients_per_actor(clients: int | Iterable[int] | None, actors: int) -> list[
     return [max(1, sum(1 for i in indices if i % actors == j)) for j in range(actors)]
 
 
-def start_scorer_pools(model_args: argparse.Namespace, options: ScorerPoolOptions,
-                       hps: HPSOptions | None = None, name_prefix: str = "storymem",
-                       wait: bool = True, clients: int | None = None) -> ScorerPools:
-    """Create both pools; with `wait`, block until every actor has loaded its model (else
-    call `wait_ready()` later: the models load while the caller does other work).
-    `clients`: the number of story workers, which pass `client_index` 0..clients-1 to
-    their proxies (None: callers unknown, batches wait for size or max wait)."""
+def start_scorer_pools(spec: ScorerSpec, options: ScorerPoolOptions,
+                       name_prefix: str = "storymem", wait: bool = True,
+                       clients: int | None = None) -> ScorerPools:
+    """Create both pools for `spec`; with `wait`, block until every actor has loaded its
+    model (else call `wait_ready()` later: the models load while the caller does other
+    work). `clients`: the number of story workers, which pass `client_index`
+    0..clients-1 to their proxies (None: callers unknown, batches wait for size or max
+    wait)."""
     import ray
 
-    if options.clip_actors < 1 or options.gate_actors < 1:
-        raise ScorerPoolError("scorer pools need at least one actor each "
-                              f"(clip {options.clip_actors}, gate {options.gate_actors})")
-    if hps is not None and not Path(hps.python).exists():
-        raise ScorerPoolError(
-            f"the HPS environment's interpreter {hps.python} does not exist: build it with "
-            f"`make hps-env` (or pass its path)")
+    problems = spec.problems_for_keyframes()
+    if problems:
+        raise ScorerPoolError("; ".join(problems))
+    runtime_env = None
+    if spec.uses_hps:
+        python = hps_python(spec)
+        if not python.exists():
+            raise ScorerPoolError(
+                f"the HPS environment's interpreter {python} does not exist: build it with "
+                f"`make hps-env` (or pass its path)")
+        runtime_env = {"py_executable": str(python),
+                       "env_vars": {"PYTHONPATH": _pythonpath()}}
+    identity = scorer_identity(spec)  # the ids the actors must report (file headers only)
+    spec = spec.replace(device="cuda" if options.gpus_per_actor > 0 else "cpu")
     remote = ray.remote(ScorerActor)
     common = dict(num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor,
                   max_restarts=SCORER_MAX_RESTARTS, max_task_retries=SCORER_MAX_TASK_RETRIES,
                   max_concurrency=1000)
     batching = dict(max_batch_size=options.max_batch_size, max_wait_s=options.max_wait_s,
                     torch_threads=options.torch_threads)
-    clip_clients = clients_per_actor(clients, options.clip_actors)
-    gate_clients = clients_per_actor(clients, options.gate_actors)
-    clip = [remote.options(name=f"{name_prefix}-clip-{i}", **common).remote(
-        functools.partial(scorer_factories.build_embedder, model_args), role="clip",
-        expected_clients=clip_clients[i], **batching)
-        for i in range(options.clip_actors)]
-    if hps is not None:
-        runtime_env = {"py_executable": str(hps.python),
-                       "env_vars": {"PYTHONPATH": _pythonpath()}}
-        factory = functools.partial(scorer_factories.build_hps_gate, hps.checkpoint,
-                                    hps.base_model, hps.threshold, hps.dtype)
-        gate = [remote.options(name=f"{name_prefix}-hps-{i}", runtime_env=runtime_env,
-                               **common).remote(factory, role="hps",
-                                                expected_clients=gate_clients[i], **batching)
-                for i in range(options.gate_actors)]
-    else:
-        factory = functools.partial(scorer_factories.build_aesthetic_gate, model_args)
-        gate = [remote.options(name=f"{name_prefix}-aesthetic-{i}", **common).remote(
-            factory, role="aesthetic", expected_clients=gate_clients[i], **batching)
-            for i in range(options.gate_actors)]
-    pools = ScorerPools(clip=clip, gate=gate, gate_threshold=0.0, clip_name="", gate_name="")
+
+    def pool(role: ScorerRole, count: int, label: str, env) -> list:
+        expected = clients_per_actor(clients, count)
+        extra = {"runtime_env": env} if env else {}
+        return [remote.options(name=f"{name_prefix}-{label}-{i}", **common, **extra).remote(
+            spec, role, expected_clients=expected[i], **batching) for i in range(count)]
+
+    clip = pool(ScorerRole.CLIP, options.clip_actors, "clip", None)
+    gate = pool(ScorerRole.GATE, options.gate_actors, "hps" if spec.uses_hps else "gate",
+                runtime_env)
+    pools = ScorerPools(spec=spec, clip=clip, gate=gate, embedder_id=identity.embedder_id,
+                        gate_id=identity.gate_id, gate_threshold=identity.gate_threshold)
     if wait:
         pools.wait_ready()
     return pools

@@ -99,3 +99,20 @@ def stbench_dir():
     if not path.is_dir():
         pytest.fail(f"ST-Bench scripts not found at {path}")
     return path
+
+
+SMALL_TINY_FLAGS = ["--preset", "tiny", "--num-frames", "9", "--height", "32", "--width", "32",
+                    "--steps", "2"]
+
+
+@pytest.fixture(scope="session")
+def small_tiny_render():
+    """The RenderSpec of `SMALL_TINY_FLAGS` on a CPU (tiny preset, 9 frames of 32x32,
+    2 steps: small shots keep Ray tests fast); resolved without loading weights."""
+    from storymem_model.render_spec import resolve_render_spec
+    from storymem_model.specs import ModelSpec, RenderSettings, SamplingOverrides, ScorerSpec
+
+    settings = RenderSettings(num_frames=9, height=32, width=32,
+                              sampling=SamplingOverrides(num_inference_steps=2))
+    return resolve_render_spec(ModelSpec(preset="tiny"), ScorerSpec(preset="tiny"), settings,
+                               accelerator=False)

@@ -1,12 +1,16 @@
-"""`storymem batch` flags and the errors that stop a batch before any Ray work."""
+"""`storymem batch` flags, `--spec`, and the errors that stop a batch before any Ray work."""
 from __future__ import annotations
 
+import io
 import json
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
-from pipelines.batch_render import BatchError, BatchOptions, model_args_from, run_batch
+from pipelines.batch import BatchError, BatchOptions, BatchSpec, run_batch
+from storymem_model.spec_json import SpecError
 
 
 def test_help_lists_the_batch_flags(capsys):
@@ -16,63 +20,167 @@ def test_help_lists_the_batch_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--scripts", "--out", "--workers", "--gpus-per-worker", "--ray-address",
                  "--preset", "--model-dir", "--lora-dir", "--steps", "--scorer-batch-size",
-                 "--scorer-max-wait", "--hps-checkpoint", "--max-attempts", "--consistency"):
+                 "--scorer-max-wait", "--hps-checkpoint", "--max-attempts", "--consistency",
+                 "--spec"):
         assert flag in text, flag
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--scripts", "{tmp}/missing", "--preset", "tiny"], "no such file, folder or prefix"),
     (["--scripts", "{tmp}/ok.json", "--preset", "tiny", "--workers", "0"],
-     "workers must be at least 1"),
+     "workers must be >= 1"),
     (["--scripts", "{tmp}/ok.json", "--preset", "tiny", "--hps-checkpoint", "x.pt"],
-     "needs both --hps-checkpoint and --hps-base-model"),
+     "needs both hps_checkpoint and hps_base_model"),
     (["--scripts", "{tmp}/ok.json", "--preset", "tiny", "--num-frames", "10"],
      "num_frames must be 4k+1"),
     (["--scripts", "{tmp}/ok.json"], "give --preset tiny or --model-dir"),
     (["--scripts", "{tmp}/ok.json", "--model-dir", "{tmp}"], "--clip-checkpoint"),
     (["--scripts", "{tmp}/ok.json", "--preset", "tiny", "--references", "{tmp}/nope.png"],
      "nope.png"),
+    (["--scripts", "{tmp}/ok.json", "--preset", "tiny", "--no-memory", "--consistency"],
+     "consistency is measured with the CLIP scorer"),
+    (["--preset", "tiny"], "give --scripts URI and --out URI"),
+    (["--spec", "{tmp}/no-spec.json"], "no-spec.json: no such file"),
+    (["--spec", "{tmp}/ok.json"], "BatchSpec"),
+    (["--spec", "{tmp}/spec.json", "--workers", "2"], "drop --workers"),
 ])
 def test_unusable_settings_exit_2_with_a_message_before_ray_starts(tmp_path, capsys, argv,
-                                                                    message):
+                                                                    message,
+                                                                    small_tiny_render):
     (tmp_path / "ok.json").write_text(json.dumps(["a lighthouse at night"]))
+    spec = BatchSpec(scripts=str(tmp_path / "ok.json"), out=str(tmp_path / "out"),
+                     render=small_tiny_render)
+    (tmp_path / "spec.json").write_text(spec.to_json())
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code = main(["batch", *argv, "--out", str(tmp_path / "out")])
+    if "--spec" not in argv and "--scripts" in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    code = main(["batch", *argv])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err, err
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-def test_python_entry_point_checks_its_arguments(tmp_path):
-    with pytest.raises(BatchError, match="unknown model options"):
-        model_args_from({"preset": "tiny", "no_such_flag": 1})
-    with pytest.raises(BatchError, match="invalid model flags"):
-        model_args_from(["--preset", "huge"])
-    assert model_args_from(None).preset == "tiny"
-    assert model_args_from({"preset": "tiny", "seed": 4}).seed == 4
-    with pytest.raises(BatchError, match="max_attempts"):
-        run_batch(str(tmp_path), str(tmp_path / "out"), options=BatchOptions(max_attempts=0))
-    with pytest.raises(BatchError, match="run_id"):
-        run_batch(str(tmp_path), str(tmp_path / "out"), run_id="../escape")
+def test_flags_become_one_batch_spec_that_round_trips_through_json(tmp_path,
+                                                                   small_tiny_render):
+    import argparse
+
+    from conftest import SMALL_TINY_FLAGS
+    from flows.cli.batch import add_batch_command, batch_spec_from_args
+
+    parser = argparse.ArgumentParser(prog="storymem")
+    add_batch_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["batch", "--scripts", "s3://b/scripts", "--out", "s3://b/out",
+                              "--workers", "3", "--clip-actors", "2", "--story-timeout", "60",
+                              "--run-id", "night-1", *SMALL_TINY_FLAGS])
+    spec = batch_spec_from_args(args)
+    assert spec.render == small_tiny_render  # the same resolution as every other host
+    assert spec.render.config_hash == small_tiny_render.config_hash
+    assert (spec.options.workers, spec.options.scorers.clip_actors,
+            spec.options.story_timeout_s, spec.run_id) == (3, 2, 60.0, "night-1")
+    assert spec.render.model.device == "cpu"  # no GPU per worker: resolved for the CPU
+    assert BatchSpec.from_json(spec.to_json()) == spec
+    gpu = batch_spec_from_args(parser.parse_args(["batch", "--scripts", "x", "--out", "y",
+                                                  "--gpus-per-worker", "1", "--preset",
+                                                  "tiny"]))
+    assert (gpu.render.model.device, gpu.render.model.dtype) == ("cuda", "bfloat16")
+
+
+def test_python_entry_point_checks_its_arguments(tmp_path, small_tiny_render):
+    with pytest.raises(SpecError, match="max_attempts"):
+        BatchOptions(max_attempts=0)
+    with pytest.raises(SpecError, match="run_id"):
+        BatchSpec(scripts=str(tmp_path), out=str(tmp_path / "out"), render=small_tiny_render,
+                  run_id="../escape")
+    with pytest.raises(SpecError, match="workers get no GPU"):
+        BatchSpec(scripts=str(tmp_path), out=str(tmp_path / "out"),
+                  render=small_tiny_render.replace(
+                      model=small_tiny_render.model.replace(device="cuda")))
+    with pytest.raises(SpecError, match="unknown field"):
+        BatchSpec.from_dict({**BatchSpec(scripts="a", out="b", render=small_tiny_render)
+                             .to_dict(), "model_args": ["--preset", "tiny"]})
+    with pytest.raises(TypeError, match="BatchSpec"):
+        run_batch({"scripts": str(tmp_path), "out": str(tmp_path / "out")})
 
 
 @pytest.mark.ray
-def test_a_batch_bigger_than_the_local_cluster_is_refused(ray_cluster, tmp_path):
+def test_a_batch_bigger_than_the_local_cluster_is_refused(ray_cluster, tmp_path,
+                                                          small_tiny_render):
     (tmp_path / "ok.json").write_text(json.dumps(["a lighthouse at night"]))
-    options = BatchOptions(workers=8, cpus_per_worker=1.0, progress=False)
+    options = BatchOptions(workers=8, cpus_per_worker=1.0, progress="log")
     with pytest.raises(BatchError, match="CPUs .cluster has 2"):
-        run_batch(str(tmp_path / "ok.json"), str(tmp_path / "out"), ["--preset", "tiny"],
-                  options=options)
+        run_batch(BatchSpec(scripts=str(tmp_path / "ok.json"), out=str(tmp_path / "out"),
+                            render=small_tiny_render, options=options))
     assert not (tmp_path / "out").exists()
+
+
+def unloadable_model(folder: Path) -> Path:
+    """An original-layout Wan2.2 folder whose content ids resolve (every file is there) but
+    whose experts cannot load: their config.json lacks the architecture."""
+    for sub in ("high_noise_model", "low_noise_model"):
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "config.json").write_text(json.dumps({"model_type": "i2v"}))
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        (folder / "components" / sub).mkdir(parents=True)
+        (folder / "components" / sub / "config.json").write_text("{}")
+    return folder
 
 
 @pytest.mark.ray
 def test_a_model_no_worker_can_load_stops_the_batch_with_the_cause(ray_cluster, tmp_path):
+    """Without memory there are no scorers: the batch starts no scorer actor at all."""
+    import ray
+
+    from storymem_model.render_spec import resolve_render_spec
+    from storymem_model.specs import ModelSpec, RenderSettings
+
     (tmp_path / "ok.json").write_text(json.dumps(["a lighthouse at night"]))
-    options = BatchOptions(workers=1, cpus_per_worker=0.25, progress=False)
-    args = ["--preset", "tiny", "--lora-dir", str(tmp_path / "no-such-lora")]
+    folder = unloadable_model(tmp_path / "unloadable-model")
+    render = resolve_render_spec(
+        ModelSpec(model_dir=str(folder), components_dir=str(folder / "components")), None,
+        RenderSettings(memory=False), accelerator=False)
+    assert render.scorers is None
+    options = BatchOptions(workers=1, cpus_per_worker=0.25, progress="log")
+    spec = BatchSpec(scripts=str(tmp_path / "ok.json"), out=str(tmp_path / "out"),
+                     render=render, options=options, run_id="unloadable")
     with pytest.raises(BatchError, match="could not load the model") as info:
-        run_batch(str(tmp_path / "ok.json"), str(tmp_path / "out"), args, options=options)
-    assert "no-such-lora" in str(info.value)
+        run_batch(spec)
+    assert "unloadable-model/high_noise_model" in str(info.value)
+    assert "original Wan config lacks" in str(info.value)
     assert not (tmp_path / "out").exists()
+    # every actor this cluster ever had, dead ones included (GCS table, no dashboard here)
+    names = [a["Name"] for a in ray._private.state.actors().values()]
+    assert "storymem-unloadable-worker-0" in names
+    assert not [n for n in names if n.startswith("storymem-unloadable-")
+                and n != "storymem-unloadable-worker-0" and not n.endswith("-progress")]
+
+
+@pytest.mark.ray
+def test_spec_file_runs_the_batch_without_memory_and_without_scorer_actors(
+        ray_cluster, tmp_path, capsys, small_tiny_render):
+    """`storymem batch --spec FILE`: the path a Ray job takes. Memory off: no scorers."""
+    from storymem_model.render_spec import resolve_render_spec
+    from storymem_model.specs import ModelSpec, RenderSettings, SamplingOverrides
+
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "a.json").write_text(json.dumps(["a lighthouse", "a storm"]))
+    render = resolve_render_spec(
+        ModelSpec(preset="tiny"), None,
+        RenderSettings(memory=False, num_frames=9, height=32, width=32,
+                       sampling=SamplingOverrides(num_inference_steps=2)), accelerator=False)
+    out = tmp_path / "out"
+    spec = BatchSpec(scripts=str(tmp_path / "scripts"), out=str(out), render=render,
+                     options=BatchOptions(workers=1, cpus_per_worker=0.25, progress="log"),
+                     run_id="from-spec")
+    (tmp_path / "spec.json").write_text(spec.to_json(indent=1))
+    assert main(["batch", "--spec", str(tmp_path / "spec.json")]) == 0
+    assert "run from-spec: 1 rendered, 0 skipped, 0 failed" in capsys.readouterr().out
+    saved = json.loads((out / "runs" / "from-spec" / "summary.json").read_text())
+    assert saved["config_hash"] == render.config_hash != small_tiny_render.config_hash
+    assert saved["scorers"] == {} and saved["scorer_calls_per_shot"] == 0.0
+    stories = pq.read_table(io.BytesIO((out / "runs" / "from-spec" / "stories.parquet")
+                                       .read_bytes())).to_pylist()
+    assert [(r["status"], r["shots_rendered"]) for r in stories] == [("rendered", 2)]
+    shots = pq.read_table(str(out / "runs" / "from-spec" / "shots.parquet")).to_pylist()
+    assert {r["mode"] for r in shots} <= {"t2v", "m2v-no-memory"}
+    assert all(r["keyframe_ids"] == [] for r in shots)

@@ -11,7 +11,7 @@
 
 The only stand-in is `FailingPipeline`, a wrapper around the real tiny pipeline that raises
 on one marked prompt and hangs once on another (a generation failure or a hung GPU cannot
-be provoked otherwise).
+be provoked otherwise); it enters through `run_batch`'s `wrap_pipeline_for_tests` hook.
 """
 from __future__ import annotations
 
@@ -27,20 +27,17 @@ import uuid
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.batch_render import BatchOptions, run_batch
-from pipelines.scorer_pools import ScorerPoolOptions
+from actors.batch_events import ShotRendered, StoryRetry
+from pipelines.batch import BatchOptions, BatchSpec, ScorerPoolOptions, run_batch
 from storymem_model import storage
+from storymem_model.records import TIMING_COLUMNS
 from storymem_model.story_script import load_script
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
-# Small shots keep the test fast: 9 frames of 32x32, 2 steps.
-MODEL_FLAGS = ["--preset", "tiny", "--num-frames", "9", "--height", "32", "--width", "32",
-               "--steps", "2"]
 FAIL_MARK = "FAIL-GENERATION"
 HANG_PROMPT = "a passenger reads by lamplight"  # shot 2 of 03_train.json
 STORY_TIMEOUT_S = 20.0
-TIMING_COLUMNS = ("generate_seconds", "select_seconds", "write_seconds", "shot_seconds")
 
 
 def _stories() -> dict[str, dict]:
@@ -66,11 +63,12 @@ def _stories() -> dict[str, dict]:
     }
 
 
-def _options(workers: int = 2, **kw) -> BatchOptions:
-    # 16 images per forward = two shots' frames: two stories' requests fill one batch.
+def _spec(render, scripts: str, out: str, run_id: str, workers: int = 2, **kw) -> BatchSpec:
+    # 16 images per scorer call = two shots' frames: two stories' requests fill one batch.
     scorers = ScorerPoolOptions(max_batch_size=16, max_wait_s=1.5, cpus_per_actor=0.25)
-    return BatchOptions(workers=workers, cpus_per_worker=0.25, scorers=scorers,
-                        progress=False, **kw)
+    options = BatchOptions(workers=workers, cpus_per_worker=0.25, scorers=scorers,
+                           progress="log", **kw)
+    return BatchSpec(scripts=scripts, out=out, render=render, options=options, run_id=run_id)
 
 
 def _write_scripts(prefix: str, extra: dict | None = None) -> dict[str, str]:
@@ -109,23 +107,24 @@ def bucket(s3_endpoint):
 
 
 @pytest.fixture(scope="module")
-def clean_run(ray_cluster, bucket):
+def clean_run(ray_cluster, bucket, small_tiny_render):
     ids = _write_scripts(f"{bucket}/scripts")
     out = f"{bucket}/out"
-    summary = run_batch(f"{bucket}/scripts", out, MODEL_FLAGS, run_id="clean",
-                        options=_options(consistency=True))
+    summary = run_batch(_spec(small_tiny_render, f"{bucket}/scripts", out, "clean",
+                              consistency=True))
     return {"summary": summary, "out": out, "ids": ids}
 
 
 # ---------------------------------------------------------------------------------------
-def test_clean_run_commits_every_story_and_writes_the_run_tables(clean_run):
+def test_clean_run_commits_every_story_and_writes_the_run_tables(clean_run, small_tiny_render):
     summary, out, ids = clean_run["summary"], clean_run["out"], clean_run["ids"]
-    assert (summary["rendered"], summary["skipped"], summary["failed"]) == (6, 0, 0)
-    assert summary["status"] == "completed"
-    assert summary["run_uri"] == f"{out}/runs/clean"
-    config_hash = summary["config_hash"]
+    assert (summary.rendered, summary.skipped, summary.failed) == (6, 0, 0)
+    assert summary.status == "completed"
+    assert summary.run_uri == f"{out}/runs/clean"
+    config_hash = summary.config_hash
+    assert config_hash == small_tiny_render.config_hash  # known before any worker started
     shots_total = sum(len(s["scenes"][0]["video_prompts"]) for s in _stories().values())
-    assert summary["shots_rendered"] == shots_total == 14
+    assert summary.shots_rendered == shots_total == 14
 
     for story_id in ids.values():
         uri = storage.join(out, story_id, config_hash)
@@ -150,6 +149,7 @@ def test_clean_run_commits_every_story_and_writes_the_run_tables(clean_run):
     assert _read_table(f"{out}/runs/clean/errors.parquet").num_rows == 0
 
     saved = json.loads(storage.read_bytes(f"{out}/runs/clean/summary.json"))
+    assert saved == summary.to_dict()
     assert saved["rendered"] == 6 and saved["gpu_hours"] == 0.0 and saved["wall_s"] > 0
     assert saved["shots_per_hour"] > 0
     logs = [u.rsplit("/", 1)[1] for u in saved["tables"]["logs"]]
@@ -159,7 +159,7 @@ def test_clean_run_commits_every_story_and_writes_the_run_tables(clean_run):
 
 
 def test_scorers_are_shared_and_really_batch_requests_of_different_stories(clean_run):
-    scorers = clean_run["summary"]["scorers"]
+    scorers = clean_run["summary"].scorers
     embed = scorers["clip"]["methods"]["embed_images"]
     # The tiny gate's head sits on the CLIP pool's own model: like the in-process runner,
     # workers embed each frame once and send the gate only the embeddings.
@@ -172,7 +172,7 @@ def test_scorers_are_shared_and_really_batch_requests_of_different_stories(clean
     assert embed["batches"] + gate["batches"] < embed["requests"] + gate["requests"]
     # a batch closes once it holds 16 frames; the request that fills it may pass 16
     assert embed["max_items_per_batch"] <= 16 + 9 and gate["max_items_per_batch"] <= 16 + 9
-    assert clean_run["summary"]["scorer_mean_batch_requests"] > 1.0
+    assert clean_run["summary"].scorer_mean_batch_requests > 1.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,12 +197,6 @@ class FailingPipeline:
         return self._inner.generate_shot(prompt, *args, **kwargs)
 
 
-def failing_pipeline_factory(args, hang_marker: str | None = None):
-    from storymem_model.cli_render import pipeline_from_args
-
-    return FailingPipeline(pipeline_from_args(args), hang_marker)
-
-
 class _Killer:
     """on_event hook: kills the worker rendering a story right after its first shot."""
 
@@ -210,24 +204,25 @@ class _Killer:
         self.ray = ray
         self.plan = {by_ray_kill: "ray.kill", by_sigkill: "SIGKILL"}
         self.done: dict[str, str] = {}
-        self.events: list[dict] = []
+        self.events: list = []
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event) -> None:
         self.events.append(event)
-        story = event.get("story_id")
-        if event.get("kind") != "shot_done" or story not in self.plan or story in self.done:
+        if not isinstance(event, ShotRendered):
             return
-        if event["shot_index"] != 0:
+        story = event.story_id
+        if story not in self.plan or story in self.done or event.shot.shot_index != 0:
             return
         how = self.plan[story]
         if how == "ray.kill":
-            self.ray.kill(self.ray.get_actor(event["worker"]), no_restart=False)
+            self.ray.kill(self.ray.get_actor(event.worker), no_restart=False)
         else:
-            os.kill(event["pid"], signal.SIGKILL)
-        self.done[story] = event["worker"]
+            os.kill(event.pid, signal.SIGKILL)
+        self.done[story] = event.worker
 
 
-def test_faults_killed_workers_bad_script_and_failing_story(clean_run, ray_cluster, tmp_path):
+def test_faults_killed_workers_bad_script_and_failing_story(clean_run, ray_cluster, tmp_path,
+                                                           small_tiny_render):
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -241,16 +236,17 @@ def test_faults_killed_workers_bad_script_and_failing_story(clean_run, ray_clust
     out = str(tmp_path / "out")
     killer = _Killer(ray, by_ray_kill=ids["01_kite.json"], by_sigkill=ids["02_fox.json"])
     hang_marker = str(tmp_path / "hung-once")
-    summary = run_batch(scripts, out, MODEL_FLAGS, run_id="faults",
-                        options=_options(max_attempts=3, story_timeout_s=STORY_TIMEOUT_S),
-                        pipeline_factory=functools.partial(failing_pipeline_factory,
-                                                           hang_marker=hang_marker),
-                        on_event=killer)
+    summary = run_batch(_spec(small_tiny_render, scripts, out, "faults", max_attempts=3,
+                              story_timeout_s=STORY_TIMEOUT_S),
+                        on_event=killer,
+                        wrap_pipeline_for_tests=functools.partial(FailingPipeline,
+                                                                  hang_marker=hang_marker))
 
     # both kills happened mid-story (after shot 1 of 3) and were survived
     assert set(killer.done) == {ids["01_kite.json"], ids["02_fox.json"]}
-    assert summary["worker_deaths"] >= 2
-    assert (summary["rendered"], summary["failed_render"], summary["invalid"]) == (6, 1, 1)
+    assert summary.worker_deaths >= 2
+    assert summary.worker_replacements == 0  # Ray restarted them; the pool waited for that
+    assert (summary.rendered, summary.failed_render, summary.invalid) == (6, 1, 1)
     stories = {r["story_id"]: r for r in
                _read_table(f"{out}/runs/faults/stories.parquet").to_pylist()}
     assert stories[ids["01_kite.json"]]["attempts"] >= 2
@@ -260,12 +256,12 @@ def test_faults_killed_workers_bad_script_and_failing_story(clean_run, ray_clust
     assert os.path.exists(hang_marker)
     train = ids["03_train.json"]
     assert stories[train]["status"] == "rendered" and stories[train]["attempts"] == 2
-    timeouts = [e for e in killer.events if e.get("kind") == "story_retry"
-                and e["story_id"] == train]
-    assert [e["error_type"] for e in timeouts] == ["StoryTimeout"]
-    assert f"{STORY_TIMEOUT_S:g} s" in timeouts[0]["message"]
-    train_shots = [e["shot_index"] for e in killer.events
-                   if e.get("kind") == "shot_done" and e["story_id"] == train]
+    timeouts = [e for e in killer.events if isinstance(e, StoryRetry)
+                and e.story_id == train]
+    assert [e.error_type for e in timeouts] == ["StoryTimeout"]
+    assert f"{STORY_TIMEOUT_S:g} s" in timeouts[0].message
+    train_shots = [e.shot.shot_index for e in killer.events
+                   if isinstance(e, ShotRendered) and e.story_id == train]
     assert train_shots == [0, 1]  # shot 1 rendered once, not again after the kill
 
     errors = _read_table(f"{out}/runs/faults/errors.parquet").to_pylist()
@@ -277,12 +273,12 @@ def test_faults_killed_workers_bad_script_and_failing_story(clean_run, ray_clust
     assert by_stage["render"]["story_id"] == ids["08_doomed.json"]
     assert by_stage["render"]["attempts"] == 3
     assert "injected generation failure" in by_stage["render"]["message"]
-    doomed = storage.join(out, ids["08_doomed.json"], summary["config_hash"])
+    doomed = storage.join(out, ids["08_doomed.json"], summary.config_hash)
     assert not storage.is_committed(doomed)
 
     # the 6 good stories are identical to the clean run's (no partial or duplicate files)
-    clean_hash = clean_run["summary"]["config_hash"]
-    assert summary["config_hash"] == clean_hash
+    clean_hash = clean_run["summary"].config_hash
+    assert summary.config_hash == clean_hash
     for name, story_id in ids.items():
         if name.startswith(("07", "08")):
             continue
@@ -304,15 +300,15 @@ def test_faults_killed_workers_bad_script_and_failing_story(clean_run, ray_clust
         assert a.equals(b), story_id
 
 
-def test_rerun_skips_committed_stories_and_renders_nothing(clean_run):
+def test_rerun_skips_committed_stories_and_renders_nothing(clean_run, small_tiny_render):
     out = clean_run["out"]
     before = _snapshot(out)
     bucket = out.rsplit("/", 1)[0]
-    summary = run_batch(f"{bucket}/scripts", out, MODEL_FLAGS, run_id="rerun",
-                        options=_options(workers=1))
-    assert (summary["rendered"], summary["skipped"], summary["failed"]) == (0, 6, 0)
-    assert summary["shots_rendered"] == 0
-    assert summary["scorers"]["clip"]["methods"] == {}  # no scorer call at all
+    summary = run_batch(_spec(small_tiny_render, f"{bucket}/scripts", out, "rerun",
+                              workers=1))
+    assert (summary.rendered, summary.skipped, summary.failed) == (0, 6, 0)
+    assert summary.shots_rendered == 0
+    assert summary.scorers["clip"]["methods"] == {}  # no scorer call at all
     assert _snapshot(out) == before  # not one story file rewritten
     stories = _read_table(f"{out}/runs/rerun/stories.parquet").to_pylist()
     assert {r["status"] for r in stories} == {"skipped"}

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.batch_render import model_args_from
-from pipelines.scorer_pools import (DEFAULT_HPS_PYTHON, HPSOptions, ScorerPoolError,
-                                    ScorerPoolOptions, start_scorer_pools)
+from pipelines.batch import ScorerPoolOptions
+from pipelines.scorer_pools import DEFAULT_HPS_PYTHON, ScorerPoolError, start_scorer_pools
+from storymem_model.specs import ScorerSpec
 
 pytestmark = [pytest.mark.hps, pytest.mark.ray]
 
@@ -27,21 +27,24 @@ def tiny_hps(tmp_path_factory):
 
 def test_hps_gate_actor_runs_in_the_hps_env_and_batches(ray_cluster, tiny_hps):
     ray = ray_cluster
-    hps = HPSOptions(checkpoint=tiny_hps["checkpoint_path"],
-                     base_model=tiny_hps["base_model_path"])
+    from storymem_model.model_identity import gate_identity
+
+    spec = ScorerSpec(preset="tiny", hps_checkpoint=tiny_hps["checkpoint_path"],
+                      hps_base_model=tiny_hps["base_model_path"])
     options = ScorerPoolOptions(max_batch_size=6, max_wait_s=1.0, cpus_per_actor=0.25)
-    pools = start_scorer_pools(model_args_from(["--preset", "tiny"]), options, hps=hps,
-                               name_prefix="test-hps")
+    pools = start_scorer_pools(spec, options, name_prefix="test-hps")
     try:
         info = pools.info["gate"][0]
-        assert info["python"].startswith(str(DEFAULT_HPS_PYTHON.parent))
-        assert info["transformers"] == "4.45.2"  # the pinned stack, not the main venv's
-        assert pools.gate_name == "hpsv3" and pools.gate_threshold == 3.0
+        assert info.python.startswith(str(DEFAULT_HPS_PYTHON.parent))
+        assert info.transformers == "4.45.2"  # the pinned stack, not the main venv's
+        # the HPSv3 content id the config hash names, reported by the actor that loaded it
+        assert info.name == pools.gate_name == gate_identity(spec)[0]
+        assert pools.gate_name.startswith("hpsv3:") and pools.gate_threshold == 3.0
         frames = np.random.default_rng(0).integers(0, 256, (6, 48, 48, 3), dtype=np.uint8)
         gate = pools.gate[0]
         together = ray.get([gate.score_images.remote(frames[i:i + 2]) for i in (0, 2, 4)])
         stats = pools.stats()["gate"]["methods"]["score_images"]
-        assert stats["max_requests_per_batch"] == 3  # three callers, one forward
+        assert stats["max_requests_per_batch"] == 3  # three callers, one scorer call
         alone = pools.keyframe_scorers().gate.score_images(frames[2:4])
         np.testing.assert_allclose(together[1], alone, atol=1e-4)
         assert np.isfinite(np.concatenate(together)).all()
@@ -50,7 +53,7 @@ def test_hps_gate_actor_runs_in_the_hps_env_and_batches(ray_cluster, tiny_hps):
 
 
 def test_missing_hps_env_is_a_clear_error(ray_cluster, tmp_path):
-    hps = HPSOptions(checkpoint="x.safetensors", base_model="qwen",
-                     python=str(tmp_path / "no-venv" / "bin" / "python"))
+    spec = ScorerSpec(preset="tiny", hps_checkpoint="x.safetensors", hps_base_model="qwen",
+                      hps_python=str(tmp_path / "no-venv" / "bin" / "python"))
     with pytest.raises(ScorerPoolError, match="make hps-env"):
-        start_scorer_pools(model_args_from(["--preset", "tiny"]), ScorerPoolOptions(), hps=hps)
+        start_scorer_pools(spec, ScorerPoolOptions())

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.batch_render import model_args_from
-from pipelines.scorer_pools import ScorerPoolOptions, start_scorer_pools
+from pipelines.batch import ScorerPoolOptions
+from pipelines.scorer_pools import start_scorer_pools
+from storymem_model.specs import ScorerSpec
 
 pytestmark = pytest.mark.ray
 
@@ -13,8 +14,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def pools(ray_cluster):
     options = ScorerPoolOptions(max_batch_size=8, max_wait_s=1.0, cpus_per_actor=0.25)
-    pools = start_scorer_pools(model_args_from(["--preset", "tiny"]), options,
-                               name_prefix="test-scorers")
+    pools = start_scorer_pools(ScorerSpec(preset="tiny"), options, name_prefix="test-scorers")
     yield pools
     pools.kill()
 
@@ -24,12 +24,13 @@ def _frames(seed: int, n: int) -> np.ndarray:
 
 
 def test_requests_from_several_callers_are_batched_and_results_are_exact(pools, ray_cluster):
+    from storymem_model.model_identity import TINY_EMBEDDER_ID, TINY_GATE_ID
     from storymem_model.scorers import TINY_GATE_THRESHOLD
 
     ray = ray_cluster
     clip = pools.clip[0]
     batches = [_frames(seed, 2) for seed in range(4)]
-    # Four callers at once (as four stories would): one forward of 8 images serves all.
+    # Four callers at once (as four stories would): one call of 8 images serves all.
     results = ray.get([clip.embed_images.remote(frames) for frames in batches])
     stats = pools.stats()["clip"]["methods"]["embed_images"]
     assert stats["max_requests_per_batch"] == 4 and stats["max_items_per_batch"] == 8
@@ -37,7 +38,7 @@ def test_requests_from_several_callers_are_batched_and_results_are_exact(pools, 
     alone = [ray.get(clip.embed_images.remote(frames)) for frames in batches]
     for result, single in zip(results, alone):
         assert result.shape[0] == 2
-        np.testing.assert_array_equal(result, single)  # fixed-shape forwards: bit-identical
+        np.testing.assert_array_equal(result, single)  # the scorer's fixed-shape forwards
         np.testing.assert_allclose(np.linalg.norm(result, axis=1), 1.0, atol=1e-4)
     assert pools.stats()["clip"]["methods"]["embed_images"]["batches"] == stats["batches"] + 4
 
@@ -47,7 +48,28 @@ def test_requests_from_several_callers_are_batched_and_results_are_exact(pools, 
     np.testing.assert_array_equal(together[:3], gate.score_images(frames[:3]))
     assert together.shape == (6,) and together.dtype == np.float32
     assert pools.gate_threshold == pytest.approx(TINY_GATE_THRESHOLD)
-    assert pools.clip_name and pools.gate_name
+    assert (pools.clip_name, pools.gate_name) == (TINY_EMBEDDER_ID, TINY_GATE_ID)
+    assert [i.name for i in pools.info["clip"]] == [TINY_EMBEDDER_ID]  # what the actors load
+    assert [i.name for i in pools.info["gate"]] == [TINY_GATE_ID]
+
+
+def test_requests_of_different_image_sizes_are_never_mixed_in_one_call(pools, ray_cluster):
+    """Keyframe selection and consistency send frames of different sizes at the same time
+    (smart-resized frames and decoded shots): each size is its own group, each caller still
+    gets what it gets alone, and the counters add up per method."""
+    ray = ray_cluster
+    clip = pools.clip[0]
+    before = pools.stats()["clip"]["methods"]["embed_images"]
+    small = _frames(11, 2)
+    large = np.random.default_rng(12).integers(0, 256, (2, 56, 56, 3), dtype=np.uint8)
+    mixed = ray.get([clip.embed_images.remote(f) for f in (small, large, small, large)])
+    alone = [ray.get(clip.embed_images.remote(f)) for f in (small, large)]
+    for result, single in zip(mixed, alone * 2):
+        np.testing.assert_array_equal(result, single)
+    after = pools.stats()["clip"]["methods"]["embed_images"]
+    assert after["requests"] == before["requests"] + 6
+    # the four mixed requests ran as two calls, one per size; the two alone as two more
+    assert after["batches"] == before["batches"] + 4
 
 
 def test_bad_input_is_refused_clearly_and_the_actor_keeps_serving(pools):
@@ -138,11 +160,11 @@ def test_a_scorer_actor_killed_under_a_request_is_restarted_and_the_request_retr
     clip = pools.clip[0]
     frames = _frames(5, 3)
     before = ray.get(clip.embed_images.remote(frames))
-    pid = ray.get(clip.info.remote())["pid"]
+    pid = ray.get(clip.info.remote()).pid
     pending = clip.embed_images.remote(frames)  # waits up to 1 s for batch mates
     time.sleep(0.3)
     os.kill(pid, signal.SIGKILL)
     after = ray.get(pending, timeout=120)
     np.testing.assert_array_equal(after, before)
-    assert ray.get(clip.info.remote())["pid"] != pid  # a new incarnation served it
+    assert ray.get(clip.info.remote()).pid != pid  # a new incarnation served it
 

@@ -102,4 +102,11 @@ class BatchSpec(Spec):
         if self.run_id is not None and not RUN_ID_PATTERN.fullmatch(str(self.run_id)):
             out.append(f"run_id {self.run_id!r}: use 1-128 letters, digits, '-', '_' and '.', "
                        "starting with a letter or digit")
+        if self.options.consistency and self.render.scorers is None:
+            out.append("consistency is measured with the CLIP scorer; a render without memory "
+                       "has no scorers")
+        device = self.render.model.device or ""
+        if self.options.gpus_per_worker == 0 and device.startswith("cuda"):
+            out.append(f"the model runs on {device} but the workers get no GPU: give "
+                       "gpus_per_worker > 0 or resolve the model for the CPU")
         return out
