@@ -258,3 +258,31 @@ def test_method_label_reads_the_memory_flag_and_old_baseline_renders():
     assert method_label({"model_id": "tiny"}) == "storymem"  # configs before the flag
     assert method_label({"model_id": "tiny", "memory": False}) == "independent"
     assert method_label({"model_id": "tiny+independent"}) == "independent"  # old baseline
+
+
+def test_bench_with_fast_sampling_puts_both_paths_side_by_side(tmp_path):
+    """`--sampling fast` renders the same scripts and seeds on the fast and the standard
+    path and evaluates both in one report."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "baker.json").write_text(json.dumps(BAKER))
+    (scripts / "kite.json").write_text(json.dumps(KITE))
+    out = tmp_path / "out"
+    small = [a for a in SMALL if a not in ("--steps", "1")]  # the preset names its steps
+    code, printed = run_cli(["bench-stbench", "--scripts", str(scripts), "--out", str(out),
+                             "--sampling", "fast", *small])
+    assert code == 0, printed
+    rows = pq.read_table(out / "_eval" / "eval.parquet").to_pylist()
+    summary = {r["method"]: r for r in _level(rows, "benchmark")}
+    assert set(summary) == {"storymem", "storymem-fast"}
+    assert all(row["num_stories"] == 2 for row in summary.values())
+    printed_table = _printed_table(printed)
+    assert set(printed_table) >= {"storymem", "storymem-fast"}
+    configs = [json.loads(p.read_text()) for p in out.glob("*/*/config.json")]
+    presets = sorted((c["sampling_preset"], c["sampling"]["guidance_scale"],
+                      c["sampling"].get("step_list"), c["seed"]) for c in configs)
+    # one render of each story per path, the same seeds; fast: no guidance, its step list
+    assert presets == [("fast", 1.0, [1000, 750, 500, 250], 0)] * 2 + [
+        ("standard", 3.5, None, 0)] * 2
+    report = (out / "_eval" / "report.md").read_text()
+    assert "| storymem-fast | " in report and "| storymem | " in report

@@ -196,14 +196,28 @@ def _evaluate_and_print(out_uri: str, encoders, scripts, report_uri: str | None)
 
 def bench_render_specs(args: argparse.Namespace, accelerator: bool) -> dict:
     """{method: RenderSpec}: StoryMem from the flags, and with `--baseline independent` the
-    same model and settings with memory off (no transitions, no references, no scorers)."""
+    same model and settings with memory off (no transitions, no references, no scorers).
+    With `--sampling fast` every method is rendered twice, on the same scripts and seeds:
+    "storymem-fast" as the flags say, "storymem" on the standard path (the same model
+    without its distillation LoRA, standard sampling), side by side in one report."""
     from storymem_model.render_spec import resolve_render_spec
 
-    specs = {"storymem": render_spec_from_args(args, accelerator=accelerator)}
-    if INDEPENDENT in args.baseline:
-        _, _, settings = specs_from_args(args)
-        specs[INDEPENDENT] = resolve_render_spec(
-            specs["storymem"].model, None, settings.replace(memory=False, references=()))
+    first = render_spec_from_args(args, accelerator=accelerator)
+    _, scorers, settings = specs_from_args(args)
+    fast = settings.sampling_preset == "fast"
+    variants = {"": (first.model, settings)}
+    if fast:  # the standard path next to it: no distillation LoRA, standard sampling
+        sampling = settings.sampling.replace(solver=None, step_list=None)
+        variants = {"-fast": (first.model, settings),
+                    "": (first.model.replace(distill_lora_dir=None),
+                         settings.replace(sampling_preset="standard", sampling=sampling))}
+    specs = {}
+    for suffix, (model, chosen) in variants.items():
+        specs["storymem" + suffix] = first if suffix == "-fast" or not fast else \
+            resolve_render_spec(model, scorers, chosen)
+        if INDEPENDENT in args.baseline:
+            specs[INDEPENDENT + suffix] = resolve_render_spec(
+                model, None, chosen.replace(memory=False, references=()))
     return specs
 
 
@@ -225,18 +239,29 @@ def run_bench_stbench(args: argparse.Namespace) -> int:
         if args.limit is not None:
             scripts = dict(list(scripts.items())[:max(0, args.limit)])
         encoders = build_encoders(encoder_spec)
-        runners = {"storymem": open_runner(render_specs["storymem"])}
-        if INDEPENDENT in render_specs:  # the model already loaded; memory off needs no scorers
-            runners[INDEPENDENT] = open_runner(render_specs[INDEPENDENT],
-                                               pipeline=runners["storymem"].pipeline)
     except Exception as exc:  # noqa: BLE001 - bad flags, missing weights: a message, exit 2
         print(f"storymem bench-stbench: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     for problem in invalid:
         log.error("script %s skipped: %s", problem.source, _one_line(problem.message))
     render_failures = []
-    for script in scripts.values():
-        for method, runner in runners.items():
+    # One model at a time: the methods that share a model (memory on / off) share its
+    # pipeline; a model with another LoRA stack (the fast path's) loads after the first
+    # one is released.
+    pipeline, pipeline_model = None, None
+    for method, spec in render_specs.items():
+        if spec.model != pipeline_model:
+            pipeline = None  # release the previous model before loading the next
+            try:
+                runner = open_runner(spec)
+            except Exception as exc:  # noqa: BLE001 - the model cannot load: exit 2
+                print(f"storymem bench-stbench: error: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)
+                return 2
+            pipeline, pipeline_model = runner.pipeline, spec.model
+        else:
+            runner = open_runner(spec, pipeline=pipeline)
+        for script in scripts.values():
             try:
                 result = runner.render(script, args.out, progress=False)
             except Exception as exc:  # noqa: BLE001 - one story failing never stops the rest

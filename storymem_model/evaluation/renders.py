@@ -49,11 +49,14 @@ class RenderedStory:
 
 
 def method_label(config: dict) -> str:
-    """"independent" for the no-memory baseline, else "storymem"."""
+    """"independent" for the no-memory baseline, else "storymem"; "-fast" appended for
+    renders made with the `fast` sampling preset."""
     if config.get("memory") is False \
             or str(config.get("model_id", "")).endswith(LEGACY_INDEPENDENT_SUFFIX):
-        return "independent"
-    return "storymem"
+        label = "independent"
+    else:
+        label = "storymem"
+    return f"{label}-fast" if config.get("sampling_preset") == "fast" else label
 
 
 def find_rendered_stories(out_uri: str, scripts: dict | None = None
