@@ -72,14 +72,29 @@ def write_bytes(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def read_bytes(uri: str) -> bytes:
+class TooLarge(StorageError):
+    """An object over the size a reader accepts; it was not read whole."""
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole object at `uri`. With `max_bytes`, at most that many bytes are ever read:
+    a larger object (a multi-GB file, /dev/zero, a stream without a size) raises TooLarge
+    naming the limit, after reading max_bytes + 1 bytes at most."""
     fs, path = filesystem(uri)
     try:
-        return fs.cat_file(path)
+        if max_bytes is None:
+            return fs.cat_file(path)
+        with fs.open(path, "rb") as handle:
+            data = handle.read(max_bytes + 1)
     except FileNotFoundError:
         raise
+    except IsADirectoryError:
+        raise StorageError(f"cannot read {uri}: it is a folder") from None
     except OSError as exc:
         raise StorageError(f"cannot read {uri}: {exc}") from exc
+    if len(data) > max_bytes:
+        raise TooLarge(f"{uri} is larger than the limit of {max_bytes} bytes; not read")
+    return data
 
 
 def exists(uri: str) -> bool:

@@ -44,6 +44,8 @@ from typing import Any
 import json5
 
 MAX_SCRIPT_BYTES = 1_000_000
+MAX_NESTING = 32  # a script is 4 levels deep; deeper input is refused before parsing
+MAX_REPORTED_PROBLEMS = 20  # a ScriptError lists this many and counts the rest
 MAX_SHOTS = 200
 MAX_SCENES = 100
 MAX_PROMPT_CHARS = 4000
@@ -56,12 +58,14 @@ ID_HASH_CHARS = 10
 class ScriptError(ValueError):
     """A story script that cannot be rendered; `problems` lists every problem found."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str], total: int | None = None):
         self.source = source
-        self.problems = list(problems)
+        self.problems = list(problems)[:MAX_REPORTED_PROBLEMS]
+        self.total = max(len(problems), total or 0)
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(
-            f"story script {source} has {len(self.problems)} problem(s):\n{lines}")
+        more = (f" (the first {len(self.problems)} listed)"
+                if self.total > len(self.problems) else "")
+        super().__init__(f"story script {source} has {self.total} problem(s){more}:\n{lines}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,10 @@ def load_script(script: str | Path | dict | list, name: str | None = None) -> St
     if isinstance(script, (dict, list)):
         source = name or "<memory>"
         stem = name or "story"
+        depth = value_nesting_depth(script)
+        if depth > MAX_NESTING:
+            raise ScriptError(source, [f"{source}: nested more than {MAX_NESTING} levels "
+                                       f"deep (a script needs 4)"])
         return _build(script, source, stem)
     if not isinstance(script, (str, Path)):
         raise ScriptError(name or "<memory>", [
@@ -123,7 +131,11 @@ def load_script(script: str | Path | dict | list, name: str | None = None) -> St
 
 
 def parse_script_text(raw: bytes, source: str = "<memory>") -> Any:
-    """Bytes of a script file -> parsed JSON5 value; ScriptError for size, UTF-8, syntax."""
+    """Bytes of a script file -> parsed value; ScriptError for size, UTF-8, nesting, syntax.
+
+    Standard JSON is tried first (fast, in C); JSON5 (comments, trailing commas, single
+    quotes; pure Python, ~80 KB/s) only when that fails. Nesting deeper than MAX_NESTING is
+    refused before either parser sees the text (both recurse per level)."""
     if len(raw) > MAX_SCRIPT_BYTES:
         raise ScriptError(source, [
             f"{source}: file is {len(raw)} bytes, more than the limit of "
@@ -136,10 +148,64 @@ def parse_script_text(raw: bytes, source: str = "<memory>") -> Any:
             f"{exc.start} cannot be decoded)"]) from None
     if not text.strip():
         raise ScriptError(source, [f"{source}: file is empty"])
+    depth = text_nesting_depth(text)
+    if depth > MAX_NESTING:
+        raise ScriptError(source, [f"{source}: nested {depth} levels deep, more than the "
+                                   f"limit of {MAX_NESTING} (a script needs 4)"])
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
     try:
         return json5.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ScriptError(source, [f"{source}: not valid JSON/JSON5: {exc}"]) from None
+
+
+def text_nesting_depth(text: str) -> int:
+    """Deepest [ / { nesting of JSON or JSON5 text, strings and comments skipped; one pass."""
+    depth = deepest = 0
+    quote = None
+    i, end = 0, len(text)
+    while i < end:
+        char = text[i]
+        if quote:
+            if char == "\\":
+                i += 1
+            elif char == quote:
+                quote = None
+        elif char in "\"'":
+            quote = char
+        elif char == "/" and text.startswith("//", i):
+            newline = text.find("\n", i)
+            i = end if newline < 0 else newline
+        elif char == "/" and text.startswith("/*", i):
+            close = text.find("*/", i + 2)
+            i = end if close < 0 else close + 1
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+        i += 1
+    return deepest
+
+
+def value_nesting_depth(value: Any, limit: int = MAX_NESTING) -> int:
+    """Nesting depth of parsed JSON values (lists and dicts), counted without recursion and
+    stopped once past `limit`."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children
+                         if isinstance(child, (list, dict)))
+    return deepest
 
 
 def story_id_for(story_name: str, canonical: dict) -> str:
@@ -164,7 +230,11 @@ def _read(source: str) -> bytes:
         fs, path = storage.filesystem(source)
         if fs.isdir(path):
             raise IsADirectoryError(source)
-        return storage.read_bytes(source)
+        # never read more than the limit: a huge object or /dev/zero is refused unread
+        return storage.read_bytes(source, max_bytes=MAX_SCRIPT_BYTES)
+    except storage.TooLarge:
+        raise ScriptError(source, [f"{source}: file is more than the limit of "
+                                   f"{MAX_SCRIPT_BYTES} bytes (not read whole)"]) from None
     except FileNotFoundError:
         raise ScriptError(source, [f"{source}: file not found"]) from None
     except IsADirectoryError:
@@ -261,6 +331,8 @@ def _build(data: Any, source: str, stem: str) -> StoryScript:
             problems.append(f"{where}: 'video_prompts' is empty")
             continue
         total_shots += len(prompts)
+        if total_shots > MAX_SHOTS:
+            continue  # refused below; nothing more to check shot by shot (bounded work)
 
         cuts = scene.get("cut")
         if cuts is None:

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from storymem_model.story_script import (MAX_PROMPT_CHARS, MAX_SHOTS, ScriptError,
-                                         load_script, slugify)
+from storymem_model.story_script import (MAX_PROMPT_CHARS, MAX_REPORTED_PROBLEMS, MAX_SHOTS,
+                                         ScriptError, load_script, slugify)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -182,3 +185,56 @@ def test_script_from_s3(s3_bucket):
     script = load_script(uri)
     assert script.source == uri and len(script.shots) == 3
     assert script.story_id == load_script(copy.deepcopy(GOOD)).story_id
+
+
+# -- hostile input: bounded in time and memory, a ScriptError naming the file ---------------
+def test_deep_nesting_is_a_script_error_naming_the_file(tmp_path):
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 150 + "]" * 150)  # 300 bytes; json5 recursed out on this
+    with pytest.raises(ScriptError, match=r"nested.json: nested 150 levels deep"):
+        load_script(nested)
+    with pytest.raises(ScriptError, match="nested more than 32 levels"):
+        load_script(functools.reduce(lambda inner, _: [inner], range(200), ["x"]))
+    # brackets inside strings and comments do not count
+    fine = tmp_path / "fine.json5"
+    fine.write_text('// [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\n'
+                    '{story_name: "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[", '
+                    'scenes: [{video_prompts: ["a {{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{ b"]}]}')
+    assert load_script(fine).shots[0].prompt.startswith("a {")
+
+
+def test_problems_are_bounded_and_counted():
+    started = time.perf_counter()
+    with pytest.raises(ScriptError) as info:
+        load_script([1] * 1_000_000)
+    assert "1000000 shots, more than the limit of 200" in str(info.value)
+    assert len(str(info.value)) < 1000
+    many = {"scenes": [{"video_prompts": [1] * 150}]}  # 150 bad prompts, under the shot limit
+    with pytest.raises(ScriptError) as info:
+        load_script(many)
+    assert info.value.total == 150 and len(info.value.problems) == MAX_REPORTED_PROBLEMS
+    assert "has 150 problem(s) (the first 20 listed)" in str(info.value)
+    assert time.perf_counter() - started < 20  # bounded; ~1 s here
+
+
+def test_oversized_objects_are_never_read_whole(tmp_path):
+    assert os.path.exists("/dev/zero")
+    with pytest.raises(ScriptError, match="/dev/zero: file is more than the limit"):
+        load_script("/dev/zero")  # endless: only limit + 1 bytes are read
+    big = tmp_path / "big.json"
+    with open(big, "wb") as handle:
+        handle.truncate(3 * 1024**3)  # a sparse 3 GB file
+    with pytest.raises(ScriptError, match="big.json: file is more than the limit"):
+        load_script(big)
+
+
+def test_standard_json_is_parsed_without_json5(tmp_path, monkeypatch):
+    import storymem_model.story_script as story_script
+
+    def refuse(text):
+        raise AssertionError("json5 called for standard JSON")
+
+    monkeypatch.setattr(story_script.json5, "loads", refuse)
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"scenes": [{"video_prompts": ["a"], "cut": [True]}]}))
+    assert len(load_script(plain).shots) == 1
