@@ -7,6 +7,7 @@ marker lists.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,9 +44,14 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def join(uri: str, *parts: str) -> str:
-    """Join key parts onto a URI with forward slashes (also for local paths)."""
+    """Join key parts onto a URI with forward slashes (also for local paths). A part that
+    would climb out of `uri` (a ".." segment) is refused: keys come from ids, never paths."""
     base = uri.rstrip("/")
-    return posixpath.join(base, *[p.strip("/") for p in parts])
+    cleaned = [p.strip("/") for p in parts]
+    for part in cleaned:
+        if ".." in part.split("/"):
+            raise StorageError(f"refusing key {part!r} under {uri}: '..' is not allowed")
+    return posixpath.join(base, *cleaned)
 
 
 def absolute_uri(uri: str) -> str:
@@ -63,13 +69,32 @@ def write_bytes(uri: str, data: bytes) -> None:
     if _is_local(fs):
         os.makedirs(parent or ".", exist_ok=True)
         tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a failed write leaves nothing behind
+                os.remove(tmp)
+            raise
+        _fsync_folder(parent or ".")  # the rename itself survives a power loss
     else:
         fs.pipe_file(path, data)
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some file systems cannot fsync a folder
+    finally:
+        os.close(descriptor)
 
 
 class TooLarge(StorageError):

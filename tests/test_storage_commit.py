@@ -55,3 +55,32 @@ def test_broken_marker_is_an_error(tmp_path):
     storage.write_bytes(str(tmp_path / "_COMMITTED.json"), json.dumps({"x": 1}).encode())
     with pytest.raises(storage.StorageError, match="has no file list"):
         storage.read_commit_marker(str(tmp_path))
+
+
+def test_join_refuses_climbing_out_of_a_folder():
+    from storymem_model.storage import StorageError, join
+
+    assert join("s3://b/out", "runs", "r1") == "s3://b/out/runs/r1"
+    for bad in ("..", "../x", "runs/../../etc", "a/../b"):
+        with pytest.raises(StorageError, match="'..' is not allowed"):
+            join("/data/out", bad)
+    assert join("/data/out", "a..b", "..c") == "/data/out/a..b/..c"  # only whole segments
+
+
+def test_a_failed_local_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import os as os_module
+
+    from storymem_model import storage
+
+    target = tmp_path / "folder" / "file.bin"
+
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        storage.write_bytes(str(target), b"data")
+    assert os_module.listdir(target.parent) == []  # no ".file.bin.<hex>.tmp" left behind
+    monkeypatch.undo()
+    storage.write_bytes(str(target), b"data")
+    assert target.read_bytes() == b"data"
