@@ -54,7 +54,7 @@ def reference_frames(frames: np.ndarray) -> np.ndarray:
     import torch
     from torchvision.transforms import functional as TF
 
-    frames = np.ascontiguousarray(frames)
+    frames = np.require(frames, requirements=["C", "W"])  # torch needs writable memory
     height, width = smart_resize_size(frames.shape[1], frames.shape[2])
     if (height, width) == frames.shape[1:3]:
         return frames
