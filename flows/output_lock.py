@@ -1,323 +1,51 @@
-"""A lease lock stored next to an output, so two runs never write one output at once.
+"""The output lock: a lease stored next to an output, so two runs never write it at once.
 
-Why a storage lock and not a Prefect global concurrency limit: the lock lives where the
+Why a storage lease and not a Prefect global concurrency limit: the lock lives where the
 work lives, so it holds whatever Prefect server each run talks to (the temporary local
 server of a laptop run, a deployment's server, a plain `storymem batch`), and it needs no
-setup. The object is `{out}/_locks/{name}.json`:
-
-    {"owner": "...", "token": "<uuid>", "acquired_at": t, "renewed_at": t, "expires_at": t}
-
-- S3: put-if-absent (`If-None-Match: *`) creates it; renewals and the take-over of an
-  expired lease are compare-and-swap on the ETag (`If-Match`), release is a conditional
-  delete. Two contenders can never both win.
-- Local paths: the read-check-write happens under `fcntl.flock` on a guard file beside the
-  lock object; the lock object itself is written atomically.
-
-The holder renews the lease from a background thread every `ttl_s / 3` seconds; a holder
-that died stops renewing and its lease expires after `ttl_s`, then the next run takes over.
+setup. The object is `{out}/_locks/{name}.json`; the lease mechanics (S3 conditional
+writes, local flock, renewal, take-over of an expired lease) are `storymem_model.leases`.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
-import logging
-import os
-import socket
-import threading
-import time
-import uuid
-from dataclasses import dataclass
-
-from fsspec.asyn import sync
-
 from storymem_model import storage
-
-log = logging.getLogger(__name__)
+from storymem_model.leases import Lease, LeaseHeldError, LeaseLostError, default_owner, read_lease
 
 LOCK_FOLDER = "_locks"
 
+__all__ = ["LOCK_FOLDER", "LockLostError", "OutputLock", "OutputLockedError", "default_owner",
+           "lock_uri", "read_lock"]
 
-class OutputLockedError(RuntimeError):
+
+class OutputLockedError(LeaseHeldError):
     """The output is locked by another live run."""
 
-    def __init__(self, uri: str, holder: dict):
-        self.uri = uri
-        self.holder = holder
-        remaining = max(0.0, float(holder.get("expires_at", 0)) - time.time())
-        super().__init__(
-            f"output is locked by another run: {uri} is held by {holder.get('owner')!r} "
-            f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(holder.get('acquired_at', 0)))} UTC "
-            f"(lease ends in {remaining:.0f} s unless renewed); wait for that run to finish, or "
-            f"delete the lock object if you are sure that run is gone")
+    def __init__(self, uri: str, holder: dict, what: str = "output is locked by another run"):
+        super().__init__(uri, holder, what)
 
 
-class LockLostError(RuntimeError):
-    """The lease was taken over by another run (this run stopped renewing in time)."""
-
-
-@dataclass
-class _Snapshot:
-    record: dict | None
-    version: str | None  # S3 ETag; None for local files
+LockLostError = LeaseLostError
 
 
 def lock_uri(out_uri: str, name: str = "render") -> str:
     return storage.join(out_uri, LOCK_FOLDER, f"{name}.json")
 
 
-def default_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-class OutputLock:
+class OutputLock(Lease):
     """`with OutputLock(out, owner="flow-run 1234"):` - exclusive use of `out` for a run."""
 
+    held_error = OutputLockedError
+    what = "output is locked by another run"
+
     def __init__(self, out_uri: str, name: str = "render", owner: str | None = None,
-                 ttl_s: float = 900.0, wait_s: float = 0.0, poll_s: float = 5.0):
-        if ttl_s <= 0:
-            raise ValueError(f"lock ttl_s must be positive, got {ttl_s}")
-        self.uri = lock_uri(out_uri, name)
-        self.owner = owner or default_owner()
-        self.ttl_s = float(ttl_s)
-        self.wait_s = float(wait_s)
-        self.poll_s = float(poll_s)
-        self.token = uuid.uuid4().hex
-        self._fs, self._path = storage.filesystem(self.uri)
-        self._local = storage._is_local(self._fs)
-        self._version: str | None = None
-        self._held = False
-        self._lost = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._mutex = threading.Lock()
-
-    # -- public -----------------------------------------------------------------------
-    @property
-    def held(self) -> bool:
-        return self._held and not self._lost
-
-    def acquire(self) -> "OutputLock":
-        deadline = time.monotonic() + self.wait_s
-        while True:
-            holder = self._try_acquire()
-            if holder is None:
-                break
-            if time.monotonic() >= deadline:
-                raise OutputLockedError(self.uri, holder)
-            time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())) or 0.01)
-        self._held = True
-        self._lost = False
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._renew_loop, name=f"lease:{self.uri}", daemon=True)
-        self._thread.start()
-        log.info("acquired %s as %s", self.uri, self.owner)
-        return self
-
-    def renew(self) -> None:
-        """Extend the lease now; raises LockLostError if another run took it over."""
-        with self._mutex:
-            if not self._held:
-                raise LockLostError(f"{self.uri} is not held by this run")
-            now = time.time()
-            record = self._record(now, acquired_at=self._acquired_at)
-            if self._local:
-                with self._guard():
-                    current = self._read_local()
-                    if current is None or current.get("token") != self.token:
-                        self._lost = True
-                        raise LockLostError(f"lease on {self.uri} was taken over: {current}")
-                    self._write_local(record)
-            else:
-                try:
-                    self._version = self._s3_put(record, if_match=self._version)
-                except _PreconditionFailed as exc:
-                    self._lost = True
-                    raise LockLostError(f"lease on {self.uri} was taken over") from exc
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-        with self._mutex:
-            if not self._held:
-                return
-            self._held = False
-            try:
-                if self._local:
-                    with self._guard():
-                        current = self._read_local()
-                        if current is not None and current.get("token") == self.token:
-                            os.remove(self._path)
-                else:
-                    self._s3_delete(if_match=self._version)
-            except _PreconditionFailed:
-                log.warning("lease on %s was taken over before release", self.uri)
-            except FileNotFoundError:
-                pass
-            log.info("released %s", self.uri)
-
-    def __enter__(self) -> "OutputLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    # -- acquisition ----------------------------------------------------------------------
-    def _record(self, now: float, acquired_at: float | None = None) -> dict:
-        return {"owner": self.owner, "token": self.token,
-                "acquired_at": acquired_at if acquired_at is not None else now,
-                "renewed_at": now, "expires_at": now + self.ttl_s, "ttl_s": self.ttl_s}
-
-    def _try_acquire(self) -> dict | None:
-        """None when acquired, else the live holder's record."""
-        now = time.time()
-        self._acquired_at = now
-        record = self._record(now)
-        if self._local:
-            with self._guard():
-                current = self._read_local()
-                if current is not None and float(current.get("expires_at", 0)) > now \
-                        and current.get("token") != self.token:
-                    return current
-                if current is not None:
-                    log.warning("taking over expired lease on %s from %r",
-                                self.uri, current.get("owner"))
-                self._write_local(record)
-                return None
-        try:
-            self._version = self._s3_put(record, if_none_match=True)
-            return None
-        except FileExistsError:
-            pass
-        snapshot = self._s3_get()
-        if snapshot.record is None:
-            return self._try_acquire_again()
-        if float(snapshot.record.get("expires_at", 0)) > now:
-            return snapshot.record
-        log.warning("taking over expired lease on %s from %r",
-                    self.uri, snapshot.record.get("owner"))
-        try:
-            self._version = self._s3_put(record, if_match=snapshot.version)
-            return None
-        except (_PreconditionFailed, FileNotFoundError):
-            return self._s3_get().record or {"owner": "unknown", "expires_at": now + 1}
-
-    def _try_acquire_again(self) -> dict | None:
-        try:
-            self._version = self._s3_put(self._record(time.time()), if_none_match=True)
-            return None
-        except FileExistsError:
-            return self._s3_get().record or {"owner": "unknown", "expires_at": time.time() + 1}
-
-    def _renew_loop(self) -> None:
-        interval = max(0.05, self.ttl_s / 3.0)
-        while not self._stop.wait(interval):
-            try:
-                self.renew()
-            except LockLostError as exc:
-                log.error("%s", exc)
-                return
-            except Exception as exc:  # transient storage trouble: try again next tick
-                log.warning("could not renew lease on %s: %s", self.uri, exc)
-
-    # -- local files ----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _guard(self):
-        import fcntl
-
-        os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
-        with open(self._path + ".guard", "a+") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-    def _read_local(self) -> dict | None:
-        try:
-            with open(self._path, "rb") as handle:
-                return json.loads(handle.read() or b"null")
-        except FileNotFoundError:
-            return None
-        except json.JSONDecodeError:
-            return {"owner": "unreadable lock object", "expires_at": 0}
-
-    def _write_local(self, record: dict) -> None:
-        storage.write_bytes(self._path, json.dumps(record).encode())
-
-    # -- S3 -----------------------------------------------------------------------------------
-    def _bucket_key(self) -> tuple[str, str]:
-        bucket, key, _ = self._fs.split_path(self._path)
-        return bucket, key
-
-    def _s3_put(self, record: dict, if_none_match: bool = False,
-                if_match: str | None = None) -> str:
-        bucket, key = self._bucket_key()
-        kwargs = {}
-        if if_none_match:
-            kwargs["IfNoneMatch"] = "*"
-        if if_match is not None:
-            kwargs["IfMatch"] = if_match
-        try:
-            response = self._fs.call_s3("put_object", Bucket=bucket, Key=key,
-                                        Body=json.dumps(record).encode(), **kwargs)
-        except FileExistsError:
-            raise
-        except OSError as exc:
-            if _is_precondition_failure(exc):
-                raise _PreconditionFailed(str(exc)) from exc
-            raise
-        return response["ETag"]
-
-    def _s3_get(self) -> _Snapshot:
-        bucket, key = self._bucket_key()
-
-        async def _get():
-            response = await self._fs._call_s3("get_object", Bucket=bucket, Key=key)
-            async with response["Body"] as body:
-                data = await body.read()
-            return data, response["ETag"]
-
-        try:
-            data, etag = sync(self._fs.loop, _get)
-        except FileNotFoundError:
-            return _Snapshot(None, None)
-        try:
-            record = json.loads(data or b"null")
-        except json.JSONDecodeError:
-            record = {"owner": "unreadable lock object", "expires_at": 0}
-        return _Snapshot(record, etag)
-
-    def _s3_delete(self, if_match: str | None) -> None:
-        bucket, key = self._bucket_key()
-        kwargs = {"IfMatch": if_match} if if_match else {}
-        try:
-            self._fs.call_s3("delete_object", Bucket=bucket, Key=key, **kwargs)
-        except OSError as exc:
-            if _is_precondition_failure(exc):
-                raise _PreconditionFailed(str(exc)) from exc
-            raise
-        self._fs.invalidate_cache(self._path)
-
-
-class _PreconditionFailed(Exception):
-    pass
-
-
-def _is_precondition_failure(exc: OSError) -> bool:
-    cause = exc.__cause__
-    code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause else None
-    return code in ("PreconditionFailed", "412") or (
-        code is None and exc.errno == errno.EINVAL and "Precondition" in str(exc))
+                 ttl_s: float = 900.0, wait_s: float = 0.0, poll_s: float = 5.0,
+                 on_lost=None):
+        super().__init__(lock_uri(out_uri, name), owner=owner, ttl_s=ttl_s, wait_s=wait_s,
+                         poll_s=poll_s, on_lost=on_lost)
 
 
 def read_lock(out_uri: str, name: str = "render") -> dict | None:
     """The current lock record of an output, or None (for status displays and tests)."""
-    uri = lock_uri(out_uri, name)
-    try:
-        return json.loads(storage.read_bytes(uri))
-    except FileNotFoundError:
-        return None
+    return read_lease(lock_uri(out_uri, name))
+
+
