@@ -8,13 +8,24 @@ frames. `y` = concat(mask (4 ch), latents (16 ch)) on channels:
 * mask: 1 on every memory frame; on the shot, Wan's packing of per-pixel-frame flags, 4 per
   latent frame, with pixel frame 0 repeated 4x; a pixel frame's flag is 1 when it is given.
 
+`m2v_inputs` is the one place the model inputs of an M2V shot are assembled - `y` and the
+temporal RoPE positions (memory at negative positions, `rope.memory_rope_positions`) - from
+memory latents and the shot's conditioning latents. The inference pipeline
+(`StoryMemPipeline.generate_shot_latents`) and the training samples
+(`storymem_model.training.samples`) both call it, so training sees exactly what inference
+feeds the model.
+
 Everything here is plain tensor code so it can be checked value by value.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .rope import memory_rope_positions
 
 VAE_TEMPORAL_STRIDE = 4
 VAE_SPATIAL_STRIDE = 8
@@ -103,19 +114,60 @@ def condition_mask(num_memory: int, num_frames: int, num_given_frames: int,
     return mask[:, :, None, None].expand(-1, -1, latent_height, latent_width).contiguous()
 
 
+def memory_then_shot(memory_latents: torch.Tensor | None, shot_latents: torch.Tensor) -> torch.Tensor:
+    """The latent time layout (16, M + f, h, w): memory latents (M, 16, 1, h, w) first, then
+    the shot's latents (16, f, h, w). `y`'s latent part and, in training, the clean latent
+    the noise is added to are laid out this way."""
+    _, f, h, w = shot_latents.shape
+    if memory_latents is None or len(memory_latents) == 0:
+        memory = shot_latents.new_zeros(LATENT_CHANNELS, 0, h, w)
+    else:
+        memory = memory_latents[:, :, 0].permute(1, 0, 2, 3).to(shot_latents)
+    return torch.cat([memory, shot_latents], dim=1)
+
+
 def build_condition(memory_latents: torch.Tensor | None, shot_condition_latents: torch.Tensor,
                     num_frames: int, num_given_frames: int, fix_mem: int | None = None) -> torch.Tensor:
     """y (20, M + f, h, w) from memory latents (M, 16, 1, h, w) and the shot's (16, f, h, w)."""
     _, f, h, w = shot_condition_latents.shape
-    if memory_latents is None or len(memory_latents) == 0:
-        memory = shot_condition_latents.new_zeros(LATENT_CHANNELS, 0, h, w)
-    else:
-        memory = memory_latents[:, :, 0].permute(1, 0, 2, 3).to(shot_condition_latents)
-    latents = torch.cat([memory, shot_condition_latents], dim=1)
-    mask = condition_mask(memory.shape[1], num_frames, num_given_frames, h, w, fix_mem).to(latents)
+    latents = memory_then_shot(memory_latents, shot_condition_latents)
+    num_memory = latents.shape[1] - f
+    mask = condition_mask(num_memory, num_frames, num_given_frames, h, w, fix_mem).to(latents)
     if mask.shape[1] != latents.shape[1]:
         raise ValueError(f"mask has {mask.shape[1]} latent frames but the latents have {latents.shape[1]}")
     return torch.cat([mask, latents], dim=0)
+
+
+@dataclass(frozen=True)
+class M2VInputs:
+    """What an M2V shot feeds the expert besides the noisy latent: `y` (20, M + f, h, w),
+    concatenated to the noisy latent on channels, and the temporal RoPE positions (M + f,);
+    the first `num_memory` latent frames are the memory."""
+
+    y: torch.Tensor
+    positions: torch.Tensor
+    num_memory: int
+
+
+def m2v_inputs(memory_latents: torch.Tensor | None, shot_condition_latents: torch.Tensor,
+               num_frames: int, num_given_frames: int, rope_shift: int | None,
+               fix_mem: int | None = None) -> M2VInputs:
+    """`y` and the RoPE positions of an M2V/MI2V/MM2V shot (docs/method.md#conditioning-layout-and-mask,
+    #negative-rope-shift).
+
+    memory_latents: (M, 16, 1, h, w), each keyframe VAE-encoded as its own 1-frame video
+    (None or M = 0: no memory); shot_condition_latents: (16, f, h, w), the VAE encoding of
+    the shot's conditioning video (`conditioning_video`: zeros, first frame or 5 motion
+    frames, then zeros); num_frames: the shot's pixel frames; num_given_frames: 0, 1 or 5;
+    rope_shift: S (None/0: contiguous positions); fix_mem: see `condition_mask`.
+    """
+    f = shot_condition_latents.shape[1]
+    if f != num_latent_frames(num_frames):
+        raise ValueError(f"the conditioning latents have {f} latent frames, {num_frames} pixel frames "
+                         f"make {num_latent_frames(num_frames)}")
+    y = build_condition(memory_latents, shot_condition_latents, num_frames, num_given_frames, fix_mem=fix_mem)
+    positions = memory_rope_positions(y.shape[1] - f, f, rope_shift)
+    return M2VInputs(y=y, positions=positions, num_memory=y.shape[1] - f)
 
 
 def frames_to_uint8(video: torch.Tensor) -> np.ndarray:

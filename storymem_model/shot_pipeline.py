@@ -22,7 +22,7 @@ from diffusers import AutoencoderKLWan, DiffusionPipeline, WanTransformer3DModel
 
 from . import conditioning as cond
 from .presets import REAL_SHOT, ShotDefaults
-from .rope import DEFAULT_ROPE_SHIFT, frame_positions, install_frame_position_rope, memory_rope_positions
+from .rope import DEFAULT_ROPE_SHIFT, frame_positions, install_frame_position_rope
 from .sampling import M2V_SAMPLING, T2V_SAMPLING, SamplingConfig, expert_for_timestep, make_scheduler
 from .shot_step import ShotStats
 from .text_encoding import WAN_NEGATIVE_PROMPT, PromptEncoder
@@ -286,9 +286,9 @@ class StoryMemPipeline(DiffusionPipeline):
                 if len(given) != cond.MOTION_FRAMES:
                     raise ValueError(f"motion_frames must hold {cond.MOTION_FRAMES} frames, got {len(given)}")
             shot_latents = self._shot_condition_latents(given, num_frames, height, width)
-            y = cond.build_condition(mem, shot_latents, num_frames, num_given,
-                                     fix_mem=fix_mem)[None].to(device, self.dtype)
-            positions = memory_rope_positions(len(mem), f, rope_shift)
+            inputs = cond.m2v_inputs(mem, shot_latents, num_frames, num_given, rope_shift, fix_mem=fix_mem)
+            y = inputs.y[None].to(device, self.dtype)
+            positions = inputs.positions
             mode = {0: "M2V", 1: "MI2V", cond.MOTION_FRAMES: "MM2V"}[num_given]
         num_memory = len(mem)
 
