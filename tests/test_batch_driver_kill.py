@@ -3,8 +3,9 @@
 `storymem batch` runs in a subprocess (its own embedded Ray). Two invalid scripts are
 listed before the first valid story, so their error rows are known before any story
 commits. Right after the first story's outcome is on storage the driver process gets a
-real SIGKILL: no compaction, no summary ever happens, yet both error rows and the story's
-row are on storage. Running the same command again (same --run-id) continues the run: it
+real SIGKILL, and the embedded Ray it started goes with it (as when the driver's host is
+lost): no compaction, no summary ever happens, yet both error rows and the story's row
+are on storage. Running the same command again (same --run-id) continues the run: it
 completes with every valid story committed once, the first one not rendered again, and
 all error rows present.
 """
@@ -84,17 +85,18 @@ def _session_processes(session: int) -> list[int]:
     return pids
 
 
-def _end_session(session: int, grace_s: float = 30.0) -> None:
-    """Wait for the processes the killed driver started to exit (Ray fate-shares them with
-    the driver); kill, by id, any still there after `grace_s`."""
-    deadline = time.monotonic() + grace_s
-    while _session_processes(session) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in _session_processes(session):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def _kill_session(session: int, timeout_s: float = 60.0) -> None:
+    """SIGKILL, by id, every process the killed driver started (its embedded Ray: GCS,
+    raylet, the worker and scorer actors), until none is left."""
+    deadline = time.monotonic() + timeout_s
+    while (pids := _session_processes(session)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    assert not _session_processes(session), "processes of the killed driver are left"
 
 
 def _table(path: Path) -> list[dict]:
@@ -124,7 +126,7 @@ def test_killed_driver_keeps_its_rows_and_the_same_command_continues(tmp_path,
             os.kill(driver.pid, signal.SIGKILL)
             driver.wait()
         log_file.close()
-        _end_session(driver.pid)
+        _kill_session(driver.pid)
 
     # What the killed driver knew is on storage, though it never finished the run.
     assert not (run / "summary.json").exists() and not (run / "errors.parquet").exists()
@@ -140,7 +142,10 @@ def test_killed_driver_keeps_its_rows_and_the_same_command_continues(tmp_path,
     first_story = Path(first.story_uri)
     assert storage.is_committed(str(first_story))
     committed_before = (first_story / "_COMMITTED.json").read_bytes()
-    assert not all(storage.is_committed(str(out / i / first.config_hash)) for i in ids)
+    # A story the worker committed in the moment between the driver's death and its own
+    # has no row; the continuation finds it committed (and records it as skipped).
+    unrecorded = {i for i in ids[1:] if storage.is_committed(str(out / i / first.config_hash))}
+    assert len(unrecorded) <= 1 < len(ids) - 1  # the continuation has stories to render
 
     # The same command again: the run continues and completes.
     again = subprocess.run(command, capture_output=True, text=True, env=_env(),
@@ -148,12 +153,16 @@ def test_killed_driver_keeps_its_rows_and_the_same_command_continues(tmp_path,
     assert again.returncode == 1, again.stderr[-3000:]  # two invalid scripts: exit 1
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["rendered"], summary["skipped"], summary["invalid"],
-            summary["failed"]) == (4, 0, 2, 2)
+            summary["failed"]) == (len(ids) - len(unrecorded), len(unrecorded), 2, 2)
     assert summary["recorded_before"] == 3  # two error rows and the first story's row
     stories = _table(run / "stories.parquet")
     assert [r["story_id"] for r in stories] == ids  # each valid story once, in order
-    assert {r["status"] for r in stories} == {"rendered"}
-    assert stories[0] == {**first.to_row()}  # recorded by the killed driver, kept as is
+    assert [r["status"] for r in stories] == [
+        "skipped" if i in unrecorded else "rendered" for i in ids]
+    assert stories[0] == first.to_row()  # recorded by the killed driver, kept as is
+    # a story the killed run left half done resumed: this run rendered only its rest
+    assert all(1 <= r["shots_rendered"] <= 2 for r in stories
+               if r["story_id"] not in unrecorded)
     for story_id in ids:
         uri = str(out / story_id / first.config_hash)
         assert storage.is_committed(uri) and storage.verify_commit(uri) == []
