@@ -9,7 +9,9 @@ rendered again, so pointing `render_out` at a nightly output turns its renders i
 dataset without any GPU work. Stories that failed are left out and counted in the card;
 the flow's state message says how many. Keyframes and prompts are embedded in the flow's
 own process by the CLIP the `scorers` spec names (`scorers.factory.build_embedder`), on
-this machine's GPU when it has one, else on its CPU.
+this machine's GPU when it has one, else on its CPU; keyframes are prepared as keyframe
+selection prepared them (the config's `keyframe_preprocess`), so their embeddings are the
+memory bank's.
 """
 from __future__ import annotations
 
@@ -52,12 +54,15 @@ def dataset_task(story_uris: list[str], out: str, scorers: ScorerSpec, render_sp
     import torch
 
     from pipelines.dataset_writer import write_dataset
+    from storymem_model.scorers.base import FrameEmbedder
     from storymem_model.scorers.factory import build_embedder
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    # The embedder runs here, on this machine's GPU if it has one, not on a worker's.
-    embedder = build_embedder(scorers.replace(
-        device="cuda" if torch.cuda.is_available() else "cpu"))
+    # The embedder runs here, on this machine's GPU if it has one, not on a worker's, and
+    # sees keyframes as keyframe selection saw them (the memory bank's embeddings).
+    embedder = FrameEmbedder(
+        build_embedder(scorers.replace(device="cuda" if torch.cuda.is_available() else "cpu")),
+        render_spec["config"]["keyframe_preprocess"])
     config = {}
     if story_uris:
         config = json.loads(storage.read_bytes(

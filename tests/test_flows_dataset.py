@@ -27,11 +27,16 @@ def dataset(s3_endpoint, ray_cluster):
     return {"state": state, "out": out, "renders": nightly["out"], "source": nightly["source"]}
 
 
-def _committed_stories(renders: str) -> list[str]:
-    fs, path = storage.filesystem(renders)
-    fs.invalidate_cache()
-    return sorted("s3://" + p.rsplit("/", 1)[0]
-                  for p in fs.glob(f"{path}/*/*/{storage.COMMIT_MARKER}"))
+def _committed_stories(dataset: dict) -> list[str]:
+    """Every committed story folder of the dataset's source under its render output (other
+    flow tests render other sources into the same output)."""
+    from pipelines.story_planner import StoryPlan
+
+    config_hash = dataset["state"].result()["render_run"]["config_hash"]
+    plan = StoryPlan.build(dataset["source"], dataset["renders"], config_hash)
+    stories = sorted(s.story_uri for s in plan.committed)
+    assert stories and all(storage.is_committed(uri) for uri in stories)
+    return stories
 
 
 def test_dataset_rows_match_the_rendered_shots(dataset):
@@ -46,7 +51,7 @@ def test_dataset_rows_match_the_rendered_shots(dataset):
 
     table = read_dataset(dataset["out"]).to_pylist()
     assert len(table) == support.VALID_SHOTS
-    stories = _committed_stories(dataset["renders"])
+    stories = _committed_stories(dataset)
     expected = {}
     for story_uri in stories:
         shots = pq.read_table(io.BytesIO(storage.read_bytes(
@@ -93,7 +98,7 @@ def test_dataset_embeddings_equal_the_runners_memory_embeddings(dataset):
     embeddings = {(row["story_id"], kf): np.asarray(e) for row in table
                   for kf, e in zip(row["keyframe_ids"], row["keyframe_clip_embeddings"])}
     checked = 0
-    for story_uri in _committed_stories(dataset["renders"]):
+    for story_uri in _committed_stories(dataset):
         fs, path = storage.filesystem(story_uri)
         banks = sorted(fs.glob(f"{path}/memory/*/bank"))
         bank = MemoryBank.load("s3://" + banks[-1])
@@ -126,7 +131,7 @@ def test_dataset_card_and_commit(dataset):
 def test_dataset_of_an_uncommitted_story_is_refused(dataset, s3_endpoint):
     from pipelines.dataset_writer import DatasetError, write_dataset
 
-    stories = _committed_stories(dataset["renders"])
+    stories = _committed_stories(dataset)
     half_done = stories[0].rsplit("/", 1)[0] + "/not-a-config-hash"
     target = dataset["out"] + "-refused"
     with pytest.raises(DatasetError, match="not committed") as error:
