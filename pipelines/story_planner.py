@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from pipelines.script_source import ListedScript, ListingProblem, list_scripts, read_script
 from storymem_model import output_layout, storage
 from storymem_model.records import Record
-from storymem_model.story_script import ScriptError, StoryScript
+from storymem_model.story_script import ScriptError, ScriptNotFound, StoryScript
 
 
 class PlanStatus(str, enum.Enum):
@@ -133,6 +133,8 @@ def plan_items(source: str, out: str, config_hash: str, *, exclude: str | None =
 def _read(item: ListedScript) -> tuple[StoryScript | None, InvalidScript | None]:
     try:
         return read_script(item), None
+    except ScriptNotFound as exc:
+        kind, message = PlanErrorType.NOT_FOUND, str(exc)
     except ScriptError as exc:
         kind, message = PlanErrorType.SCRIPT, str(exc)
     except (FileNotFoundError, storage.StorageError) as exc:

@@ -68,6 +68,10 @@ class ScriptError(ValueError):
         super().__init__(f"story script {source} has {self.total} problem(s){more}:\n{lines}")
 
 
+class ScriptNotFound(ScriptError):
+    """A script file that does not exist (or cannot be read); a ScriptError."""
+
+
 @dataclass(frozen=True)
 class ShotSpec:
     scene: int  # 1-based scene number
@@ -236,11 +240,11 @@ def _read(source: str) -> bytes:
         raise ScriptError(source, [f"{source}: file is more than the limit of "
                                    f"{MAX_SCRIPT_BYTES} bytes (not read whole)"]) from None
     except FileNotFoundError:
-        raise ScriptError(source, [f"{source}: file not found"]) from None
+        raise ScriptNotFound(source, [f"{source}: file not found"]) from None
     except IsADirectoryError:
         raise ScriptError(source, [f"{source}: is a folder, not a script file"]) from None
     except (OSError, storage.StorageError) as exc:
-        raise ScriptError(source, [f"{source}: cannot be read: {exc}"]) from None
+        raise ScriptNotFound(source, [f"{source}: cannot be read: {exc}"]) from None
 
 
 def _stem(source: str) -> str:

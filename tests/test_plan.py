@@ -216,7 +216,7 @@ def test_json_lists_invalid_scripts_with_their_error_type(tmp_path, capsys):
     assert same["error_type"] == "DuplicateStory"
     assert same["story_id"] == load_script(scripts / "a_good.json").story_id
     missing = invalid[f"{manifest} line 2"]
-    assert missing["error_type"] in {e.value for e in PlanErrorType}
+    assert missing["error_type"] == PlanErrorType.NOT_FOUND.value == "ScriptNotFound"
     assert "missing.json: file not found" in missing["message"]
     bad_row = invalid[f"{manifest} line 3"]
     assert bad_row["error_type"] == "ManifestRowError" and "'uri' or 'script'" in \
