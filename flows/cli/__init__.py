@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     ("flows.cli.serve", "add_serve_command"),
     ("flows.cli.eval", "add_eval_commands"),
     ("flows.cli.flow", "add_flow_commands"),
+    ("flows.cli.train", "add_train_commands"),
 ]
 
 
