@@ -1,11 +1,14 @@
 """Runs every `bench/bench_*.py` module's `main()` in turn and reports failures at the end.
 
 `make bench` calls this; `python -m bench.run_all NAME...` runs only the named benchmarks
-(e.g. `shot keyframes`).
+(e.g. `shot keyframes`). Each benchmark writes its results to `bench/results/NAME.json`
+(`$STORYMEM_BENCH_RESULTS` to put them elsewhere): the numbers live in those files, not in
+the docs.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 import time
@@ -26,16 +29,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available())}")
         return 2
     failed = []
+    results = Path(os.environ.get("STORYMEM_BENCH_RESULTS")
+                   or Path(__file__).resolve().parent / "results")
+    results.mkdir(parents=True, exist_ok=True)
     for name in wanted:
         print(f"\n=== bench {name} ===", flush=True)
         start = time.perf_counter()
         try:
             module = importlib.import_module(f"bench.bench_{name}")
-            module.main()
+            module.main(["--json", str(results / f"{name}.json")])
         except Exception:  # report every benchmark, then fail at the end
             traceback.print_exc()
             failed.append(name)
-        print(f"=== bench {name}: {time.perf_counter() - start:.1f} s ===", flush=True)
+        print(f"=== bench {name}: {time.perf_counter() - start:.1f} s, results in "
+              f"{results / f'{name}.json'} ===", flush=True)
     if failed:
         print(f"\nfailed benchmarks: {', '.join(failed)}")
         return 1
