@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type != "cuda":
             print("bench_gpu: the full-size expert needs a CUDA GPU (about 30 GB); "
                   "nothing measured (use --size tiny for a CPU smoke run)")
-            return {"skipped": "no CUDA GPU"}
+            report = {"skipped": "no CUDA GPU"}
+            write_json_results(args.json, report, indent=1)
+            return report
         config, shot, dtype = A14B, SHOT_480P, torch.bfloat16
     else:
         from storymem_model.presets import TINY
