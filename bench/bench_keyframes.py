@@ -61,7 +61,7 @@ class _Counted:
 
 def frame_by_frame(frames, memory_images, scorers, threshold=0.9, step=0.01,
                    max_keyframes=3, duplicate_threshold=0.9) -> tuple[list[int], dict]:
-    """The reference release's extraction pattern (facts §7), on the same scorers."""
+    """The reference release's extraction pattern (docs/method.md#keyframes), on the same scorers."""
     embed = _Counted(lambda image: scorers.embedder.embed_images(image[None])[0])
     score = _Counted(lambda image: float(scorers.gate.score_images(image[None])[0]))
     similarity = lambda a, b: float(np.dot(embed(a), embed(b)))  # noqa: E731

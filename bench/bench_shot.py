@@ -12,7 +12,7 @@ on CPU the bytes of live tensors counted by a TorchDispatchMode (`LiveTensorByte
 
 `python -m bench.bench_shot [--preset tiny|FOLDER] [--device cpu|cuda] [--repeats N]
 [--steps N] [--json FILE]`. Tiny numbers only show relative costs; the real model's costs
-are in facts §9 (attention dominates with 10 memory frames).
+are in docs/method.md#cost-of-a-shot (attention dominates with 10 memory frames).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""M2V inputs: image preprocessing, the conditioning mask and the 20-channel `y` (facts §2).
+"""M2V inputs: image preprocessing, the conditioning mask and the 20-channel `y` (docs/method.md#conditioning-layout-and-mask).
 
 Layout along the latent time axis: the M memory latents first, then the shot's f latent
 frames. `y` = concat(mask (4 ch), latents (16 ch)) on channels:

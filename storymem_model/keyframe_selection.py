@@ -1,4 +1,4 @@
-"""Keyframe selection after each shot: the reference algorithm (facts §7) on cached numbers.
+"""Keyframe selection after each shot: the reference algorithm (docs/method.md#keyframes) on cached numbers.
 
 The reference re-embeds two frames with CLIP for every comparison, re-scores frames one at
 a time with HPSv3 and repeats the whole scan each time it lowers the threshold. Here every
@@ -99,7 +99,7 @@ def select_keyframes(embeddings, scores, memory_embeddings=None, *,
                      max_keyframes: int = REFERENCE_MAX_KEYFRAMES, min_score: float,
                      duplicate_threshold: float = REFERENCE_DUPLICATE_THRESHOLD,
                      scan_start: int = REFERENCE_SCAN_START) -> list[int]:
-    """Frame indices to store as new keyframes (reference algorithm, facts §7).
+    """Frame indices to store as new keyframes (reference algorithm, docs/method.md#keyframes).
 
     `embeddings` (N, D) and `scores` (N,) are the shot's frames, computed once;
     `memory_embeddings` (M, D) or None are the frames already stored in the story.

@@ -1,4 +1,4 @@
-"""StoryMem LoRA files in the released format, loaded into the two Wan2.2 experts (facts §5).
+"""StoryMem LoRA files in the released format, loaded into the two Wan2.2 experts (docs/method.md#lora-format-and-scale).
 
 A released StoryMem LoRA is a pair of peft state dicts saved from `get_peft_model` on the
 original Wan code: `backbone_high_noise.{pth,safetensors}` for the high-noise expert and

@@ -2,7 +2,7 @@
 
 Every keyframe stored in the story is kept (lossless image, provenance, CLIP embedding,
 gate score, VAE latents cached per resolution); the *memory* handed to the model is a view
-over them chosen by the policy of facts §7:
+over them chosen by the policy of docs/method.md#memory-policy:
 
 - the first `sink` entries of the story always stay (the "memory sink"; MR2V reference
   images, which enter first, fill it before any keyframe does);

@@ -29,7 +29,7 @@ class ShotDefaults:
 # Wan2.2 A14B as used by StoryMem: 81 frames at 16 fps, 832x480, 40 steps.
 REAL_SHOT = ShotDefaults(height=480, width=832, num_frames=81, fps=16, num_inference_steps=40)
 
-# LoRA format of the released StoryMem weights (facts §5): rank 128, alpha 128, rsLoRA.
+# LoRA format of the released StoryMem weights (docs/method.md#lora-format-and-scale): rank 128, alpha 128, rsLoRA.
 REAL_LORA_RANK = 128
 REAL_TEXT_LENGTH = 512  # UMT5 sequence length used by Wan
 

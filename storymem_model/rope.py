@@ -2,7 +2,7 @@
 
 diffusers' `WanRotaryPosEmbed` precomputes a table from position 0 and always uses frame
 positions 0..T-1. StoryMem places the M memory latents at temporal positions
-{-M*S, ..., -2S, -S} and the shot's latents at {0, ..., f-1} (facts §3).
+{-M*S, ..., -2S, -S} and the shot's latents at {0, ..., f-1} (docs/method.md#negative-rope-shift).
 `FramePositionRotaryEmbed` is a drop-in replacement for the transformer's `rope` module
 that computes the same cos/sin tables (same per-head split t/h/w, same diffusers helper)
 for any given temporal positions; `frame_positions(transformer, positions)` sets them

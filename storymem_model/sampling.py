@@ -1,4 +1,4 @@
-"""Sampling settings and the flow-matching UniPC schedule (facts §4).
+"""Sampling settings and the flow-matching UniPC schedule (docs/method.md#sampling).
 
 Defaults follow the StoryMem reference (docs/method.md#sampling): 40 steps, shift 4.0,
 guidance 3.5 for both experts, expert boundary 0.9 for M2V/MI2V/MM2V. The T2V first shot

@@ -5,7 +5,7 @@ prepare memory latents (VAE-encoded keyframes, or precomputed ones), the shot's
 conditioning video and mask (`conditioning.py`), the noise, then two-expert flow-matching
 UniPC denoising with classifier-free guidance, memory frames dropped, decode.
 
-Modes (facts §1-2): M2V (0..N memory images), MI2V (`first_frame`), MM2V (`motion_frames`,
+Modes (docs/method.md#the-method-in-brief): M2V (0..N memory images), MI2V (`first_frame`), MM2V (`motion_frames`,
 5 frames), MR2V (reference images as `memory` for a story's first shot: the same path as
 M2V), and T2V (`use_t2v=True`, the Wan2.2 T2V-A14B experts, no conditioning).
 """

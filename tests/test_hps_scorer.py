@@ -90,7 +90,7 @@ def test_batch_equals_one_by_one_and_chunked(scorer):
                                    rtol=1e-4, atol=1e-4)
     finally:
         scorer.max_batch_size = saved
-    # Prompts are really used (facts §7 scores with the empty prompt by default).
+    # Prompts are really used (docs/method.md#keyframes scores with the empty prompt by default).
     empty = scorer.score_images(frames)
     assert not np.allclose(empty[[1, 3]], batched[[1, 3]])
     np.testing.assert_allclose(empty[[0, 2, 5]], batched[[0, 2, 5]], rtol=1e-4, atol=1e-4)

@@ -1,5 +1,5 @@
 """Keyframe selection: the optimised version equals a plain frame-by-frame implementation
-of the reference algorithm (facts §7), the gate and the memory-duplicate check work, every
+of the reference algorithm (docs/method.md#keyframes), the gate and the memory-duplicate check work, every
 frame is embedded and scored once, and a normal tiny story exercises every path."""
 from __future__ import annotations
 

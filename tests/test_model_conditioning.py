@@ -1,4 +1,4 @@
-"""Latent, mask and conditioning layouts of M2V / MI2V / MM2V / MR2V, value by value (facts §2)."""
+"""Latent, mask and conditioning layouts of M2V / MI2V / MM2V / MR2V, value by value (docs/method.md#conditioning-layout-and-mask)."""
 from __future__ import annotations
 
 import numpy as np

@@ -17,7 +17,7 @@ from storymem_model.presets import TINY
 SHOT = dict(height=TINY.shot.height, width=TINY.shot.width, num_frames=TINY.shot.num_frames,
             num_inference_steps=TINY.shot.num_inference_steps, seed=3)
 
-# diffusers name fragment -> original Wan name fragment, written from facts §5/§6 (inverse direction).
+# diffusers name fragment -> original Wan name fragment, written from docs/method.md#lora-format-and-scale, #checkpoint-name-mapping (inverse direction).
 TO_ORIGINAL = [
     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
     ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),

@@ -13,7 +13,7 @@ from storymem_model.lora_loading import LoraLoadError, load_storymem_lora
 from storymem_model.presets import TINY
 
 RANK = TINY.lora_rank
-# Written out here from facts §5, independently of the loader's own table.
+# Written out here from docs/method.md#lora-format-and-scale, independently of the loader's own table.
 ORIGINAL_TO_DIFFUSERS = {
     "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
     "self_attn.o": "attn1.to_out.0", "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k",

@@ -1,4 +1,4 @@
-"""Negative RoPE shift: explicit temporal positions in Wan's 3D rope (facts §3)."""
+"""Negative RoPE shift: explicit temporal positions in Wan's 3D rope (docs/method.md#negative-rope-shift)."""
 from __future__ import annotations
 
 import copy

@@ -33,7 +33,7 @@ def test_sigma_grids():
     assert reference.sigmas[-1] == 0
     plain = make_scheduler(M2V_SAMPLING.updated(reference_sigmas=False))
     gap = np.abs(plain.sigmas[:-1].numpy() - expected).max()
-    assert 1e-4 < gap < 4e-3  # diffusers' own grid differs slightly (facts §4)
+    assert 1e-4 < gap < 4e-3  # diffusers' own grid differs slightly (docs/method.md#sampling)
 
 
 def test_unknown_and_bad_sampling_options():

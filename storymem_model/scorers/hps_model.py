@@ -9,7 +9,7 @@ only: nothing torch-heavy from storymem_model (no open_clip, no diffusers).
 the package's own YAML config with the Qwen2-VL base pointed at a local folder (nothing is
 downloaded), loads the HPSv3 checkpoint, and `score(images, prompts)` scores a whole batch
 of uint8 images in one forward pass. Scores are the "mu" output of HPSv3 (its first logit),
-as the package documents; prompts default to the empty string (facts §7).
+as the package documents; prompts default to the empty string (docs/method.md#keyframes).
 """
 from __future__ import annotations
 
