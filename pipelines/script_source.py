@@ -16,6 +16,18 @@ Nothing here holds all scripts at once: folders are walked directory by director
 is streamed line by line and Parquet row batch by row batch, and a script is only read when
 the consumer asks for it (`read_script`). Listing problems (a bad manifest row) are yielded
 as `ListingProblem`s in order, so the batch records them and goes on.
+
+Bounds (a manifest is input like a script, so nothing in it is read unbounded):
+- a JSONL line longer than `MAX_MANIFEST_LINE_BYTES` (the script limit plus room for the
+  row around it) is a problem row; it is skipped chunk by chunk, never held whole;
+- a Parquet `script` cell longer than the script limit, or a `uri`/`name` cell longer than
+  `MAX_URI_CHARS`, is a problem row (its value is never turned into a Python string); a
+  row group whose columns hold more than `MAX_PARQUET_ROW_GROUP_BYTES` (uncompressed, from
+  the file's metadata) is not read at all: each of its rows is a problem row;
+- an inline script (a JSONL row, a `script` cell) nested deeper than a script may be is a
+  problem row, found before any JSON parser recurses into it;
+- a listed script file is read with the script limit (`story_script.load_script`): a
+  multi-GB object or /dev/zero is refused after reading at most that many bytes.
 """
 from __future__ import annotations
 
@@ -25,12 +37,19 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from storymem_model import storage
+from storymem_model.story_script import MAX_NESTING, MAX_SCRIPT_BYTES, text_nesting_depth
 
 SCRIPT_SUFFIXES = (".json", ".json5")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 GLOB_CHARS = "*?["
 PARQUET_ROWS_PER_READ = 256
+MANIFEST_ROW_OVERHEAD_BYTES = 64 * 1024  # the row around an inline script: keys, name, uri
+MAX_MANIFEST_LINE_BYTES = MAX_SCRIPT_BYTES + MANIFEST_ROW_OVERHEAD_BYTES
+MAX_URI_CHARS = 4096  # a `uri` or `name` value of a manifest row
+MAX_PARQUET_ROW_GROUP_BYTES = 256 * 1024 * 1024  # uncompressed, over the columns read
+MANIFEST_ROW_NESTING = 2  # a JSONL row object and its "script" value around the script
+READ_CHUNK_BYTES = 64 * 1024
 
 
 class ScriptSourceError(ValueError):
@@ -153,11 +172,18 @@ def _row(manifest_uri: str, origin: str, position: int, value: Any):
     if isinstance(value, str):
         if not value.strip():
             return ListingProblem(position, origin, f"{origin}: empty script URI")
+        if len(value) > MAX_URI_CHARS:
+            return ListingProblem(position, origin, f"{origin}: the script URI has "
+                                  f"{len(value)} characters, more than the limit of "
+                                  f"{MAX_URI_CHARS}")
         return ListedScript(position, origin, uri=_resolve(manifest_uri, value.strip()))
     if isinstance(value, dict):
         name = value.get("name")
         if name is not None and not isinstance(name, str):
             return ListingProblem(position, origin, f"{origin}: 'name' must be a string")
+        if name is not None and len(name) > MAX_URI_CHARS:
+            return ListingProblem(position, origin, f"{origin}: 'name' has {len(name)} "
+                                  f"characters, more than the limit of {MAX_URI_CHARS}")
         has_uri, has_script = value.get("uri") is not None, value.get("script") is not None
         if has_uri and has_script:
             return ListingProblem(position, origin,
@@ -165,14 +191,21 @@ def _row(manifest_uri: str, origin: str, position: int, value: Any):
         if has_uri:
             if not isinstance(value["uri"], str) or not value["uri"].strip():
                 return ListingProblem(position, origin, f"{origin}: 'uri' must be a non-empty string")
+            if len(value["uri"]) > MAX_URI_CHARS:
+                return ListingProblem(position, origin, f"{origin}: 'uri' has "
+                                      f"{len(value['uri'])} characters, more than the limit "
+                                      f"of {MAX_URI_CHARS}")
             return ListedScript(position, origin, uri=_resolve(manifest_uri, value["uri"].strip()),
                                 name=name)
         if has_script:
             script = value["script"]
             if isinstance(script, str):  # Parquet/JSONL may carry the script as JSON text
+                problem = _script_text_problem(script, origin)
+                if problem is not None:
+                    return ListingProblem(position, origin, problem)
                 try:
                     script = json.loads(script)
-                except ValueError as exc:
+                except (ValueError, RecursionError) as exc:
                     return ListingProblem(position, origin,
                                           f"{origin}: 'script' is not valid JSON: {exc}")
             if not isinstance(script, (dict, list)):
@@ -185,19 +218,83 @@ def _row(manifest_uri: str, origin: str, position: int, value: Any):
                           f"'uri' or 'script', got {type(value).__name__}")
 
 
+def _script_text_problem(text: str, origin: str) -> str | None:
+    """Why an inline script given as JSON text cannot be taken (too long, too deep), or
+    None; checked before any parser sees it."""
+    if len(text) > MAX_SCRIPT_BYTES:
+        return (f"{origin}: the inline 'script' has {len(text)} characters, more than the "
+                f"limit of {MAX_SCRIPT_BYTES}")
+    depth = text_nesting_depth(text)
+    if depth > MAX_NESTING:
+        return (f"{origin}: the inline 'script' is nested {depth} levels deep, more than the "
+                f"limit of {MAX_NESTING}")
+    return None
+
+
+def bounded_lines(handle, limit: int, chunk_bytes: int = READ_CHUNK_BYTES):
+    """(line number, line bytes or None, length) for each line of a binary stream. A line
+    longer than `limit` bytes comes as None with its length; it is skipped chunk by chunk,
+    so no more than `limit` + one chunk is ever held."""
+    line_no, length, overlong = 0, 0, False
+    buffer = bytearray()
+    while True:
+        chunk = handle.read(chunk_bytes)
+        if not chunk:
+            break
+        start = 0
+        while True:
+            newline = chunk.find(b"\n", start)
+            end = len(chunk) if newline < 0 else newline
+            length += end - start
+            if not overlong:
+                if len(buffer) + end - start > limit:
+                    overlong = True
+                    buffer.clear()
+                else:
+                    buffer += chunk[start:end]
+            if newline < 0:
+                break
+            line_no += 1
+            yield line_no, None if overlong else bytes(buffer), length
+            buffer.clear()
+            length, overlong, start = 0, False, newline + 1
+    if length:
+        yield line_no + 1, None if overlong else bytes(buffer), length
+
+
 def _read_jsonl(fs, path: str, uri: str, counter: _Counter):
     with fs.open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
+        for line_no, raw, length in bounded_lines(handle, MAX_MANIFEST_LINE_BYTES):
+            origin = f"{uri} line {line_no}"
+            if raw is None:
+                yield ListingProblem(counter.next(), origin, (
+                    f"{origin}: the line has {length} bytes, more than the limit of "
+                    f"{MAX_MANIFEST_LINE_BYTES} (a script of at most {MAX_SCRIPT_BYTES} "
+                    f"bytes and its row); not read"))
+                continue
             line = raw.strip()
             if not line:
                 continue
-            origin = f"{uri} line {line_no}"
             try:
-                value = json.loads(line)
-            except (ValueError, UnicodeDecodeError) as exc:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield ListingProblem(counter.next(), origin, f"{origin}: not UTF-8 text: {exc}")
+                continue
+            depth = text_nesting_depth(text)
+            if depth > MAX_NESTING + MANIFEST_ROW_NESTING:
+                yield ListingProblem(counter.next(), origin, (
+                    f"{origin}: nested {depth} levels deep, more than a manifest row with "
+                    f"a script may be ({MAX_NESTING + MANIFEST_ROW_NESTING})"))
+                continue
+            try:
+                value = json.loads(text)
+            except (ValueError, RecursionError) as exc:
                 yield ListingProblem(counter.next(), origin, f"{origin}: not valid JSON: {exc}")
                 continue
             yield _row(uri, origin, counter.next(), value)
+
+
+CELL_LIMITS = {"script": MAX_SCRIPT_BYTES, "uri": MAX_URI_CHARS, "name": MAX_URI_CHARS}
 
 
 def _read_parquet(fs, path: str, uri: str, counter: _Counter):
@@ -208,15 +305,63 @@ def _read_parquet(fs, path: str, uri: str, counter: _Counter):
             parquet = pq.ParquetFile(handle)
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise ScriptSourceError(f"--scripts {uri}: not a readable Parquet file: {exc}") from exc
-        columns = [c for c in ("uri", "script", "name") if c in parquet.schema_arrow.names]
+        names = parquet.schema_arrow.names
+        columns = [c for c in ("uri", "script", "name") if c in names]
         if "uri" not in columns and "script" not in columns:
             raise ScriptSourceError(
                 f"--scripts {uri}: a Parquet manifest needs a 'uri' or 'script' column, "
-                f"found {parquet.schema_arrow.names}")
+                f"found {names}")
+        metadata = parquet.metadata
         row_no = 0
-        for batch in parquet.iter_batches(batch_size=PARQUET_ROWS_PER_READ, columns=columns):
-            for row in batch.to_pylist():
-                row_no += 1
-                origin = f"{uri} row {row_no}"
-                value = {k: v for k, v in row.items() if v is not None}
-                yield _row(uri, origin, counter.next(), value)
+        for group in range(metadata.num_row_groups):
+            meta = metadata.row_group(group)
+            size = _row_group_bytes(meta, columns)
+            if size > MAX_PARQUET_ROW_GROUP_BYTES:
+                for _ in range(meta.num_rows):
+                    row_no += 1
+                    origin = f"{uri} row {row_no}"
+                    yield ListingProblem(counter.next(), origin, (
+                        f"{origin}: row group {group} holds {size} bytes in the columns "
+                        f"{columns}, more than the limit of {MAX_PARQUET_ROW_GROUP_BYTES}; "
+                        f"not read (write the manifest with smaller row groups)"))
+                continue
+            for batch in parquet.iter_batches(batch_size=PARQUET_ROWS_PER_READ,
+                                              row_groups=[group], columns=columns):
+                lengths = {c: _cell_lengths(batch.column(c)) for c in columns}
+                for i in range(batch.num_rows):
+                    row_no += 1
+                    origin = f"{uri} row {row_no}"
+                    over = [(c, lengths[c][i]) for c in columns if lengths[c] is not None
+                            and lengths[c][i] is not None and lengths[c][i] > CELL_LIMITS[c]]
+                    if over:
+                        column, length = over[0]
+                        yield ListingProblem(counter.next(), origin, (
+                            f"{origin}: the '{column}' cell has {length} bytes, more than "
+                            f"the limit of {CELL_LIMITS[column]}; not read"))
+                        continue
+                    row = {c: batch.column(c)[i].as_py() for c in columns}
+                    value = {k: v for k, v in row.items() if v is not None}
+                    yield _row(uri, origin, counter.next(), value)
+
+
+def _row_group_bytes(row_group, columns: list[str]) -> int:
+    """Uncompressed bytes of the leaf column chunks under `columns` (file metadata only)."""
+    total = 0
+    for i in range(row_group.num_columns):
+        chunk = row_group.column(i)
+        if chunk.path_in_schema.split(".")[0] in columns:
+            total += int(chunk.total_uncompressed_size)
+    return total
+
+
+def _cell_lengths(column) -> list | None:
+    """Byte length of each string/binary cell (None for nulls), without converting the
+    values; None for columns of other types."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = column.type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        return None
+    return pc.binary_length(column).to_pylist()

@@ -9,7 +9,8 @@ read only when a worker is free for it), `storymem plan`, the Prefect flows and 
 story jobs use the same code, so every host names problems the same way:
 
     ManifestRowError  a manifest row that names no script
-    ScriptError       a script that fails validation (every problem listed)
+    ScriptError       a script that fails validation (every problem listed), or that
+                      cannot be parsed at all (whatever the parser raised, named)
     ScriptNotFound    a listed script that is gone, or unreadable storage
     DuplicateStory    a second script with the same story id (same content): rendered once
 
@@ -139,6 +140,10 @@ def _read(item: ListedScript) -> tuple[StoryScript | None, InvalidScript | None]
         kind, message = PlanErrorType.SCRIPT, str(exc)
     except (FileNotFoundError, storage.StorageError) as exc:
         kind, message = PlanErrorType.NOT_FOUND, f"{item.origin}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - one unreadable item never stops the listing
+        kind = PlanErrorType.SCRIPT
+        message = (f"story script {item.origin} cannot be read: {type(exc).__name__}: "
+                   f"{str(exc)[:500]}")
     return None, InvalidScript(item.position, item.origin, kind.value, message)
 
 

@@ -143,3 +143,123 @@ def test_ten_thousand_row_manifest_is_streamed_not_loaded(tmp_path):
     assert count == 10_000
     assert peak_first < size / 10, peak_first
     assert peak_all < size / 10, peak_all
+
+
+# ---------------------------------------------------------------------------------------
+# Bounds: nothing in a manifest is read unbounded (lines, cells, row groups, nesting, and
+# the objects its rows point at).
+def _peak_while(fn):
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_an_overlong_jsonl_line_is_a_problem_row_skipped_without_holding_it(tmp_path):
+    from pipelines.script_source import MAX_MANIFEST_LINE_BYTES
+
+    manifest = tmp_path / "m.jsonl"
+    huge = 40 * 1024 * 1024  # 40 MB on one line, far over the limit
+    with open(manifest, "wb") as handle:
+        handle.write(json.dumps({"script": _story("before")}).encode() + b"\n")
+        handle.write(b'{"script": {"story_name": "' + b"x" * huge + b'"}}\n')
+        handle.write(json.dumps({"script": _story("after")}).encode())  # no final newline
+    items, peak = _peak_while(lambda: list(list_scripts(str(manifest))))
+    assert [type(i).__name__ for i in items] == ["ListedScript", "ListingProblem",
+                                                 "ListedScript"]
+    assert "line 2" in items[1].message and str(MAX_MANIFEST_LINE_BYTES) in items[1].message
+    assert f"{huge + 30} bytes" in items[1].message and "not read" in items[1].message
+    assert read_script(items[2]).story_name == "after"
+    assert peak < 4 * MAX_MANIFEST_LINE_BYTES, peak  # never the 40 MB line
+
+
+def test_deeply_nested_manifest_rows_are_problem_rows_not_a_crash(tmp_path):
+    deep = "[" * 5000 + "]" * 5000
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join([
+        deep,  # the row itself: json would recurse out
+        json.dumps({"script": deep}),  # an inline script given as JSON text
+        json.dumps({"script": _story("fine")}),
+    ]) + "\n")
+    items = list(list_scripts(str(manifest)))
+    assert [type(i).__name__ for i in items] == ["ListingProblem", "ListingProblem",
+                                                 "ListedScript"]
+    assert "line 1: nested 5000 levels deep" in items[0].message
+    assert "line 2" in items[1].message and "nested 5000 levels deep" in items[1].message
+    assert read_script(items[2]).story_name == "fine"
+
+
+def test_oversized_parquet_cells_and_row_groups_are_problem_rows(tmp_path, monkeypatch):
+    import pipelines.script_source as script_source
+    from storymem_model.story_script import MAX_SCRIPT_BYTES
+
+    big_story = {**_story("big"), "story_overview": "o" * (MAX_SCRIPT_BYTES + 10)}
+    table = pa.table({
+        "script": [json.dumps(_story("small")), json.dumps(big_story), None,
+                   "[" * 100 + "]" * 100],
+        "uri": [None, None, "a/" * 3000 + "x.json", None],
+    })
+    path = tmp_path / "m.parquet"
+    pq.write_table(table, str(path), row_group_size=2)
+    items = list(list_scripts(str(path)))
+    assert [type(i).__name__ for i in items] == ["ListedScript", "ListingProblem",
+                                                 "ListingProblem", "ListingProblem"]
+    assert "row 2: the 'script' cell has" in items[1].message and "not read" in items[1].message
+    assert "row 3: the 'uri' cell has 6006 bytes" in items[2].message
+    assert "row 4: the inline 'script' is nested 100 levels deep" in items[3].message
+    # a row group bigger than the limit is not read at all: each of its rows is named
+    monkeypatch.setattr(script_source, "MAX_PARQUET_ROW_GROUP_BYTES", 100)
+    pq.write_table(pa.table({"script": [json.dumps(_story("a")), json.dumps(_story("b"))]}),
+                   str(tmp_path / "g.parquet"))
+    rows = list(list_scripts(str(tmp_path / "g.parquet")))
+    assert [type(i).__name__ for i in rows] == ["ListingProblem"] * 2
+    assert all("row group 0 holds" in r.message and "smaller row groups" in r.message
+               for r in rows)
+
+
+def test_rows_pointing_at_endless_or_huge_objects_are_refused_unread(tmp_path):
+    """A manifest row naming /dev/zero or a 3 GB (sparse) file: a ScriptError in the plan,
+    in bounded time and memory; the other rows are planned."""
+    import time
+
+    from pipelines.story_planner import InvalidScript, PlannedStory, plan_items
+    from storymem_model.story_script import MAX_SCRIPT_BYTES
+
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as handle:
+        handle.truncate(3 * 1024 ** 3)
+    _write(str(tmp_path / "ok.json"), _story("ok"))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(row) for row in (
+        {"uri": "/dev/zero"}, {"uri": "huge.json"}, {"uri": "ok.json"})) + "\n")
+    started = time.monotonic()
+    items, peak = _peak_while(lambda: list(plan_items(str(manifest), str(tmp_path / "out"),
+                                                      "h" * 16)))
+    assert time.monotonic() - started < 30
+    assert peak < 8 * MAX_SCRIPT_BYTES, peak
+    assert [type(i) for i in items] == [InvalidScript, InvalidScript, PlannedStory]
+    for item, name in zip(items, ("/dev/zero", "huge.json")):
+        assert item.error_type == "ScriptError" and name in item.message
+        assert f"more than the limit of {MAX_SCRIPT_BYTES} bytes" in item.message
+
+
+def test_a_script_the_reader_chokes_on_is_an_invalid_row_and_the_listing_goes_on(
+        tmp_path, monkeypatch):
+    import pipelines.story_planner as story_planner
+
+    _write(str(tmp_path / "a.json"), _story("a"))
+    _write(str(tmp_path / "b.json"), _story("b"))
+    real = story_planner.read_script
+
+    def choking(item):
+        if item.uri.endswith("a.json"):
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(item)
+
+    monkeypatch.setattr(story_planner, "read_script", choking)
+    items = list(story_planner.plan_items(str(tmp_path), str(tmp_path / "out"), "h" * 16))
+    assert [type(i).__name__ for i in items] == ["InvalidScript", "PlannedStory"]
+    assert items[0].error_type == "ScriptError"
+    assert "a.json cannot be read: RecursionError" in items[0].message
