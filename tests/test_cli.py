@@ -87,10 +87,12 @@ def test_failing_stories_are_summarised_and_the_others_still_render(tmp_path):
     assert "scene 1, shot 2: prompt is empty" in summary
     assert "broken.json: not valid JSON/JSON5" in summary
     assert "missing.json: file not found" in summary
-    # the good story rendered completely; nothing was written for the bad ones
+    # the good story rendered completely; nothing was written for the bad ones (the
+    # output lock's folder is all there is besides the story, its lease released)
     story_id = load_script(good).story_id
     assert f"rendered  {story_id}: 2 shots" in summary
-    assert sorted(p.name for p in out.iterdir()) == [story_id]
+    assert sorted(p.name for p in out.iterdir()) == ["_locks", story_id]
+    assert not (out / "_locks" / "render.json").exists()
     (story,) = (out / story_id).iterdir()
     assert storage.verify_commit(str(story)) == []
     # not a terminal: plain log lines, no progress bars
@@ -157,3 +159,83 @@ def test_no_memory_flag_makes_a_no_memory_spec_and_refuses_references(tmp_path, 
     err = capsys.readouterr().err
     assert "--no-memory" in err and "cannot use --references" in err
     assert not (tmp_path / "o2").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# The output lock: `storymem render` holds OUT/_locks/render.json while it renders.
+SMALL = ["--preset", "tiny", "--num-frames", "9", "--height", "32", "--width", "32",
+         "--steps", "2"]
+
+
+def test_a_second_writer_of_the_output_exits_at_once_naming_the_holder(tmp_path, capsys):
+    import threading
+    import time
+
+    from flows.output_lock import OutputLock, read_lock
+
+    script = _write(tmp_path / "s.json", TWO_SHOTS)
+    out = tmp_path / "out"
+    holder = OutputLock(str(out), owner="the other render", ttl_s=60).acquire()
+    try:
+        started = time.monotonic()
+        code = main(["render", str(script), "--out", str(out), *SMALL])
+        assert code == 2 and time.monotonic() - started < 10
+        err = capsys.readouterr().err
+        assert "locked by another run" in err and "'the other render'" in err
+        assert sorted(p.name for p in out.iterdir()) == ["_locks"]  # nothing rendered
+        # --wait-lock: waits for the holder, then renders
+        threading.Timer(1.0, holder.release).start()
+        code = main(["render", str(script), "--out", str(out), "--wait-lock", "60", *SMALL])
+        assert code == 0, capsys.readouterr().err
+    finally:
+        holder.release()
+    assert storage.is_committed(str(next((out / load_script(script).story_id).iterdir())))
+    assert read_lock(str(out)) is None  # released at the end
+
+
+def test_a_render_that_loses_the_lock_stops_before_its_next_shot(tmp_path, capsys):
+    """Another run takes the lease over (this one "stalled"): the render notices at its
+    renewal, finishes the shot it is in, stops with status 2 and commits nothing; the
+    next render resumes the story."""
+    import threading
+    import time
+
+    from flows.output_lock import lock_uri
+
+    story = {"story_name": "Three", "scenes": [{"video_prompts": [
+        "a red kite rises", "the kite loops", "the kite lands"], "cut": [True, False, True]}]}
+    script = _write(tmp_path / "three.json", story)
+    out = tmp_path / "out"
+    lock_file = Path(lock_uri(str(out)))
+    stop = threading.Event()
+
+    def take_over_after_the_first_shot():
+        while not stop.is_set() and not list(out.glob("*/*/shots/01_01.json")):
+            time.sleep(0.01)
+        if not stop.is_set():
+            storage.write_bytes(str(lock_file), json.dumps({
+                "owner": "a run that took over", "token": "other", "acquired_at": time.time(),
+                "renewed_at": time.time(), "expires_at": time.time() + 120}).encode())
+
+    thread = threading.Thread(target=take_over_after_the_first_shot)
+    thread.start()
+    try:
+        code = main(["render", str(script), "--out", str(out), "--lock-ttl", "0.6",
+                     "--preset", "tiny", "--progress", "log"])
+    finally:
+        stop.set()
+        thread.join()
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert f"the output lock {lock_file} was lost" in captured.err
+    assert "stopped before the next shot" in captured.err
+    (story_dir,) = (out / load_script(script).story_id).iterdir()
+    recorded = sorted(p.name for p in (story_dir / "shots").glob("*.json"))
+    assert recorded[0] == "01_01.json" and len(recorded) < 3
+    assert not (story_dir / "_COMMITTED.json").exists()
+    assert json.loads(lock_file.read_text())["owner"] == "a run that took over"  # untouched
+    lock_file.unlink()  # the other run is done
+    assert main(["render", str(script), "--out", str(out), "--preset", "tiny",
+                 "--progress", "log"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    assert storage.verify_commit(str(story_dir)) == []

@@ -6,6 +6,12 @@ their pixel hashes, every setting is checked), so unusable flags fail in seconds
 exit status 2, before any weights load. The config hash is then known, so stories whose
 folder is already committed are reported as skipped without loading the model; the model
 and scorers load (`runner.open_runner`) only for the first story with work left.
+
+The command holds the output lock (`OUT/_locks/render.json`, `pipelines.batch.output_lock`)
+while it renders, the same lock `storymem batch` takes: a second writer of the same output
+exits with status 2 at once, naming the holder (or waits `--wait-lock` seconds). If the
+lease is lost (another run took it over after this one stalled past `--lock-ttl`), the
+render stops before its next shot (every finished shot is checkpointed) with status 2.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import sys
 import time
 
 from flows.cli.cli_logging import setup_cli_logging
+from flows.cli.lock_flags import LOCK_POLL_S, add_lock_arguments, sigterm_exits
 from flows.cli.model_flags import (ArgumentsError, accelerator_from_args, add_model_arguments,
                                    render_spec_from_args)
 
@@ -31,9 +38,12 @@ def add_render_command(subparsers) -> argparse.ArgumentParser:
         "OUT/{story_id}/{config_hash}/: shots/*.mp4, keyframes/, memory/, {story_id}.mp4, "
         "shots.parquet and _COMMITTED.json (written last). Running the same command again "
         "skips committed stories and resumes interrupted ones from their first unfinished "
-        "shot. Flags are checked before any model loads. Exit status 1 when any story "
-        "fails (the others still render), 2 for bad flags. `storymem plan` shows what a "
-        "render would do without loading anything.")
+        "shot. Flags are checked before any model loads. The command holds the output "
+        "lock OUT/_locks/render.json while it renders (the lock `storymem batch` takes): "
+        "a second writer of OUT exits at once naming the holder, unless --wait-lock. Exit "
+        "status 1 when any story fails (the others still render), 2 for bad flags, an "
+        "output locked by another run or a lost lock. `storymem plan` shows what a render "
+        "would do without loading anything.")
     parser.add_argument("scripts", nargs="+", metavar="SCRIPT",
                         help="story script files (local paths or s3:// URIs)")
     parser.add_argument("--out", required=True, metavar="URI",
@@ -41,16 +51,14 @@ def add_render_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--progress", choices=PROGRESS_CHOICES, default="auto",
                         help="progress bars on a terminal and log lines otherwise (auto, "
                              "the default), always bars, log lines, or nothing")
+    add_lock_arguments(parser)
     add_model_arguments(parser)
     parser.set_defaults(func=run_render)
     return parser
 
 
 def run_render(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from storymem_model import storage
-    from storymem_model.runner import RenderError
     from storymem_model.story_script import ScriptError, load_script
 
     setup_cli_logging()
@@ -68,28 +76,113 @@ def run_render(args: argparse.Namespace) -> int:
         except ScriptError as exc:
             failures.append((uri, str(exc)))
             log.error("%s", exc)
-    results = []
-    runner = _Runner(spec)
-    progress = {"auto": None, "bar": True, "log": _LogOnly(), "none": False}[args.progress]
-    use_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
-    for script in tqdm(scripts, unit="story", desc="stories", disable=not use_bar):
-        try:
-            result = runner.render(script, args.out, progress)
-        except _ModelUnusable as exc:
-            return _unusable(exc)
-        except (RenderError, storage.StorageError) as exc:  # expected: no traceback
-            log.error("story %s (%s) failed: %s", script.story_id, script.source, exc)
-            failures.append((script.source, f"{type(exc).__name__}: {exc}"))
-            continue
-        except Exception as exc:  # one story failing never stops the others
-            log.exception("story %s (%s) failed", script.story_id, script.source)
-            failures.append((script.source, f"{type(exc).__name__}: {exc}"))
-            continue
-        results.append(result)
-        log.info("story %s %s: %s and %s", script.story_id, result.status,
-                 result.video_uri, result.parquet_uri)
+        except Exception as exc:  # noqa: BLE001 - one unreadable script never stops the rest
+            message = f"story script {uri} cannot be read: {type(exc).__name__}: {exc}"
+            failures.append((uri, message))
+            log.error("%s", message)
+    results: list = []
+    if scripts:
+        with sigterm_exits():
+            code = _render_locked(args, spec, scripts, results, failures)
+        if code is not None:
+            return code
     _print_summary(results, failures)
     return 1 if failures else 0
+
+
+def _render_locked(args, spec, scripts, results: list, failures: list) -> int | None:
+    """Render `scripts` holding the output lock; an exit status when the run must stop
+    (output locked, lock lost, model unusable), else None."""
+    from tqdm.auto import tqdm
+
+    from pipelines.batch.output_lock import OutputLock, OutputLockedError
+    from storymem_model import storage
+    from storymem_model.runner import RenderError
+
+    lock = OutputLock(args.out, "render", owner=f"storymem render ({_process()})",
+                      ttl_s=args.lock_ttl, wait_s=args.wait_lock,
+                      poll_s=min(LOCK_POLL_S, max(args.wait_lock, 0.01)))
+    try:
+        lock.acquire()
+    except (OutputLockedError, ValueError, storage.StorageError) as exc:
+        return _unusable(exc)
+    try:
+        runner = _Runner(spec)
+        progress = _ShotProgress(args.progress, lock)
+        use_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
+        for script in tqdm(scripts, unit="story", desc="stories", disable=not use_bar):
+            try:
+                progress.check_lock()
+                result = runner.render(script, args.out, progress)
+            except _ModelUnusable as exc:
+                return _unusable(exc)
+            except _LockLost as exc:
+                _print_summary(results, failures)
+                return _unusable(exc)
+            except (RenderError, storage.StorageError) as exc:  # expected: no traceback
+                log.error("story %s (%s) failed: %s", script.story_id, script.source, exc)
+                failures.append((script.source, f"{type(exc).__name__}: {exc}"))
+                continue
+            except Exception as exc:  # one story failing never stops the others
+                log.exception("story %s (%s) failed", script.story_id, script.source)
+                failures.append((script.source, f"{type(exc).__name__}: {exc}"))
+                continue
+            finally:
+                progress.close()
+            results.append(result)
+            log.info("story %s %s: %s and %s", script.story_id, result.status,
+                     result.video_uri, result.parquet_uri)
+    finally:
+        lock.release()
+    return None
+
+
+def _process() -> str:
+    import os
+    import socket
+
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+class _LockLost(RuntimeError):
+    """The output lock was taken over by another run: stop before the next shot."""
+
+
+class _ShotProgress:
+    """The per-shot callback the runner calls after each checkpointed shot: checks that
+    the output lock is still held (else stops the render before its next shot) and shows
+    progress as --progress says (a bar per story, log lines, or nothing)."""
+
+    def __init__(self, mode: str, lock):
+        self.lock = lock
+        self.bars = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        self.lines = mode == "log" or (mode == "auto" and not self.bars)
+        self.bar = None
+
+    def check_lock(self) -> None:
+        if self.lock.lost:
+            raise _LockLost(f"the output lock {self.lock.uri} was lost (another run took "
+                            f"it over); stopped before the next shot, every finished shot "
+                            f"is checkpointed and resumes with the next render")
+
+    def __call__(self, event) -> None:
+        from storymem_model.runner import describe_shot_done
+
+        if self.bars:
+            if self.bar is None:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=event.shots_total, initial=event.shot_index,
+                                unit="shot", desc=event.story_id[:40], leave=False)
+            self.bar.update(1)
+        elif self.lines:
+            log.info("%s", describe_shot_done(event))
+        self.check_lock()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _unusable(exc: Exception) -> int:
@@ -141,15 +234,6 @@ class _Runner:
             len(script.shots), 0,
             storage.join(story_uri, output_layout.story_video_key(script.story_id)),
             storage.join(story_uri, output_layout.SHOTS_PARQUET), 0.0)
-
-
-class _LogOnly:
-    """Progress callback writing one log line per finished shot (--progress log)."""
-
-    def __call__(self, event) -> None:
-        from storymem_model.runner import describe_shot_done
-
-        log.info("%s", describe_shot_done(event))
 
 
 def _print_summary(results, failures) -> None:
