@@ -514,10 +514,12 @@ def test_every_bad_input_gets_its_own_4xx(server):
         base64.b64encode(b"just some text, not an image").decode()]}), 415, "not_an_image")
     _error(a.post(shots, json={"prompt": "x", "first_frame": "data:image/png,xyz"}),
            400, "invalid_data_uri")
-    _error(a.post(shots, json={"prompt": "x", "memory_images": ["file:///etc/passwd"]}),
-           422, "image_uri_not_allowed")
-    _error(a.post(shots, json={"prompt": "x", "memory_images": [
-        f"s3://{server.bucket}/inputs/missing.png"]}), 422, "image_uri_not_found")
+    # Not allowed and not found answer alike: no existence oracle, no prefix listed.
+    outside = _error(a.post(shots, json={"prompt": "x", "memory_images": ["file:///etc/passwd"]}),
+                     422, "image_uri_unavailable")
+    missing = _error(a.post(shots, json={"prompt": "x", "memory_images": [
+        f"s3://{server.bucket}/inputs/missing.png"]}), 422, "image_uri_unavailable")
+    assert outside["detail"] == missing["detail"] and "inputs/" not in missing["detail"]
     big = a.post(shots, data=b"{" + b" " * (MAX_BODY_BYTES + 10) + b"}",
                  headers={"Content-Type": "application/json"})
     assert _error(big, 413, "limit_exceeded")["limit"] == "max_body_bytes"

@@ -10,13 +10,38 @@ config hash and bytes, as `render` with the same flags. Every replica receives t
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import signal
 import sys
 import threading
 
 from flows.cli.cli_logging import setup_cli_logging
 from flows.cli.model_flags import ArgumentsError, add_model_arguments, render_spec_from_args
+
+log = logging.getLogger("storymem.serve")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+RETENTION_KINDS = ("shots", "sessions", "jobs")
+
+
+def duration_s(text: str) -> float:
+    """'90', '90s', '15m', '12h', '7d' -> seconds (ArgumentTypeError otherwise)."""
+    match = _DURATION.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive duration (e.g. 90, 90s, 15m, 12h, 7d)")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def _ttl_override(text: str) -> tuple[str, float]:
+    kind, sep, value = text.partition("=")
+    if not sep or kind.strip() not in RETENTION_KINDS:
+        raise argparse.ArgumentTypeError(
+            f"expected KIND=DURATION with KIND one of {', '.join(RETENTION_KINDS)}, got {text!r}")
+    return kind.strip(), duration_s(value)
 
 
 def _limit_override(text: str) -> tuple[str, float]:
@@ -32,8 +57,10 @@ def _limit_override(text: str) -> tuple[str, float]:
 
 def add_serve_command(subparsers) -> argparse.ArgumentParser:
     from pipelines.serve.limits import ServeLimits
+    from pipelines.serve.retention import RetentionPolicy
 
     limit_names = ", ".join(f"{k}={v}" for k, v in ServeLimits().to_dict().items())
+    retention = RetentionPolicy()
     parser = subparsers.add_parser(
         "serve", help="run the HTTP endpoint (Ray Serve): shots, sessions, story jobs",
         description="Start the storymem HTTP API on Ray Serve: POST /v1/shots (one shot), "
@@ -56,13 +83,32 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
                      help="where shots, sessions and story jobs are stored (local folder "
                           "or s3://bucket/prefix)")
     net.add_argument("--image-uri-prefix", action="append", default=[], metavar="PREFIX",
-                     help="allow request images given as URIs under this prefix (repeat "
-                          "for several); without it only base64/data URIs are accepted")
+                     help="allow request images given as URIs under this prefix: same "
+                          "scheme, same bucket, whole path segments (repeat for several); "
+                          "without it only base64/data URIs are accepted")
     net.add_argument("--job-stale-after-s", type=float, default=60.0,
-                     help="a story job whose replica has not reported for this long is "
-                          "taken over by another (or the restarted) replica and resumed")
+                     help="a story job's claim (and a session's shot lease) lapses this long "
+                          "after its replica stopped renewing it; the job is then taken "
+                          "over by another (or the restarted) replica and resumed")
     net.add_argument("--limit", action="append", default=[], type=_limit_override,
-                     metavar="NAME=VALUE", help=f"override a request limit; defaults: {limit_names}")
+                     metavar="NAME=VALUE",
+                     help=f"override a request limit or per-key quota; defaults: {limit_names}")
+    jobs = parser.add_argument_group("story jobs and retention")
+    jobs.add_argument("--job-workers", type=int, default=1,
+                      help="story jobs rendering at once per generation replica (jobs have "
+                           "their own threads; at most max_queued_jobs more wait)")
+    jobs.add_argument("--max-job-attempts", type=int, default=3,
+                      help="times a story job is started (its replica died each time) "
+                           "before it fails with that reason")
+    jobs.add_argument("--ttl", action="append", default=[], type=_ttl_override,
+                      metavar="KIND=DURATION",
+                      help="how long stored items are kept, per kind (shots, sessions: since "
+                           "their last change; jobs: since they finished), e.g. shots=2d; "
+                           f"defaults: shots={retention.shots_ttl_s:g}s, "
+                           f"sessions={retention.sessions_ttl_s:g}s, jobs={retention.jobs_ttl_s:g}s")
+    jobs.add_argument("--cleanup-every", type=duration_s, default=retention.cleanup_every_s,
+                      metavar="DURATION",
+                      help="how often the retention sweep runs (seconds, or 15m, 1h ...)")
     scale = parser.add_argument_group("replicas")
     scale.add_argument("--replicas", type=int, default=1,
                        help="generation replicas (each loads the model once)")
@@ -104,6 +150,8 @@ def check_serve_flags(args: argparse.Namespace) -> None:
                              "--scorer-cpus must be >= 0")
     if args.torch_threads is not None and args.torch_threads < 1:
         raise ArgumentsError("--torch-threads must be at least 1")
+    if args.job_workers < 1 or args.max_job_attempts < 1:
+        raise ArgumentsError("--job-workers and --max-job-attempts must be at least 1")
 
 
 def settings_from_args(args: argparse.Namespace, gpus_available: float = 0.0):
@@ -112,6 +160,7 @@ def settings_from_args(args: argparse.Namespace, gpus_available: float = 0.0):
     --gpus-per-replica)."""
     from pipelines.serve.auth import load_key_digests
     from pipelines.serve.limits import ServeLimits
+    from pipelines.serve.retention import RetentionPolicy
     from pipelines.serve.settings import ServeSettings
     from storymem_model.spec_json import SpecError
 
@@ -132,13 +181,18 @@ def settings_from_args(args: argparse.Namespace, gpus_available: float = 0.0):
     if "://" not in storage_root:  # replicas do not share the driver's working directory
         storage_root = os.path.abspath(storage_root)
     try:
+        retention = RetentionPolicy(
+            cleanup_every_s=args.cleanup_every,
+            **{f"{kind}_ttl_s": seconds for kind, seconds in args.ttl})
         return ServeSettings(
             render=render, storage_root=storage_root, key_digests=tuple(key_digests),
             limits=limits, image_uri_prefixes=tuple(args.image_uri_prefix),
             replicas=args.replicas, gpus_per_replica=gpus,
             cpus_per_replica=args.cpus_per_replica, scorer_replicas=args.scorer_replicas,
             scorer_gpus=args.scorer_gpus, scorer_cpus=args.scorer_cpus,
-            job_stale_after_s=args.job_stale_after_s, torch_threads=args.torch_threads)
+            job_stale_after_s=args.job_stale_after_s, torch_threads=args.torch_threads,
+            job_workers=args.job_workers, max_job_attempts=args.max_job_attempts,
+            retention=retention)
     except SpecError as exc:
         raise ArgumentsError(str(exc)) from None
 
@@ -154,6 +208,7 @@ def start_serve(args: argparse.Namespace) -> str:
     from ray import serve
 
     from pipelines.serve.app import build_app
+    from pipelines.serve.proxy_guard import proxy_env
     from pipelines.serve.settings import APP_NAME
 
     settings = settings_from_args(args)  # fail fast, before Ray starts
@@ -165,10 +220,39 @@ def start_serve(args: argparse.Namespace) -> str:
     gpus = ray.cluster_resources().get("GPU", 0.0)
     if args.gpus_per_replica is None and gpus >= 1:  # the default: a GPU per replica
         settings = settings_from_args(args, gpus)
+    # Serve's proxies inherit the controller's environment: it makes them run the request
+    # guard before they buffer a body (pipelines/serve/proxy_guard.py).
     serve.start(http_options={"host": args.host, "port": args.port,
-                              "request_timeout_s": args.request_timeout_s})
+                              "request_timeout_s": args.request_timeout_s},
+                controller_options={"runtime_env": {"env_vars": proxy_env(settings)}})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
-    return f"http://{args.host}:{args.port}"
+    url = f"http://{args.host}:{args.port}"
+    if not proxy_guarded(url):
+        log.warning("Serve's HTTP proxy runs without the storymem request guard (Serve was "
+                    "already running when this server started, so its proxy kept its old "
+                    "settings): unauthenticated and oversized bodies are buffered by the "
+                    "proxy before the ingress refuses them. Run `serve shutdown` (or restart "
+                    "the cluster) and start `storymem serve` again.")
+    return url
+
+
+def proxy_guarded(url: str, timeout_s: float = 10.0) -> bool:
+    """Whether the proxy at `url` answers an unauthenticated /v1 request itself (the guard
+    marks its answers), i.e. refuses such requests before reading their bodies."""
+    import urllib.error
+    import urllib.request
+
+    from pipelines.serve.proxy_guard import GUARD_HEADER
+
+    request = urllib.request.Request(url + "/v1/stories", data=b"{}", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            headers = response.headers
+    except urllib.error.HTTPError as exc:
+        headers = exc.headers
+    except OSError:
+        return False
+    return headers.get(GUARD_HEADER.decode()) == "proxy"
 
 
 def run_serve(args: argparse.Namespace) -> int:

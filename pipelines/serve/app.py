@@ -11,10 +11,14 @@ documented in the OpenAPI schema at `/openapi.json` (and `/docs`).
 
 The ingress never runs model code: it awaits the generator's responses (`answer`, the one
 place Ray's error wrapper is taken off a deployment's `ServeRequestError`), so `/healthz`
-and every other cheap route stay responsive while shots render.
+and every other cheap route stay responsive while shots render. The request guard runs
+before any route, here and in Serve's proxy (`proxy_guard`). A server fault answers 500
+with a fixed message and the request id; the detail is logged under that id.
 """
 
 import asyncio
+import logging
+import os
 import time
 
 from fastapi import FastAPI, Request
@@ -25,21 +29,24 @@ from ray.exceptions import RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.serve.auth import ApiKeyChecker
-from pipelines.serve.errors import ServeRequestError, unknown_job
+from pipelines.serve.errors import (ServeRequestError, current_request_id, internal_error,
+                                    log_failure, unknown_job)
 from pipelines.serve.generation import ShotGenerator
-from pipelines.serve.images import load_images
+from pipelines.serve.images import PixelBudget, load_images, parse_prefixes
 from pipelines.serve.jobs import JobRegistry, UnknownJob
-from pipelines.serve.limits import ServeLimits
-from pipelines.serve.request_guard import RequestGuard
+from pipelines.serve.limits import QUEUE_RETRY_AFTER_S
+from pipelines.serve.request_guard import GuardConfig, RequestGuard
 from pipelines.serve.schemas import (
     ErrorOut, SessionCreate, SessionOut, SessionShotRequest, SessionShotResponse, ShotRequest,
     ShotResponse, StoryJobOut, StoryRequest)
 from pipelines.serve.scorers import ImageEmbedderDeployment, ImageGateDeployment
 from pipelines.serve.sessions import SessionStore
 from pipelines.serve.settings import ServeSettings
+from pipelines.serve.usage import UsageIndex
 from storymem_model.shot_step import MOTION_FRAMES, ShotMode
 
 API_VERSION = "1"
+log = logging.getLogger("storymem.serve")
 
 
 async def answer(response):
@@ -53,9 +60,8 @@ async def answer(response):
         raise
 
 
-_ERRORS = {400: {"model": ErrorOut}, 401: {"model": ErrorOut}, 403: {"model": ErrorOut},
-           404: {"model": ErrorOut}, 413: {"model": ErrorOut}, 415: {"model": ErrorOut},
-           422: {"model": ErrorOut}}
+_ERRORS = {status: {"model": ErrorOut}
+           for status in (400, 401, 403, 404, 409, 413, 415, 422, 429, 500, 503)}
 
 app = FastAPI(
     title="storymem",
@@ -65,18 +71,19 @@ app = FastAPI(
 )
 
 # Set by the ingress replica's constructor; read by the request guard on every request.
-_REPLICA_STATE: dict = {"checker": None, "max_body_bytes": ServeLimits().max_body_bytes}
-app.add_middleware(RequestGuard, settings=lambda: (_REPLICA_STATE["checker"],
-                                                   _REPLICA_STATE["max_body_bytes"]))
+_REPLICA_STATE: dict = {"guard": None}
+app.add_middleware(RequestGuard, config=lambda: _REPLICA_STATE["guard"])
 
 
-def _json_error(status: int, body: dict) -> JSONResponse:
-    return JSONResponse(status_code=status, content=body)
+def _json_error(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 @app.exception_handler(ServeRequestError)
 async def _serve_error(_request, exc: ServeRequestError):
-    return _json_error(exc.status_code, exc.body())
+    headers = {"Retry-After": str(QUEUE_RETRY_AFTER_S)} if exc.status_code in (429, 503) \
+        else None
+    return _json_error(exc.status_code, exc.body(), headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -104,10 +111,13 @@ async def _http_error(_request, exc: StarletteHTTPException):
 
 
 @app.exception_handler(Exception)
-async def _internal_error(_request, exc: Exception):
-    # Unexpected failures (a model error, storage down): JSON 500, details stay in the logs.
-    return _json_error(500, {"error": "internal_error",
-                             "detail": f"the server failed to handle the request ({type(exc).__name__})"})
+async def _internal_error(request: Request, exc: Exception):
+    # Unexpected failures (a model error, storage down): JSON 500 with the request id; the
+    # exception text (paths, buckets, endpoints) stays in the log under that id.
+    request_id = current_request_id()
+    log_failure(log, request_id, f"{request.method} {request.url.path}", exc)
+    error = internal_error(request_id)
+    return _json_error(error.status_code, error.body())
 
 
 def _caller(request: Request):
@@ -125,8 +135,10 @@ class StorymemIngress:
         self.generator = generator
         self.sessions = SessionStore(settings.storage_root)
         self.jobs = JobRegistry(settings.storage_root)
-        _REPLICA_STATE["checker"] = ApiKeyChecker(list(settings.key_digests))
-        _REPLICA_STATE["max_body_bytes"] = settings.limits.max_body_bytes
+        self.usage = UsageIndex(settings.storage_root, owner=f"ingress-{os.getpid()}")
+        self.uri_prefixes = parse_prefixes(settings.image_uri_prefixes)
+        _REPLICA_STATE["guard"] = GuardConfig(ApiKeyChecker(list(settings.key_digests)),
+                                              settings.limits)
 
     # -- health --------------------------------------------------------------------------
     @app.get("/healthz", tags=["health"])
@@ -144,7 +156,7 @@ class StorymemIngress:
         order = body.model_copy(update={"memory_images": None, "first_frame": None,
                                         "motion_frames": None})
         return await answer(self.generator.generate_shot.remote(
-            caller.scope, order, memory, first, motion))
+            caller.scope, order, memory, first, motion, current_request_id()))
 
     def _check_shot(self, body: ShotRequest) -> None:
         self.limits.check_prompt(body.prompt)
@@ -174,16 +186,18 @@ class StorymemIngress:
                                     "mode t2v takes no memory_images (use m2v)")
 
     def _decode_shot_images(self, body: ShotRequest):
-        prefixes = self.settings.image_uri_prefixes
-        memory = load_images(body.memory_images, "memory_images", self.limits, prefixes)
+        prefixes = self.uri_prefixes
+        budget = PixelBudget(self.limits)  # all images of the request together
+        memory = load_images(body.memory_images, "memory_images", self.limits, prefixes,
+                             budget=budget)
         first = None
         if body.first_frame is not None:
             first = load_images([body.first_frame], "first_frame", self.limits, prefixes,
-                                count_limit=None)[0]
+                                count_limit=None, budget=budget)[0]
         motion = None
         if body.motion_frames is not None:
             motion = load_images(body.motion_frames, "motion_frames", self.limits, prefixes,
-                                 count_limit=None)  # exactly 5, checked in _check_shot
+                                 count_limit=None, budget=budget)  # exactly 5, see _check_shot
             if len({frame.shape for frame in motion}) != 1:
                 raise ServeRequestError(422, "motion_frames_size",
                                         "motion_frames must all have the same size")
@@ -197,7 +211,7 @@ class StorymemIngress:
         caller = _caller(request)
         references = await asyncio.to_thread(
             load_images, body.reference_images, "reference_images", self.limits,
-            self.settings.image_uri_prefixes)
+            self.uri_prefixes)
         record = await answer(self.generator.create_session.remote(
             caller.scope, body.model_copy(update={"reference_images": None}), references))
         return SessionOut.of(record)
@@ -211,7 +225,9 @@ class StorymemIngress:
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=_ERRORS,
                 tags=["sessions"])
     async def delete_session(self, session_id: str, request: Request) -> Response:
-        await asyncio.to_thread(self.sessions.delete, _caller(request).scope, session_id)
+        scope = _caller(request).scope
+        record = await asyncio.to_thread(self.sessions.delete, scope, session_id)
+        await asyncio.to_thread(self.usage.end_session, scope, session_id, record.stored_bytes)
         return Response(status_code=204)
 
     @app.post("/v1/sessions/{session_id}/shots", response_model=SessionShotResponse,
@@ -233,11 +249,12 @@ class StorymemIngress:
     @app.post("/v1/stories", response_model=StoryJobOut, status_code=202, responses=_ERRORS,
               tags=["stories"])
     async def create_story(self, body: StoryRequest, request: Request) -> dict:
-        """Queue a whole script; poll `GET /v1/stories/{job_id}` for progress and outputs."""
+        """Queue a whole script; poll `GET /v1/stories/{job_id}` for progress and outputs.
+        429 when the key has `max_active_jobs_per_key` jobs queued or running or the
+        replica's job queue is full (`max_queued_jobs`)."""
         scope = _caller(request).scope
-        active = await asyncio.to_thread(self.jobs.active_count, scope)
-        self.limits.check("max_active_jobs_per_key", active + 1, "queued or running story jobs")
-        job = await answer(self.generator.submit_story.remote(scope, body))
+        job = await answer(self.generator.submit_story.remote(scope, body,
+                                                              current_request_id()))
         return job.public()
 
     @app.get("/v1/stories/{job_id}", response_model=StoryJobOut, responses=_ERRORS,

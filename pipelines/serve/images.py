@@ -7,29 +7,46 @@ A request image is a string, one of:
   can never make the server read arbitrary files);
 - anything else is read as plain base64 (standard or URL-safe alphabet).
 
+Allowed prefixes are matched on the parsed URI - same scheme, same bucket (or host), and
+the prefix's path segments as whole leading segments of the URI's path: `s3://assets/in`
+admits `s3://assets/in/a.png`, never `s3://assets-private/...` or `s3://assets/inbox/...`.
+URIs with `.` / `..` / empty segments, percent escapes, backslashes, queries or fragments
+are refused, and a local file must still lie under the prefix once symlinks are resolved.
+A URI that is not allowed and one with no object behind it get the same answer
+(`image_uri_unavailable`, 422), so a client learns nothing about what exists, and no
+message lists the allowed prefixes. Objects are read with `storage.read_bytes(uri,
+max_bytes=max_image_bytes)`: never more than the limit.
+
 Every failure raises `ImageInputError` with its own code and the index of the image in the
-request, so the client knows which one to fix. The image header is checked against the
-size limits before the pixels are decoded (no decompression bombs).
+request. Before any pixel is decoded, the image header is checked against the size limits
+and the request's pixel budget (`max_request_pixels`: all images of one request together);
+Pillow's decompression-bomb guard stays on as a backstop.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import os
 import re
 import warnings
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
 
 from pipelines.serve.errors import ServeRequestError
-from pipelines.serve.limits import ServeLimits
+from pipelines.serve.limits import LimitExceeded, ServeLimits
 from storymem_model import storage
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+/-]*)(?P<params>(;[\w.+-]+=[\w.+-]+)*)"
                        r"(?P<b64>;base64)?,(?P<data>.*)$", re.DOTALL)
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+# Pillow's own guard (warning past this many pixels, error past twice as many); kept on
+# even if something in the process switched it off.
+PILLOW_BOMB_GUARD_PIXELS = 89_478_485
 
 
 class ImageInputError(ServeRequestError, ValueError):
@@ -50,34 +67,90 @@ def _b64decode(text: str, where: str) -> bytes:
             f"{where}: not valid base64 (and not a data: URI or a storage URI)") from None
 
 
-def _read_uri(uri: str, where: str, limits: ServeLimits, allowed_prefixes) -> bytes:
-    if not any(uri.startswith(prefix) for prefix in allowed_prefixes):
-        allowed = ", ".join(allowed_prefixes) or "none (image URIs are disabled)"
-        raise ImageInputError(422, "image_uri_not_allowed",
-                              f"{where}: URI {uri!r} is outside the allowed prefixes: {allowed}")
-    if ".." in uri.split("://", 1)[1].split("/"):
-        raise ImageInputError(422, "image_uri_not_allowed", f"{where}: '..' is not allowed in {uri!r}")
+# -- storage URIs -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UriPlace:
+    """A storage URI taken apart: scheme, bucket or host, path segments."""
+
+    scheme: str
+    host: str
+    segments: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, uri: str, prefix: bool = False) -> "UriPlace | None":
+        """None for a URI this endpoint does not accept (see the module doc). A `prefix`
+        may end with "/" and may have no path at all (a whole bucket)."""
+        if not isinstance(uri, str) or any(c in uri for c in "%\\?#") or \
+                any(ord(c) < 33 or ord(c) == 127 for c in uri):
+            return None
+        try:
+            parts = urlsplit(uri)
+        except ValueError:
+            return None
+        scheme = parts.scheme.lower()
+        if not scheme or parts.query or parts.fragment or parts.username or parts.password:
+            return None
+        path = parts.path
+        if prefix:
+            path = path.rstrip("/")
+        segments = tuple(path.split("/")[1:]) if path else ()
+        if any(s in ("", ".", "..") for s in segments):
+            return None
+        if scheme == "file" and parts.netloc not in ("", "localhost"):
+            return None
+        if scheme != "file" and not parts.netloc:
+            return None
+        return cls(scheme, parts.netloc if scheme != "file" else "", segments)
+
+    def under(self, prefix: "UriPlace") -> bool:
+        n = len(prefix.segments)
+        return (self.scheme == prefix.scheme and self.host == prefix.host
+                and len(self.segments) > n and self.segments[:n] == prefix.segments)
+
+    def local_path(self) -> str:
+        return "/" + "/".join(self.segments)
+
+
+def parse_prefixes(prefixes) -> tuple[UriPlace, ...]:
+    """The allowed prefixes, parsed; ValueError naming one that cannot be used."""
+    out = []
+    for text in prefixes:
+        place = UriPlace.parse(text, prefix=True)
+        if place is None or (place.scheme != "file" and not place.host):
+            raise ValueError(f"image URI prefix {text!r} is not a usable URI prefix "
+                             "(scheme://bucket[/path], no '..', '%', '?' or '#')")
+        out.append(place)
+    return tuple(out)
+
+
+def _unavailable(where: str) -> ImageInputError:
+    return ImageInputError(422, "image_uri_unavailable",
+                           f"{where}: this image URI cannot be used: it is not allowed on "
+                           "this server or there is no readable image at it")
+
+
+def _read_uri(uri: str, where: str, limits: ServeLimits, allowed: tuple[UriPlace, ...]) -> bytes:
+    place = UriPlace.parse(uri)
+    match = next((p for p in allowed if place is not None and place.under(p)), None)
+    if match is None:
+        raise _unavailable(where)
+    if place.scheme == "file":
+        real = os.path.realpath(place.local_path())
+        root = os.path.realpath(match.local_path())
+        if not real.startswith(root.rstrip("/") + "/"):
+            raise _unavailable(where)  # a symlink out of the allowed folder
     try:
-        fs, path = storage.filesystem(uri)
-        size = fs.size(path)
-    except FileNotFoundError:
-        raise ImageInputError(422, "image_uri_not_found", f"{where}: no object at {uri!r}") from None
-    except Exception as exc:  # storage errors of every backend
-        raise ImageInputError(422, "image_uri_unreadable",
-                              f"{where}: cannot read {uri!r}: {type(exc).__name__}") from None
-    if size is not None and size > limits.max_image_bytes:
-        limits.check("max_image_bytes", size, f"{where} size in bytes")
-    try:
-        return storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise ImageInputError(422, "image_uri_not_found", f"{where}: no object at {uri!r}") from None
-    except Exception as exc:
-        raise ImageInputError(422, "image_uri_unreadable",
-                              f"{where}: cannot read {uri!r}: {type(exc).__name__}") from None
+        return storage.read_bytes(uri, max_bytes=limits.max_image_bytes)
+    except storage.TooLarge:
+        raise LimitExceeded("max_image_bytes", limits.max_image_bytes,
+                            f">{limits.max_image_bytes}", f"{where} size in bytes") from None
+    except Exception:  # missing, a folder, unreadable, storage down: one answer for all
+        raise _unavailable(where) from None
 
 
 def image_bytes(spec, where: str, limits: ServeLimits, allowed_prefixes=()) -> bytes:
-    """The encoded bytes of one request image (not yet decoded)."""
+    """The encoded bytes of one request image (not yet decoded). `allowed_prefixes` are
+    `UriPlace`s (`parse_prefixes`) or prefix strings."""
     if not isinstance(spec, str):
         raise ImageInputError(422, "invalid_image_field",
                               f"{where}: expected a string (base64, data: URI or storage URI)")
@@ -91,32 +164,65 @@ def image_bytes(spec, where: str, limits: ServeLimits, allowed_prefixes=()) -> b
                                   f"{where}: data URI must look like data:image/png;base64,...")
         data = _b64decode(match.group("data"), where)
     elif _SCHEME.match(text):
-        data = _read_uri(text, where, limits, tuple(allowed_prefixes))
+        allowed = tuple(p if isinstance(p, UriPlace) else parse_prefixes([p])[0]
+                        for p in allowed_prefixes)
+        data = _read_uri(text, where, limits, allowed)
     else:
         data = _b64decode(text, where)
     limits.check("max_image_bytes", len(data), f"{where} size in bytes")
     return data
 
 
-def decode_image(data: bytes, where: str, limits: ServeLimits) -> np.ndarray:
-    """Encoded image bytes -> (H, W, 3) uint8, with header checks before decoding."""
+# -- decoding ---------------------------------------------------------------------------------
+class PixelBudget:
+    """The decoded pixels one request may spend on all its images (`max_request_pixels`),
+    charged from each image's header before it is decoded."""
+
+    def __init__(self, limits: ServeLimits):
+        self.limits = limits
+        self.spent = 0
+
+    def charge(self, pixels: int, where: str) -> None:
+        self.limits.check("max_request_pixels", self.spent + pixels,
+                          f"{where}: decoded pixels of this request's images")
+        self.spent += pixels
+
+
+def _bomb_guard_on() -> None:
+    if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > PILLOW_BOMB_GUARD_PIXELS:
+        Image.MAX_IMAGE_PIXELS = PILLOW_BOMB_GUARD_PIXELS
+
+
+def decode_image(data: bytes, where: str, limits: ServeLimits,
+                 budget: PixelBudget | None = None) -> np.ndarray:
+    """Encoded image bytes -> (H, W, 3) uint8; the header is checked against the limits
+    and the request's pixel budget before any pixel is decoded."""
+    _bomb_guard_on()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own named limits are checked first; past twice Pillow's guard, Pillow
+            # refuses in Image.open itself.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            fmt = image.format
-            limits.check("max_image_side", max(width, height), f"{where} side in pixels")
-            limits.check("max_image_pixels", width * height, f"{where} pixel count")
-            if fmt not in ACCEPTED_FORMATS:
-                raise ImageInputError(415, "unsupported_image",
-                                      f"{where}: image format {fmt} is not one of {ACCEPTED_FORMATS}")
+        width, height = image.size
+        fmt = image.format
+        limits.check("max_image_side", max(width, height), f"{where} side in pixels")
+        limits.check("max_image_pixels", width * height, f"{where} pixel count")
+        if fmt not in ACCEPTED_FORMATS:
+            raise ImageInputError(415, "unsupported_image",
+                                  f"{where}: image format {fmt} is not one of {ACCEPTED_FORMATS}")
+        if budget is not None:
+            budget.charge(width * height, where)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
             array = np.array(image.convert("RGB"), dtype=np.uint8)  # writable, contiguous
-    except (ImageInputError,):
+    except ServeRequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageInputError(413, "image_too_large", f"{where}: image is too large to decode") from None
+        raise ImageInputError(413, "image_too_large",
+                              f"{where}: image is too large to decode (over Pillow's "
+                              f"decompression-bomb guard; see max_image_pixels)") from None
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError):
         raise ImageInputError(415, "not_an_image",
                               f"{where}: the data is not a readable image "
@@ -125,13 +231,16 @@ def decode_image(data: bytes, where: str, limits: ServeLimits) -> np.ndarray:
 
 
 def load_images(specs, field: str, limits: ServeLimits, allowed_prefixes=(),
-                count_limit: str | None = "max_images") -> list[np.ndarray]:
+                count_limit: str | None = "max_images",
+                budget: PixelBudget | None = None) -> list[np.ndarray]:
     """Decode a list of request images named `field` (e.g. `memory_images`); `count_limit`
-    names the limit on their number (None when the caller fixes the count itself)."""
+    names the limit on their number (None when the caller fixes the count itself);
+    `budget` is the request's pixel budget (a new one when None)."""
     if specs is None:
         return []
     if count_limit is not None:
         limits.check(count_limit, len(specs), f"number of {field}")
+    budget = budget if budget is not None else PixelBudget(limits)
     return [decode_image(image_bytes(spec, f"{field}[{i}]", limits, allowed_prefixes),
-                         f"{field}[{i}]", limits)
+                         f"{field}[{i}]", limits, budget)
             for i, spec in enumerate(specs)]

@@ -3,13 +3,21 @@
 `POST /v1/stories` creates a job record and a generation replica renders the story in the
 background through the story runner; `GET /v1/stories/{id}` reads the record back. Records
 live in storage, not in a replica's memory, so any ingress replica can answer and a restart
-loses nothing (a job whose worker died is picked up again by a restarted worker; the runner
-resumes from the last committed shot).
+loses nothing.
+
+A job is *claimed* before it is queued: the claim is a storage lease (`claim.json`, owner =
+the replica, renewed while the replica lives), so no two replicas ever hold - hence run -
+one job. Each claim taken is also recorded for good under `claims/` (attempt number,
+replica, time): the proof of how often a job was started. A claim left by a dead replica
+expires and the job is adopted by another (or the restarted) replica - up to
+`max_job_attempts` claims, after which the job fails with that reason.
 
 Layout under the server's storage root:
-    jobs/{scope}/{job_id}/job.json     the record (status, progress, outputs, error)
-    jobs/{scope}/{job_id}/script.json  the validated script, in ST-Bench form
-    jobs/{scope}/{job_id}/out/         the runner's output root: {story_id}/{config_hash}/...
+    jobs/{scope}/{job_id}/job.json            the record (status, progress, outputs, error)
+    jobs/{scope}/{job_id}/script.json         the validated script, in ST-Bench form
+    jobs/{scope}/{job_id}/claim.json          the claim (a lease) while a replica holds it
+    jobs/{scope}/{job_id}/claims/{n:03d}.json claim n: which replica took it, when
+    jobs/{scope}/{job_id}/out/                the runner's output root: {story_id}/{config_hash}/...
 """
 from __future__ import annotations
 
@@ -20,10 +28,15 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field
 
+from pipelines.serve.limits import MAX_RECORD_BYTES, MAX_STORED_SCRIPT_BYTES
 from storymem_model import storage
+from storymem_model.leases import Lease
 
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{24}$")
-STALE_AFTER_S = 60.0
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{24}")  # used with fullmatch
+
+
+def is_job_id(value) -> bool:
+    return isinstance(value, str) and JOB_ID_PATTERN.fullmatch(value) is not None
 
 
 class JobStatus(str, enum.Enum):
@@ -88,9 +101,9 @@ class StoryJob:
     shots_done: int = 0
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
-    heartbeat_at: float = 0.0
     worker: str | None = None
-    attempts: int = 0
+    attempts: int = 0  # claims taken so far (1 for a job that ran once)
+    request_id: str = ""  # the submitting request; server-side failures are logged under it
     error: str | None = None
     outputs: JobOutputs | None = None
 
@@ -109,7 +122,7 @@ class StoryJob:
     def public(self) -> dict:
         """The record as `StoryJobOut` (no scope, worker or settings)."""
         data = asdict(self)
-        for private in ("scope", "heartbeat_at", "worker", "attempts", "seed", "transition"):
+        for private in ("scope", "worker", "attempts", "seed", "transition", "request_id"):
             data.pop(private)
         return data
 
@@ -129,11 +142,7 @@ class JobRegistry:
     def script_uri(self, job: StoryJob) -> str:
         return storage.join(self.job_uri(job.scope, job.job_id), "script.json")
 
-    def create(self, scope: str, script: dict, *, story_id: str, config_hash: str,
-               shots_total: int, seed: int, transition: str) -> StoryJob:
-        job = StoryJob(job_id=new_job_id(), scope=scope, status=JobStatus.QUEUED,
-                       story_id=story_id, config_hash=config_hash, shots_total=shots_total,
-                       seed=seed, transition=transition)
+    def create(self, job: StoryJob, script: dict) -> StoryJob:
         storage.write_bytes(self.script_uri(job), json.dumps(script, sort_keys=True).encode())
         self.save(job)
         return job
@@ -144,36 +153,36 @@ class JobRegistry:
                             job.to_json())
 
     def get(self, scope: str, job_id: str) -> StoryJob:
-        if not isinstance(job_id, str) or not JOB_ID_PATTERN.match(job_id):
+        if not is_job_id(job_id):
             raise UnknownJob(job_id)
         try:
-            data = storage.read_bytes(storage.join(self.job_uri(scope, job_id), "job.json"))
+            data = storage.read_bytes(storage.join(self.job_uri(scope, job_id), "job.json"),
+                                      max_bytes=MAX_RECORD_BYTES)
         except FileNotFoundError:
             raise UnknownJob(job_id) from None
         return StoryJob.from_json(data)
 
     def script(self, job: StoryJob) -> dict:
-        return json.loads(storage.read_bytes(self.script_uri(job)))
+        return json.loads(storage.read_bytes(self.script_uri(job),
+                                             max_bytes=MAX_STORED_SCRIPT_BYTES))
 
-    def active_count(self, scope: str) -> int:
-        return sum(1 for job in self.jobs(scope) if job.status.active)
+    # -- claims ----------------------------------------------------------------------------
+    def claim(self, scope: str, job_id: str, owner: str, ttl_s: float, on_lost=None) -> Lease:
+        """The job's claim lease (not yet taken: `try_acquire()` it)."""
+        return Lease(storage.join(self.job_uri(scope, job_id), "claim.json"), owner=owner,
+                     ttl_s=ttl_s, on_lost=on_lost)
 
-    def jobs(self, scope: str | None = None):
-        """Every job record (of one scope, or of all scopes)."""
-        pattern = storage.join(self.root, scope or "*", "*", "job.json")
-        fs, path = storage.filesystem(pattern)
-        if hasattr(fs, "invalidate_cache"):
-            fs.invalidate_cache()
-        protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
-        for found in sorted(fs.glob(path)):
-            try:
-                yield StoryJob.from_json(storage.read_bytes(protocol + found))
-            except (FileNotFoundError, ValueError, TypeError):
-                continue
+    def record_claim(self, job: StoryJob, owner: str) -> None:
+        """Record claim number `job.attempts` for good (the job's claim is held)."""
+        storage.write_bytes(
+            storage.join(self.job_uri(job.scope, job.job_id), "claims",
+                         f"{job.attempts:03d}.json"),
+            json.dumps({"attempt": job.attempts, "worker": owner,
+                        "claimed_at": time.time()}, sort_keys=True).encode())
 
-    def orphaned(self, now: float | None = None, stale_after_s: float = STALE_AFTER_S):
-        """Jobs queued or running whose worker has not reported for `stale_after_s`."""
-        now = time.time() if now is None else now
-        for job in self.jobs():
-            if job.status.active and now - max(job.heartbeat_at, job.updated_at) > stale_after_s:
-                yield job
+    def claims(self, scope: str, job_id: str) -> list[dict]:
+        """Every claim recorded for a job, in order."""
+        folder = storage.join(self.job_uri(scope, job_id), "claims")
+        return [json.loads(storage.read_bytes(storage.join(folder, rel),
+                                              max_bytes=MAX_RECORD_BYTES))
+                for rel in storage.list_files(folder) if rel.endswith(".json")]

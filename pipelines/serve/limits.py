@@ -1,9 +1,13 @@
-"""Request limits of the Serve endpoint, and the error that names a broken limit.
+"""Request limits and per-key quotas of the Serve endpoint, and the error that names one.
 
 Every limit has a name (the field of `ServeLimits`); a request over a limit gets a 4xx whose
 JSON body carries that name, the allowed maximum and what was sent:
 `{"error": "limit_exceeded", "limit": "max_prompt_chars", "maximum": 2000, "got": 2417, ...}`.
-Byte-size limits answer 413 (Payload Too Large), every other limit 422.
+
+- per-key quotas (`*_per_key`) answer 429 with `"error": "quota_exceeded"`;
+- the replica's job queue (`max_queued_jobs`) answers 429 with `"error": "job_queue_full"`
+  (and `Retry-After`);
+- byte sizes answer 413 (Payload Too Large), every other limit 422.
 """
 from __future__ import annotations
 
@@ -12,16 +16,39 @@ from dataclasses import dataclass
 
 from pipelines.serve.errors import ServeRequestError
 from storymem_model.spec_json import Spec, SpecError, check_number
+from storymem_model.story_script import MAX_NESTING, MAX_SCRIPT_BYTES
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+QUEUE_LIMIT = "max_queued_jobs"
+QUEUE_RETRY_AFTER_S = 5
+
+# Objects the endpoint itself wrote are still read with a bound (storage.read_bytes(uri,
+# max_bytes=...)): a damaged or replaced object can never make a replica read gigabytes.
+MAX_RECORD_BYTES = 16 * MIB          # job.json, session.json, usage and claim records
+MAX_STORED_SCRIPT_BYTES = 2 * MAX_SCRIPT_BYTES  # a job's script.json (normalised form)
+MAX_STORED_IMAGE_BYTES = 64 * MIB    # a session's reference PNGs (lossless re-encodes)
+MAX_STORED_VIDEO_BYTES = 1024 * MIB  # a shot video returned as base64
+
+
+def limit_status(limit: str) -> tuple[int, str]:
+    """(HTTP status, error code) of a request over the limit called `limit`."""
+    if limit.endswith("_per_key"):
+        return 429, "quota_exceeded"
+    if limit == QUEUE_LIMIT:
+        return 429, "job_queue_full"
+    if limit.endswith("_bytes"):
+        return 413, "limit_exceeded"
+    return 422, "limit_exceeded"
 
 
 class LimitExceeded(ServeRequestError):
-    """A request over one named limit."""
+    """A request over one named limit or quota."""
 
     def __init__(self, limit: str, maximum, got, what: str):
-        super().__init__(413 if limit.endswith("_bytes") else 422, "limit_exceeded",
-                         f"{what}: {got} is over the limit {limit}={maximum}",
+        status, code = limit_status(limit)
+        super().__init__(status, code, f"{what}: {got} is over the limit {limit}={maximum}",
                          limit=limit, maximum=maximum, got=got)
 
     @property
@@ -39,13 +66,18 @@ class LimitExceeded(ServeRequestError):
 
 @dataclass(frozen=True)
 class ServeLimits(Spec):
-    """Upper bounds for one request. Defaults fit a real 480p Wan2.2 deployment."""
+    """Upper bounds for one request and quotas for one API key. Defaults fit a real 480p
+    Wan2.2 deployment."""
 
-    max_body_bytes: int = 64 * MIB          # whole HTTP request body
+    max_body_bytes: int = 64 * MIB          # whole HTTP request body (shots, sessions)
+    max_script_bytes: int = MAX_SCRIPT_BYTES  # whole POST /v1/stories body (1 MB)
+    max_json_depth: int = MAX_NESTING       # nesting of a JSON body ([ and {), any route
+    max_json_tokens: int = 200_000          # quotes, commas, colons, brackets, backslashes
     max_image_bytes: int = 8 * MIB          # one encoded image (after base64 decoding)
     max_images: int = 10                    # memory / reference images in one request
     max_image_side: int = 4096              # width or height of one decoded image
     max_image_pixels: int = 4096 * 4096     # width x height of one decoded image
+    max_request_pixels: int = 32_000_000    # decoded pixels of all images of one request
     max_prompt_chars: int = 2000            # one prompt (shot or first-frame prompt)
     max_frames: int = 81                    # num_frames of a shot
     max_steps: int = 50                     # num_inference_steps
@@ -54,7 +86,10 @@ class ServeLimits(Spec):
     max_guidance_scale: float = 20.0        # guidance_scale / guidance_scale_2
     max_story_shots: int = 64               # shots in one story job script
     max_session_shots: int = 64             # shots in one session
+    max_queued_jobs: int = 16               # story jobs waiting on one generation replica
     max_active_jobs_per_key: int = 4        # story jobs queued or running for one key
+    max_sessions_per_key: int = 100         # stored sessions of one key
+    max_stored_bytes_per_key: int = 20 * GIB  # bytes stored for one key (all kinds)
 
     def problems(self) -> list[str]:
         out: list[str] = []

@@ -221,6 +221,10 @@ class StoryJobOut(BaseModel):
 class ErrorOut(BaseModel):
     error: str
     detail: str
-    limit: str | None = None
+    limit: str | None = Field(None, description="the limit or quota a request went over")
     maximum: float | int | None = None
-    got: float | int | None = None
+    got: float | int | str | None = None
+    problems: list[str] | None = Field(None, description="invalid_script: up to 20 problems")
+    problem_count: int | None = Field(None, description="invalid_script: all problems found")
+    request_id: str | None = Field(None, description="internal_error: the id the server "
+                                                     "logged the failure under")

@@ -8,6 +8,13 @@ flags) with the session's seed, transition and reference images: the config
 every byte are the same. Everything needed to reopen a session lives in storage (its
 RenderConfig in `session.json`, its reference images, the runner's checkpoint under
 `story/`), so any replica, restarted or not, reopens it where it stopped.
+
+One shot at a time per session, across replicas: a shot is rendered only while its replica
+holds the session's shot lease (`shot_lease`, a storage lease renewed while the shot
+renders). A second shot request meeting a held lease - another replica, or this one after
+its cached session was evicted - is refused with 409 `session_busy` before it renders or
+writes anything. Sessions count against the key's `max_sessions_per_key` quota and their
+bytes against `max_stored_bytes_per_key` (`usage`).
 """
 from __future__ import annotations
 
@@ -18,10 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.serve.errors import ServeRequestError
+from pipelines.serve.limits import MAX_STORED_IMAGE_BYTES, MAX_STORED_VIDEO_BYTES, ServeLimits
 from pipelines.serve.schemas import SessionCreate, SessionShotRequest
 from pipelines.serve.sessions import (MemoryEntry, SessionRecord, SessionStore,
                                       new_session_id)
+from pipelines.serve.usage import UsageIndex, folder_bytes
 from storymem_model import storage
+from storymem_model.leases import Lease
 from storymem_model.images import image_png, images_sha256, png_image
 from storymem_model.records import ShotRecord
 from storymem_model.render_config import RenderConfig
@@ -71,24 +81,46 @@ def memory_of(story: StorySession) -> list[MemoryEntry]:
     return [MemoryEntry.of(e) for e in story.bank.entries]
 
 
-def create_session(store: SessionStore, pipeline, scorers, base_config: RenderConfig,
-                   scope: str, body: SessionCreate, references: list[np.ndarray]
-                   ) -> SessionRecord:
-    """Write a new session (config, references, record) and open it. Runs in a thread."""
+def session_busy(session_id: str) -> ServeRequestError:
+    return ServeRequestError(409, "session_busy",
+                             "another shot of this session is rendering (one shot at a time "
+                             "per session); send the next shot when it has finished")
+
+
+def shot_lease(store: SessionStore, scope: str, session_id: str, owner: str,
+               ttl_s: float) -> Lease:
+    """The session's shot lease (not yet taken: `try_acquire()` it)."""
+    return Lease(store.shot_lease_uri(scope, session_id), owner=owner, ttl_s=ttl_s)
+
+
+def create_session(store: SessionStore, usage: UsageIndex, limits: ServeLimits, pipeline,
+                   scorers, base_config: RenderConfig, scope: str, body: SessionCreate,
+                   references: list[np.ndarray]) -> SessionRecord:
+    """Admit (quotas), write (config, references, record) and open a new session. Runs in
+    a thread."""
     session_id = new_session_id()
     try:
         config = story_config(base_config, body.seed, body.transition,
                               references_sha256=images_sha256(references))
     except ValueError as exc:  # ConfigError: e.g. references on a --no-memory server
         raise ServeRequestError(422, "invalid_session_settings", str(exc)) from None
-    for index, image in enumerate(references):
-        storage.write_bytes(store.reference_uri(scope, session_id, index), image_png(image))
-    # The PNG round trip is lossless, so these are the pixels a reopened session sees.
-    story = _open_story(store, pipeline, scorers, config, scope, session_id, references)
-    record = SessionRecord(session_id=session_id, scope=scope, config=config,
-                           name=body.name, references=len(references),
-                           memory=memory_of(story))
-    store.save(record)
+    usage.admit_session(scope, session_id, limits)  # 429 quota_exceeded
+    try:
+        for index, image in enumerate(references):
+            storage.write_bytes(store.reference_uri(scope, session_id, index), image_png(image))
+        # The PNG round trip is lossless, so these are the pixels a reopened session sees.
+        story = _open_story(store, pipeline, scorers, config, scope, session_id, references)
+        record = SessionRecord(session_id=session_id, scope=scope, config=config,
+                               name=body.name, references=len(references),
+                               memory=memory_of(story))
+        store.save(record)
+        record.stored_bytes = folder_bytes(store.session_uri(scope, session_id))
+        store.save(record)
+    except BaseException:
+        storage.remove(store.session_uri(scope, session_id))
+        usage.end_session(scope, session_id)
+        raise
+    usage.add_bytes(scope, record.stored_bytes)
     return record
 
 
@@ -102,7 +134,8 @@ def _open_story(store, pipeline, scorers, config, scope, session_id, references)
 def open_session(store: SessionStore, pipeline, scorers, scope: str, session_id: str) -> LiveSession:
     """Reopen a stored session from its config, references and runner checkpoint."""
     record = store.get(scope, session_id)
-    references = [png_image(storage.read_bytes(store.reference_uri(scope, session_id, i)))
+    references = [png_image(storage.read_bytes(store.reference_uri(scope, session_id, i),
+                                               max_bytes=MAX_STORED_IMAGE_BYTES))
                   for i in range(record.references)]
     try:
         story = _open_story(store, pipeline, scorers, record.config, scope, session_id,
@@ -133,23 +166,57 @@ def next_spec(story: StorySession, body: SessionShotRequest) -> ShotSpec:
                     cut=body.cut, first_frame_prompt=body.first_frame_prompt)
 
 
-def render_next_shot(store: SessionStore, live: LiveSession, body: SessionShotRequest
-                     ) -> SessionShotResult:
-    """Render, checkpoint and record the session's next shot. Runs in a thread."""
+def render_next_shot(store: SessionStore, usage: UsageIndex, live: LiveSession,
+                     body: SessionShotRequest, lease: Lease) -> SessionShotResult:
+    """Render, checkpoint and record the session's next shot, holding the session's shot
+    lease (`lease`). Runs in a thread."""
     story = live.story
     shot = story.render_shot(next_spec(story, body))
+    if lease.lost:  # this replica stalled past the lease: another may be rendering now
+        raise session_busy(live.session_id)
     try:
         record = store.get(live.scope, live.session_id)
     except ServeRequestError:
         # Deleted while the shot rendered: leave nothing behind.
         storage.remove(store.session_uri(live.scope, live.session_id))
         raise
+    before = record.stored_bytes
     record.shots, record.memory = list(story.rows), memory_of(story)
+    record.stored_bytes = folder_bytes(store.session_uri(live.scope, live.session_id))
     store.save(record)
+    usage.add_bytes(live.scope, record.stored_bytes - before)
     video = None
     if body.return_video in ("base64", "both"):
-        video = base64.b64encode(storage.read_bytes(shot.video_uri)).decode("ascii")
+        video = base64.b64encode(storage.read_bytes(
+            shot.video_uri, max_bytes=MAX_STORED_VIDEO_BYTES)).decode("ascii")
     return SessionShotResult(record, shot, video)
+
+
+def exclusive_session_shot(store: SessionStore, usage: UsageIndex, pipeline, scorers,
+                           live: LiveSession, body: SessionShotRequest, owner: str,
+                           lease_ttl_s: float) -> SessionShotResult:
+    """The session's next shot, rendered only while holding its shot lease: 409
+    `session_busy`, with nothing rendered or written, when another shot of the session is
+    rendering anywhere. Reopens the session from storage first when storage has moved on
+    (another replica rendered shots) or the last shot here failed. Runs in a thread."""
+    lease = shot_lease(store, live.scope, live.session_id, owner, lease_ttl_s)
+    if not lease.try_acquire():
+        raise session_busy(live.session_id)
+    try:
+        if live.broken or not is_current(store, live):
+            fresh = open_session(store, pipeline, scorers, live.scope, live.session_id)
+            live.story, live.broken = fresh.story, False
+        try:
+            return render_next_shot(store, usage, live, body, lease)
+        except ServeRequestError as exc:
+            if exc.code == "session_busy":
+                live.broken = True  # lost the lease mid-shot: reload before the next one
+            raise  # otherwise refused before any state changed
+        except Exception:
+            live.broken = True  # the in-memory state may be half updated
+            raise
+    finally:
+        lease.release()
 
 
 def is_current(store: SessionStore, live: LiveSession) -> bool:

@@ -9,11 +9,12 @@ shot and is what `GET /v1/sessions/{id}` reports.
 
 Layout under the server's storage root:
     sessions/{scope}/{session_id}/session.json
+    sessions/{scope}/{session_id}/shot-lease.json  while a shot of the session renders
     sessions/{scope}/{session_id}/references/ref_{i:02d}.png
     sessions/{scope}/{session_id}/story/{story_id}/{config_hash}/...   (runner layout)
 
 Session ids are 192 random bits (`secrets.token_urlsafe(24)`), checked against a strict
-pattern before they touch a storage key, and looked up only under the caller's own scope:
+pattern (a full match) before they touch a storage key, and looked up only under the caller's own scope:
 another key's session is indistinguishable from a missing one.
 """
 from __future__ import annotations
@@ -25,11 +26,16 @@ import time
 from dataclasses import dataclass, field
 
 from pipelines.serve.errors import unknown_session
+from pipelines.serve.limits import MAX_RECORD_BYTES
 from storymem_model import storage
 from storymem_model.records import ShotRecord
 from storymem_model.render_config import RenderConfig
 
-SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{32}$")
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{32}")  # used with fullmatch
+
+
+def is_session_id(value) -> bool:
+    return isinstance(value, str) and SESSION_ID_PATTERN.fullmatch(value) is not None
 
 
 def new_session_id() -> str:
@@ -65,6 +71,7 @@ class SessionRecord:
     memory: list[MemoryEntry] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     updated_at: float = 0.0
+    stored_bytes: int = 0  # bytes under the session's folder after its last change
 
     @property
     def config_hash(self) -> str:
@@ -77,6 +84,7 @@ class SessionRecord:
             "shots": [r.to_row() for r in self.shots],
             "memory": [vars(m) for m in self.memory],
             "created_at": self.created_at, "updated_at": self.updated_at,
+            "stored_bytes": self.stored_bytes,
         }, sort_keys=True).encode("utf-8")
 
     @classmethod
@@ -87,7 +95,8 @@ class SessionRecord:
                    references=int(raw["references"]),
                    shots=[ShotRecord.from_row(r) for r in raw["shots"]],
                    memory=[MemoryEntry(**m) for m in raw["memory"]],
-                   created_at=raw["created_at"], updated_at=raw["updated_at"])
+                   created_at=raw["created_at"], updated_at=raw["updated_at"],
+                   stored_bytes=int(raw.get("stored_bytes", 0)))
 
 
 class SessionStore:
@@ -107,6 +116,10 @@ class SessionStore:
         return storage.join(self.session_uri(scope, session_id), "references",
                             f"ref_{index:02d}.png")
 
+    def shot_lease_uri(self, scope: str, session_id: str) -> str:
+        """The lease held while one of the session's shots renders (one at a time)."""
+        return storage.join(self.session_uri(scope, session_id), "shot-lease.json")
+
     def _record_uri(self, scope: str, session_id: str) -> str:
         return storage.join(self.session_uri(scope, session_id), "session.json")
 
@@ -117,16 +130,19 @@ class SessionStore:
 
     def get(self, scope: str, session_id: str) -> SessionRecord:
         """The session's record; `ServeRequestError` 404 when this key has no such session."""
-        if not isinstance(session_id, str) or not SESSION_ID_PATTERN.match(session_id):
+        if not is_session_id(session_id):
             raise unknown_session(session_id)
         try:
-            data = storage.read_bytes(self._record_uri(scope, session_id))
+            data = storage.read_bytes(self._record_uri(scope, session_id),
+                                      max_bytes=MAX_RECORD_BYTES)
         except FileNotFoundError:
             raise unknown_session(session_id) from None
         return SessionRecord.from_json(data)
 
-    def delete(self, scope: str, session_id: str) -> None:
-        self.get(scope, session_id)  # 404 for unknown / foreign ids
+    def delete(self, scope: str, session_id: str) -> SessionRecord:
+        """Remove the session (404 for unknown / foreign ids); returns its last record."""
+        record = self.get(scope, session_id)
         # The record goes first: from then on the session is gone for every replica.
         storage.remove(self._record_uri(scope, session_id))
         storage.remove(self.session_uri(scope, session_id))
+        return record

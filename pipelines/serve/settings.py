@@ -3,8 +3,8 @@
 Built once at the edge (`storymem serve` flags, `flows/cli/serve.py`) and passed to every
 deployment: the resolved `RenderSpec` (model, scorers, the RenderConfig every shot starts
 from - the one `storymem render` builds from the same flags, hence the same config hash),
-where data is stored, the API key digests (never the keys), request limits, and how many
-replicas of what run where. Replicas receive this spec, never a Namespace; per-request
+where data is stored, the API key digests (never the keys), request limits and per-key
+quotas, retention, the story-job executor, and how many replicas of what run where. Replicas receive this spec, never a Namespace; per-request
 changes (a session's seed and transition, a single shot's sampling) are
 `RenderConfig.replace(...)` on `render.config`.
 """
@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from pipelines.serve.limits import ServeLimits
+from pipelines.serve.retention import RetentionPolicy
 from storymem_model.render_spec import RenderSpec
 from storymem_model.spec_json import Spec, check_number
 
@@ -49,7 +50,12 @@ class ServeSettings(Spec):
     # Serve's default (5) would queue /healthz behind five long shot requests.
     ingress_max_ongoing: int = 512
     torch_threads: int | None = None
+    # A story job's claim (and a session's shot lease) lapses this long after its replica
+    # stopped renewing it; then another replica adopts the job.
     job_stale_after_s: float = 60.0
+    job_workers: int = 1        # story jobs rendering at once per generation replica
+    max_job_attempts: int = 3   # claims of one job before it fails (its replica kept dying)
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key_digests", tuple(self.key_digests))
@@ -67,8 +73,16 @@ class ServeSettings(Spec):
             out.append("key_digests must be hex SHA-256 digests of the keys, never the keys")
         if not all(isinstance(p, str) and p for p in self.image_uri_prefixes):
             out.append("image_uri_prefixes must be non-empty URI prefixes")
+        else:
+            from pipelines.serve.images import parse_prefixes
+
+            try:
+                parse_prefixes(self.image_uri_prefixes)
+            except ValueError as exc:
+                out.append(str(exc))
         for name in ("replicas", "scorer_replicas", "ingress_replicas",
-                     "max_ongoing_per_replica", "ingress_max_ongoing"):
+                     "max_ongoing_per_replica", "ingress_max_ongoing", "job_workers",
+                     "max_job_attempts"):
             check_number(out, name, getattr(self, name), minimum=1, integer=True)
         for name in ("gpus_per_replica", "cpus_per_replica", "scorer_gpus", "scorer_cpus",
                      "ingress_cpus"):

@@ -25,6 +25,7 @@ import secrets
 import numpy as np
 
 from pipelines.serve.errors import ServeRequestError
+from pipelines.serve.limits import MAX_STORED_VIDEO_BYTES
 from pipelines.serve.schemas import AUTO_MODE, KeyframeOut, ShotRequest, ShotResponse
 from storymem_model import output_layout as layout
 from storymem_model import storage
@@ -140,7 +141,8 @@ def shot_response(shot_id: str, record, selected, folder: str, memory_count: int
             image_base64=base64.b64encode(png).decode("ascii")))
     video_base64 = None
     if return_video in ("base64", "both"):
-        video_base64 = base64.b64encode(storage.read_bytes(record.video_uri)).decode("ascii")
+        video_base64 = base64.b64encode(storage.read_bytes(
+            record.video_uri, max_bytes=MAX_STORED_VIDEO_BYTES)).decode("ascii")
     return ShotResponse(
         shot_id=shot_id, mode=record.mode, seed=record.seed, num_frames=record.num_frames,
         height=record.height, width=record.width, fps=record.fps,
