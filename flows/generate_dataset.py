@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows.output_lock import OutputLock
-from flows.render_stage import (absolute_uri, default_run_id, render_stage,
+from flows.render_stage import (absolute_uri, checked_run_id, render_stage,
                                 resolve_stage_spec, run_logger)
 from flows.retry_policy import retry_options
 from pipelines.batch.spec import BatchOptions
@@ -102,21 +102,22 @@ def generate_dataset(
         there are reused.
     validation_percent: share of stories (by a hash of the story id) in split=validation.
     dataset_name: the card's name (default "storymem-shots").
-    The other parameters are those of `nightly_render`.
+    The other parameters are those of `nightly_render` (the render lock of `render_out` is
+    handed to the batch as there; the dataset folder has its own lock, `dataset`).
     """
+    run_id = checked_run_id(run_id, "dataset")
     source, out = absolute_uri(source), absolute_uri(out)
     render_out = absolute_uri(render_out) if render_out else storage.join(out, "renders")
     if not 0 <= validation_percent <= 100:
         raise ValueError(f"validation_percent must be within 0..100, got {validation_percent}")
     render_spec = resolve_stage_spec(model, scorers, render, batch, retries=retries,
                                      retry_backoff_s=retry_backoff_s)
-    run_id = run_id or default_run_id("dataset")
     owner = f"{FLOW_NAME} run {run_id} (flow run {flow_run.id or '-'})"
     opts = retry_options(retries, retry_backoff_s)
     with OutputLock(render_out, name="render", owner=owner, ttl_s=lock_ttl_s,
-                    wait_s=lock_wait_s):
+                    wait_s=lock_wait_s) as lock:
         plan, run_summary = render_stage(
-            "dataset", source, render_out, run_id, render_spec, batch,
+            "dataset", source, render_out, run_id, render_spec, batch, lock=lock,
             ray_address=ray_address, runtime_env=runtime_env, retries=retries,
             retry_backoff_s=retry_backoff_s, job_poll_s=job_poll_s,
             job_timeout_s=job_timeout_s)

@@ -12,7 +12,8 @@ fails the flow: the batch records it in `{out}/runs/{run_id}/errors.parquet` and
 ends COMPLETED, its state message and summary saying how many failed and where the errors
 are. A lease lock in storage (`flows.output_lock`, `{out}/_locks/render.json`) keeps two
 runs from writing one output at the same time; a second run fails at once naming the
-holder (or waits up to `lock_wait_s`).
+holder (or waits up to `lock_wait_s`). The flow takes it before planning and hands it to
+the batch it starts, whose driver holds it while it renders (`flows.render_stage`).
 
 Locally (`ray_address=None`) the batch runs in this process on an embedded Ray; with
 `ray_address="http://HEAD:8265"` it is submitted as a Ray job (`storymem batch --spec`,
@@ -26,7 +27,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows.output_lock import OutputLock
-from flows.render_stage import (absolute_uri, default_run_id, render_stage,
+from flows.render_stage import (absolute_uri, checked_run_id, render_stage,
                                 resolve_stage_spec, run_logger)
 from pipelines.batch.spec import BatchOptions
 from storymem_model.specs import ModelSpec, RenderSettings, ScorerSpec
@@ -73,20 +74,25 @@ def nightly_render(
         means the workers render on a GPU (default device cuda, dtype bfloat16).
     ray_address: None = run in this process on an embedded Ray; `http://HEAD:8265` = submit
         a Ray job to that cluster's job server and poll it.
-    run_id: the run folder name (default: `nightly-{date}-{flow run}`).
+    run_id: the run folder name (default: `nightly-{date}-{flow run}`): 1-128 letters,
+        digits, '-', '_' and '.', starting with a letter or digit (checked first).
     runtime_env: Ray runtime_env for the cluster job (env vars, ...).
     retries, retry_backoff_s: retries of storage/cluster steps, exponential backoff base.
-    lock_ttl_s, lock_wait_s: the output lock's lease length and how long to wait for it.
-    job_poll_s, job_timeout_s: polling of the cluster job.
+    lock_ttl_s, lock_wait_s: the output lock's lease length and how long to wait for it
+        (the flow holds it, then the batch it hands it to).
+    job_poll_s, job_timeout_s: polling of the cluster job; a job still running after
+        `job_timeout_s` is stopped (finished shots are kept; the next run resumes).
     """
+    run_id = checked_run_id(run_id, "nightly")
     source, out = absolute_uri(source), absolute_uri(out)
     render_spec = resolve_stage_spec(model, scorers, render, batch, retries=retries,
                                      retry_backoff_s=retry_backoff_s)
-    run_id = run_id or default_run_id("nightly")
     owner = f"{FLOW_NAME} run {run_id} (flow run {flow_run.id or '-'})"
-    with OutputLock(out, name="render", owner=owner, ttl_s=lock_ttl_s, wait_s=lock_wait_s):
+    with OutputLock(out, name="render", owner=owner, ttl_s=lock_ttl_s,
+                    wait_s=lock_wait_s) as lock:
         _, summary = render_stage(
-            "nightly", source, out, run_id, render_spec, batch, ray_address=ray_address,
+            "nightly", source, out, run_id, render_spec, batch, lock=lock,
+            ray_address=ray_address,
             runtime_env=runtime_env, retries=retries, retry_backoff_s=retry_backoff_s,
             job_poll_s=job_poll_s, job_timeout_s=job_timeout_s)
     run_logger().info(summary["message"])

@@ -3,6 +3,12 @@
 The submission id is chosen by the caller from the run's identity (output, run id, flow
 attempt). Submitting twice with one id never starts two jobs: a retried task (after a
 dropped connection, say) finds the job it already submitted and waits for it instead.
+
+A job still running after `timeout_s` is stopped (`stop_job`: Ray sends its driver
+SIGTERM, which `storymem batch` turns into a clean exit - workers killed, output lock
+released), and the wait ends with `RayJobTimeout`, which is not retried: a limit on the
+work is not a transient failure. Stories the job finished are committed; the next run
+resumes the others.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+STOP_GRACE_S = 120.0  # how long a stopped job may take to end before the flow gives up
 
 
 class RayJobFailed(RuntimeError):
@@ -28,8 +35,9 @@ class RayJobFailed(RuntimeError):
             + (f"\n--- last log lines ---\n{logs_tail}" if logs_tail else ""))
 
 
-class RayJobTimeout(TimeoutError):
-    pass
+class RayJobTimeout(RuntimeError):
+    """The job ran past its time limit and was stopped (a RuntimeError, not a
+    TimeoutError: the retry policy must not submit or attach again)."""
 
 
 @dataclass
@@ -100,10 +108,39 @@ def wait_for_job(client, submission_id: str, poll_s: float = 10.0,
         if status in TERMINAL:
             return status, info.message or ""
         if deadline is not None and time.monotonic() > deadline:
+            ended = stop_job(client, submission_id, poll_s)
             raise RayJobTimeout(
-                f"Ray job {submission_id} still {status} after {timeout_s:.0f} s; it keeps "
-                "running on the cluster - a retry of this task attaches to it")
+                f"Ray job {submission_id} still {status} after {timeout_s:.0f} s "
+                f"(job_timeout_s); " + (
+                    f"it was stopped ({ended})" if ended else
+                    f"it was asked to stop but still runs after {STOP_GRACE_S:.0f} s; its "
+                    f"driver holds the output lock until it ends") +
+                ". Finished stories are committed; the next run resumes the others")
         time.sleep(poll_s)
+
+
+def stop_job(client, submission_id: str, poll_s: float = 10.0,
+             grace_s: float = STOP_GRACE_S) -> str | None:
+    """Ask Ray to stop the job and wait up to `grace_s` for it to end; its terminal status,
+    or None when it still runs."""
+    try:
+        client.stop_job(submission_id)
+    except Exception as exc:  # noqa: BLE001 - an ended job cannot be stopped; look at it
+        log.warning("could not stop Ray job %s: %s", submission_id, exc)
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            raw = client.get_job_status(submission_id)
+            status = str(getattr(raw, "value", raw))
+        except Exception as exc:  # noqa: BLE001 - the server may be busy: look again
+            log.warning("Ray job %s: status unavailable while stopping: %s", submission_id, exc)
+            status = None
+        if status in TERMINAL:
+            log.info("Ray job %s stopped: %s", submission_id, status)
+            return status
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(min(poll_s, 2.0))
 
 
 def run_job(client, submission_id: str, entrypoint: str, runtime_env: dict | None = None,

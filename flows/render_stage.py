@@ -13,8 +13,16 @@ flow's process needs read access to the model folders (on a cluster: the workers
 mounted read-only where the flow runs too). With the hash known, committed stories are
 dropped here, locally and on a cluster alike, so the batch only sees work.
 
-Each step is a Prefect task with the run's retry options (`flows.retry_policy`). The
-caller holds the output lock (`flows.output_lock`) around the whole stage.
+Each step is a Prefect task with the run's retry options (`flows.retry_policy`).
+
+The output lock: the caller takes `OutputLock(out, "render")` before the stage (so a
+second run is refused before it plans anything) and passes it in. When stories are
+pending, the stage hands the lease over to the batch right before starting it: the
+BatchSpec carries the lease's token and the batch driver - here in this process, or the
+Ray job's driver on the cluster - takes the lease with it and holds it for as long as it
+runs. There is never a second lock to deadlock on, and a flow that stops waiting for its
+Ray job (or dies) does not leave the output unguarded while the job runs. After the batch
+the caller's `release()` removes the lease only if the batch never took it.
 """
 from __future__ import annotations
 
@@ -30,7 +38,8 @@ from prefect.runtime import flow_run
 from flows import batch_launch, ray_job
 from flows.publish_run import publish_run
 from flows.retry_policy import retry_options
-from pipelines.batch.spec import BatchOptions, BatchSpec
+from pipelines.batch.output_lock import OutputLock
+from pipelines.batch.spec import BatchOptions, BatchSpec, run_id_problem
 from pipelines.story_planner import StoryPlan
 from storymem_model import storage
 from storymem_model.render_spec import RenderSpec, resolve_render_spec
@@ -53,6 +62,16 @@ def default_run_id(prefix: str) -> str:
     stamp = (started or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%d-%H%M%S")
     run = str(flow_run.id or "")[:8] or os.urandom(4).hex()
     return f"{prefix}-{stamp}-{run}"
+
+
+def checked_run_id(run_id: str | None, prefix: str) -> str:
+    """The run id given (validated: the whole id must match the BatchSpec rule) or a new
+    one; ValueError naming a bad one before anything is written."""
+    run_id = run_id if run_id is not None else default_run_id(prefix)
+    problem = run_id_problem(run_id)
+    if problem:
+        raise ValueError(problem)
+    return run_id
 
 
 def absolute_uri(uri: str) -> str:
@@ -128,10 +147,11 @@ def resolve_stage_spec(model: ModelSpec, scorers: ScorerSpec | None,
 
 
 def render_stage(kind: str, source: str, out: str, run_id: str, render_spec: RenderSpec,
-                 options: BatchOptions, *, ray_address: str | None,
+                 options: BatchOptions, *, lock: OutputLock, ray_address: str | None,
                  runtime_env: dict | None, retries: int, retry_backoff_s: float,
                  job_poll_s: float, job_timeout_s: float | None) -> tuple[StoryPlan, dict]:
-    """Render what is not committed yet; returns (plan, published run summary)."""
+    """Render what is not committed yet; returns (plan, published run summary). `lock` is
+    the held output lock of `out`; it is handed to the batch when one runs."""
     started = time.time()
     opts = retry_options(retries, retry_backoff_s)
     plan = plan_task.with_options(**opts)(source, out, render_spec.config_hash)
@@ -140,14 +160,17 @@ def render_stage(kind: str, source: str, out: str, run_id: str, render_spec: Ren
         run_folder = storage.join(out, "runs", run_id)
         manifest = manifest_task.with_options(**opts)(
             plan, storage.join(run_folder, "flow", "manifest.jsonl"))
-        spec = BatchSpec(scripts=manifest, out=out, render=render_spec, options=options,
-                         run_id=run_id, ray_address=JOB_RAY_ADDRESS if ray_address else None)
+        spec = BatchSpec(scripts=manifest, out=out, render=render_spec,
+                         options=options.replace(lock_ttl_s=lock.ttl_s, lock_wait_s=lock.wait_s),
+                         run_id=run_id, ray_address=JOB_RAY_ADDRESS if ray_address else None,
+                         lock_token=lock.token)
         uri = batch_spec_task.with_options(**opts)(spec, spec_uri(out, run_id))
         submission_id = ray_job.submission_id_for(
             kind, out, run_id, attempt=int(flow_run.run_count or 1))
         # A local batch is not retried as a whole: it retries stories itself. A cluster
         # job is: a retry attaches to the job the first attempt submitted.
         batch_opts = opts if ray_address else retry_options(0, 0)
+        lock.hand_over()  # the batch driver takes the lease by its token from here on
         outcome = batch_task.with_options(**batch_opts)(
             spec, uri, ray_address, submission_id, runtime_env, job_poll_s, job_timeout_s)
     else:

@@ -184,3 +184,68 @@ def test_spec_file_runs_the_batch_without_memory_and_without_scorer_actors(
     shots = pq.read_table(str(out / "runs" / "from-spec" / "shots.parquet")).to_pylist()
     assert {r["mode"] for r in shots} <= {"t2v", "m2v-no-memory"}
     assert all(r["keyframe_ids"] == [] for r in shots)
+
+
+# ---------------------------------------------------------------------------------------
+# The output lock: the batch driver holds OUT/_locks/render.json while it runs.
+def test_a_batch_on_a_locked_output_exits_2_at_once_naming_the_holder(tmp_path, capsys):
+    import time
+
+    from conftest import SMALL_TINY_FLAGS
+    from flows.output_lock import OutputLock
+
+    (tmp_path / "ok.json").write_text(json.dumps(["a lighthouse at night"]))
+    out = str(tmp_path / "out")
+    with OutputLock(out, owner="storymem render of a colleague", ttl_s=60):
+        started = time.monotonic()
+        code = main(["batch", "--scripts", str(tmp_path / "ok.json"), "--out", out,
+                     "--progress", "log", *SMALL_TINY_FLAGS])
+        assert code == 2 and time.monotonic() - started < 15  # no Ray was started
+    err = capsys.readouterr().err
+    assert "locked by another run" in err and "'storymem render of a colleague'" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_locks"]
+
+
+@pytest.mark.ray
+def test_a_batch_that_loses_the_lock_stops_and_kills_its_workers(ray_cluster, tmp_path,
+                                                                  small_tiny_render):
+    """Another run takes the lease over mid-run: the driver stops submitting, kills its
+    workers and raises OutputLockLost naming the lock; rows recorded so far stay."""
+    import time
+
+    import ray
+
+    from flows.output_lock import lock_uri
+    from pipelines.batch.driver import OutputLockLost
+    from storymem_model import storage
+
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for i in range(3):
+        (scripts / f"{i}.json").write_text(json.dumps(
+            [f"story {i}: a lighthouse", f"story {i}: a storm", f"story {i}: calm sea"]))
+    out = str(tmp_path / "out")
+    foreign = {"owner": "the run that took over", "token": "theirs", "acquired_at": 0,
+               "renewed_at": 0, "expires_at": time.time() + 600}
+
+    def take_over(event):
+        if type(event).__name__ == "ShotRendered" and not storage.exists(lock_uri(out) + ".x"):
+            storage.write_bytes(lock_uri(out) + ".x", b"")  # once
+            storage.write_bytes(lock_uri(out), json.dumps(foreign).encode())
+
+    options = BatchOptions(workers=1, cpus_per_worker=0.25, progress="log", lock_ttl_s=0.6)
+    spec = BatchSpec(scripts=str(scripts), out=out, render=small_tiny_render, options=options,
+                     run_id="lost-lock")
+    started = time.monotonic()
+    with pytest.raises(OutputLockLost) as info:
+        run_batch(spec, on_event=take_over)
+    assert f"the output lock {lock_uri(out)} was lost" in str(info.value)
+    assert "workers are killed" in str(info.value)
+    assert time.monotonic() - started < 300
+    with pytest.raises(ValueError):  # killed for good: the name is free
+        ray.get_actor("storymem-lost-lock-worker-0")
+    run = tmp_path / "out" / "runs" / "lost-lock"
+    assert not (run / "summary.json").exists()
+    committed = [p for p in (tmp_path / "out").glob("*/*/_COMMITTED.json")]
+    assert len(committed) < 3  # it stopped before the end
+    assert json.loads(Path(lock_uri(out)).read_text())["owner"] == "the run that took over"

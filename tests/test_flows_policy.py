@@ -112,3 +112,63 @@ def test_settings_are_checked_before_any_work():
             ({}, "model")):
         with pytest.raises(ParameterTypeError, match=message):
             nightly_render.validate_parameters({**base, **params})
+
+
+def test_flow_batch_options_do_not_resolve_the_render_spec(monkeypatch):
+    """`storymem flow` resolves the render spec once, in the flow; reading the batch
+    options resolves nothing (no model or scorer file is read for them)."""
+    import flows.cli.batch as batch_cli
+    import flows.cli.model_flags as model_flags
+    from flows.cli import build_parser
+    from flows.cli.flow import flow_kwargs
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the render spec was resolved for the batch options")
+
+    monkeypatch.setattr(batch_cli, "render_spec_from_args", forbidden)
+    monkeypatch.setattr(model_flags, "render_spec_from_args", forbidden)
+    kwargs = flow_kwargs(build_parser().parse_args(
+        ["flow", "nightly", "--source", "s3://b/s/", "--out", "s3://b/o", "--preset", "tiny",
+         "--workers", "2", "--batch-args", "--story-timeout 60"]))
+    assert (kwargs["batch"].workers, kwargs["batch"].story_timeout_s) == (2, 60.0)
+
+
+def test_flow_lock_flags_belong_to_the_flow_and_run_ids_are_checked(capsys):
+    from flows.cli import main
+
+    common = ["flow", "nightly", "--source", "x", "--out", "y", "--preset", "tiny"]
+    assert main([*common, "--batch-args=--wait-lock 5"]) == 2
+    err = capsys.readouterr().err
+    assert "--wait-lock" in err and "--lock-wait/--lock-ttl" in err
+    for bad in ("../escape", "night 1", "a" * 129, "-night"):
+        assert main([*common, f"--run-id={bad}"]) == 2
+        assert "run_id" in capsys.readouterr().err
+
+
+def test_a_ray_job_past_its_timeout_is_stopped_and_not_retried():
+    from flows.ray_job import RayJobTimeout, wait_for_job
+
+    class StuckJobs:
+        def __init__(self):
+            self.status, self.stops = "RUNNING", []
+
+        def get_job_info(self, submission_id):
+            class Info:
+                status = self.status
+                message = ""
+            return Info()
+
+        def get_job_status(self, submission_id):
+            return self.status
+
+        def stop_job(self, submission_id):
+            self.stops.append(submission_id)
+            self.status = "STOPPED"
+            return True
+
+    client = StuckJobs()
+    with pytest.raises(RayJobTimeout) as info:
+        wait_for_job(client, "storymem-nightly-x", poll_s=0.01, timeout_s=0.05)
+    assert client.stops == ["storymem-nightly-x"]
+    assert "it was stopped (STOPPED)" in str(info.value)
+    assert not is_transient(info.value)  # a limit on the work: the task is not retried

@@ -4,6 +4,11 @@ Flags become one `BatchSpec` here (`batch_spec_from_args`), resolved without loa
 weights, so every unusable setting fails in seconds with exit status 2 before Ray starts.
 `--spec URI` reads a BatchSpec JSON instead (local or s3://): the Prefect cluster path
 submits that as the Ray job's entrypoint.
+
+The batch driver holds the output lock (`OUT/_locks/render.json`) for the whole run:
+`--wait-lock` / `--lock-ttl` (`lock_flags`) become `BatchOptions.lock_wait_s` /
+`lock_ttl_s`. SIGTERM (a stopped Ray job) exits through the driver's cleanup, so the
+workers are killed and the lock released.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import argparse
 import logging
 import sys
 
+from flows.cli.lock_flags import add_lock_arguments, sigterm_exits
 from flows.cli.model_flags import (ArgumentsError, add_model_arguments,
                                    render_spec_from_args)
 
@@ -34,9 +40,12 @@ def add_batch_command(subparsers) -> argparse.ArgumentParser:
         "a part under parts/ the moment it is known, and running the same --run-id again "
         "continues an interrupted run). Invalid scripts are recorded in errors.parquet "
         "and skipped; committed stories are skipped; a story whose worker dies resumes "
-        "from its last committed shot. Exit status 0 when every story is rendered or "
-        "skipped, 1 when any script or story failed (the others still render), 2 when the "
-        "batch cannot run (bad flags, bad --scripts, no worker can start).",
+        "from its last committed shot. The driver holds the output lock "
+        "OUT/_locks/render.json while it runs (the lock `storymem render` takes): a second "
+        "run on OUT exits at once naming the holder, unless --wait-lock. Exit status 0 "
+        "when every story is rendered or skipped, 1 when any script or story failed (the "
+        "others still render), 2 when the batch cannot run or was stopped (bad flags, bad "
+        "--scripts, no worker can start, output locked by another run, lock lost).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--spec", metavar="URI",
                         help="read the whole run from a BatchSpec JSON file (local or s3://) "
@@ -86,20 +95,20 @@ def add_batch_command(subparsers) -> argparse.ArgumentParser:
                              "to stories.parquet")
     parser.add_argument("--progress", choices=["auto", "bar", "log"], default="auto",
                         help="a progress bar on a terminal (auto), always a bar, or log lines")
+    add_lock_arguments(parser)
     add_model_arguments(parser)
     parser.set_defaults(func=run_batch_command)
     return parser
 
 
-def batch_spec_from_args(args: argparse.Namespace):
-    """The BatchSpec the `storymem batch` flags describe (ArgumentsError if unusable)."""
-    from pipelines.batch.spec import BatchOptions, BatchSpec, ScorerPoolOptions
+def batch_options_from_args(args: argparse.Namespace):
+    """The BatchOptions of the `storymem batch` run flags (no model flag is read, nothing
+    is resolved); ArgumentsError if a value is unusable."""
+    from pipelines.batch.spec import BatchOptions, ScorerPoolOptions
     from storymem_model.spec_json import SpecError
 
-    if not args.scripts or not args.out:
-        raise ArgumentsError("give --scripts URI and --out URI (or --spec URI)")
     try:
-        options = BatchOptions(
+        return BatchOptions(
             workers=args.workers, gpus_per_worker=args.gpus_per_worker,
             cpus_per_worker=args.cpus_per_worker, max_attempts=args.max_attempts,
             worker_max_restarts=args.worker_max_restarts, story_timeout_s=args.story_timeout,
@@ -107,7 +116,21 @@ def batch_spec_from_args(args: argparse.Namespace):
                 clip_actors=args.clip_actors, gate_actors=args.gate_actors,
                 max_batch_size=args.scorer_batch_size, max_wait_s=args.scorer_max_wait,
                 gpus_per_actor=args.scorer_gpus),
-            consistency=args.consistency, progress=args.progress)
+            consistency=args.consistency, progress=args.progress,
+            lock_ttl_s=args.lock_ttl, lock_wait_s=args.wait_lock)
+    except SpecError as exc:
+        raise ArgumentsError(str(exc)) from None
+
+
+def batch_spec_from_args(args: argparse.Namespace):
+    """The BatchSpec the `storymem batch` flags describe (ArgumentsError if unusable)."""
+    from pipelines.batch.spec import BatchSpec
+    from storymem_model.spec_json import SpecError
+
+    if not args.scripts or not args.out:
+        raise ArgumentsError("give --scripts URI and --out URI (or --spec URI)")
+    options = batch_options_from_args(args)
+    try:
         render = render_spec_from_args(args, accelerator=args.gpus_per_worker > 0)
         return BatchSpec(scripts=args.scripts, out=args.out, render=render, options=options,
                          run_id=args.run_id, ray_address=args.ray_address)
@@ -117,12 +140,12 @@ def batch_spec_from_args(args: argparse.Namespace):
 
 def read_batch_spec(uri: str):
     """The BatchSpec stored at `uri` (ArgumentsError naming the URI if unusable)."""
-    from pipelines.batch.spec import BatchSpec
+    from pipelines.batch.spec import MAX_SPEC_BYTES, BatchSpec
     from storymem_model import storage
     from storymem_model.spec_json import SpecError
 
     try:
-        return BatchSpec.from_json(storage.read_bytes(uri))
+        return BatchSpec.from_json(storage.read_bytes(uri, max_bytes=MAX_SPEC_BYTES))
     except FileNotFoundError:
         raise ArgumentsError(f"--spec {uri}: no such file") from None
     except (storage.StorageError, SpecError) as exc:
@@ -141,6 +164,7 @@ def _flags_besides_spec(args: argparse.Namespace) -> list[str]:
 def run_batch_command(args: argparse.Namespace) -> int:
     from flows.cli.cli_logging import setup_cli_logging
     from pipelines.batch.driver import BatchError, run_batch
+    from pipelines.batch.output_lock import OutputLockedError
     from pipelines.ray_runtime import RayConnectionError
     from pipelines.scorer_pools import ScorerPoolError
     from pipelines.script_source import ScriptSourceError
@@ -155,9 +179,10 @@ def run_batch_command(args: argparse.Namespace) -> int:
             spec = read_batch_spec(args.spec)
         else:
             spec = batch_spec_from_args(args)
-        summary = run_batch(spec)
+        with sigterm_exits():
+            summary = run_batch(spec)
     except (ArgumentsError, BatchError, ScriptSourceError, RayConnectionError,
-            ScorerPoolError, StorageError) as exc:
+            ScorerPoolError, StorageError, OutputLockedError) as exc:
         print(f"storymem batch: error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     _print_summary(summary)

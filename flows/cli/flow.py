@@ -82,25 +82,35 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                        help="other `storymem batch` run options as one quoted string, e.g. "
                             "'--clip-actors 2 --max-attempts 5' (model and render flags go "
                             "to this command directly)")
-    group.add_argument("--run-id", help="run folder name (default: KIND-DATE-FLOWRUN)")
+    group.add_argument("--run-id", help="run folder name (default: KIND-DATE-FLOWRUN); "
+                                        "letters, digits, '-', '_' and '.'")
     group.add_argument("--job-timeout", type=float, metavar="SECONDS",
-                       help="stop waiting for the cluster job after this long")
+                       help="stop the cluster job if it runs longer than this (finished "
+                            "shots are kept; the next run resumes)")
     run = parser.add_argument_group("retries and locking")
     run.add_argument("--retries", type=int, default=3,
                      help="retries of storage and cluster steps (transient errors only)")
     run.add_argument("--retry-backoff", type=float, default=10.0, metavar="SECONDS",
                      help="first retry delay; doubles each time")
-    run.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
-                     help="wait this long for another run holding the output")
+    run.add_argument("--lock-wait", "--wait-lock", dest="lock_wait", type=float, default=0.0,
+                     metavar="SECONDS",
+                     help="wait this long for another run holding the output lock")
     run.add_argument("--lock-ttl", type=float, default=900.0, metavar="SECONDS",
-                     help="lease of the output lock (renewed while the run lives)")
+                     help="lease of the output lock (renewed every TTL/3 by the flow, then by "
+                          "the batch it hands the lock to)")
 
 
-def batch_options_from_args(args: argparse.Namespace):
+# The flow holds the output lock and hands it to its batch: its own --lock-wait/--lock-ttl
+# set the lock, so `storymem batch`'s lock flags are refused inside --batch-args.
+LOCK_FLAGS = ("--wait-lock", "--lock-ttl")
+
+
+def flow_batch_options(args: argparse.Namespace):
     """BatchOptions from --workers, --gpus-per-worker and --batch-args, read by the
-    `storymem batch` parser and mapped by its own `batch_spec_from_args` (ArgumentsError
-    naming a bad or misplaced flag)."""
-    from flows.cli.batch import add_batch_command, batch_spec_from_args
+    `storymem batch` parser and mapped by its `batch_options_from_args` (no render spec is
+    resolved here: the flow resolves it once, in its first task). ArgumentsError names a
+    bad or misplaced flag."""
+    from flows.cli.batch import add_batch_command, batch_options_from_args
 
     parser = argparse.ArgumentParser(prog="storymem", exit_on_error=False)
     add_batch_command(parser.add_subparsers(dest="command", required=True))
@@ -115,16 +125,15 @@ def batch_options_from_args(args: argparse.Namespace):
     except (argparse.ArgumentError, SystemExit) as exc:
         message = stderr.getvalue().strip() or str(exc)
         raise ArgumentsError(f"--batch-args {batch_args}: {message}") from None
-    model_flags = _model_flag_actions()
-    misplaced = [a.option_strings[0] for a in model_flags
+    misplaced = [a.option_strings[0] for a in _model_flag_actions()
                  if getattr(parsed, a.dest) != a.default]
+    misplaced += [flag for flag in LOCK_FLAGS
+                  if any(arg == flag or arg.startswith(flag + "=") for arg in batch_args)]
     if misplaced or parsed.spec:
         raise ArgumentsError(f"--batch-args takes `storymem batch` run options only; give "
                              f"{', '.join(misplaced or ['--spec'])} to `storymem flow` "
-                             "itself")
-    for action in model_flags:  # this command's model flags complete the batch's
-        setattr(parsed, action.dest, getattr(args, action.dest))
-    return batch_spec_from_args(parsed).options
+                             "itself (--lock-wait/--lock-ttl for the lock)")
+    return batch_options_from_args(parsed)
 
 
 def _model_flag_actions() -> list[argparse.Action]:
@@ -136,6 +145,10 @@ def _model_flag_actions() -> list[argparse.Action]:
 
 def flow_kwargs(args: argparse.Namespace) -> dict:
     """The flow's parameters from the parsed command line: typed specs, no flag lists."""
+    from pipelines.batch.spec import run_id_problem
+
+    if args.run_id is not None and run_id_problem(args.run_id):
+        raise ArgumentsError(f"--run-id: {run_id_problem(args.run_id)}")
     model = model_spec_from_args(args)
     scorers = scorer_spec_from_args(args)
     if args.flow_kind == "dataset" and scorers is None:
@@ -144,7 +157,7 @@ def flow_kwargs(args: argparse.Namespace) -> dict:
         scorers = scorer_spec_from_args(argparse.Namespace(**{**vars(args), "memory": True}))
     kwargs = dict(
         source=args.source, out=args.out, model=model, scorers=scorers,
-        render=render_settings_from_args(args), batch=batch_options_from_args(args),
+        render=render_settings_from_args(args), batch=flow_batch_options(args),
         ray_address=args.ray_address, run_id=args.run_id, retries=args.retries,
         retry_backoff_s=args.retry_backoff, lock_wait_s=args.lock_wait,
         lock_ttl_s=args.lock_ttl, job_timeout_s=args.job_timeout)

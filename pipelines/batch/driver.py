@@ -3,7 +3,12 @@
     run_batch(spec: BatchSpec, *, on_event=None) -> BatchSummary
 
 1. Before Ray: the output URI and the script source are checked (the planner's first item
-   is read: a wrong `--scripts` fails here), the run id is chosen.
+   is read: a wrong `--scripts` fails here), the run id is chosen, and the output lock
+   (`output_lock.OutputLock(out, "render")`, the lock `storymem render` takes) is taken -
+   or, with `spec.lock_token`, the lease a flow handed over. It is held until the run
+   ends; a second run on the same output fails here naming the holder (after
+   `lock_wait_s`). A lost lease (another run took it over) stops the run: nothing more is
+   submitted, the workers are killed, `OutputLockLost` is raised.
 2. Connect to Ray (`pipelines.ray_runtime`), check its resources, start the shared scorer
    pools (none when memory is off) and the story workers (`worker_pool`); scorer models
    and worker pipelines load in parallel. The config hash is the spec's: every worker
@@ -24,6 +29,8 @@ import collections
 import datetime as _dt
 import itertools
 import logging
+import os
+import socket
 import time
 import uuid
 from typing import Any, Callable, Iterator
@@ -32,6 +39,7 @@ from actors.batch_events import (BatchEvent, ShotRendered, StoryDone, StoryFaile
                                  StoryRetry, StorySubmitted, WorkerDied, WorkerLost,
                                  WorkerReady)
 from actors.story_outcome import RunnerStatus, StoryOutcome
+from pipelines.batch.output_lock import OutputLock
 from pipelines.batch.progress import ProgressView
 from pipelines.batch.recorder import RunRecorder
 from pipelines.batch.slots import StoryTask, WorkerSlot
@@ -51,10 +59,15 @@ log = logging.getLogger("storymem.batch")
 EventCallback = Callable[[BatchEvent], None]
 POLL_S = 0.2
 PROGRESS_DRAIN_TIMEOUT_S = 30
+LOCK_POLL_S = 1.0  # how often a run waiting for the output lock looks again
 
 
 class BatchError(RuntimeError):
     """The batch as a whole cannot run (too few resources, no worker can start)."""
+
+
+class OutputLockLost(BatchError):
+    """Another run took the output lock over: the batch stopped (its rows are kept)."""
 
 
 def new_run_id() -> str:
@@ -78,16 +91,26 @@ def run_batch(spec: BatchSpec, *, on_event: EventCallback | None = None,
     storage.filesystem(spec.out)  # an unusable out fails here, before any actor starts
     items = _started(plan_items(spec.scripts, spec.out, spec.render.config_hash,
                                 exclude=spec.out))  # so does an unusable source
-    with ray_session(spec.ray_address):
-        return BatchDriver(spec, items, on_event, wrap_pipeline_for_tests).run()
+    lock = OutputLock(spec.out, "render", owner=f"storymem batch run {spec.run_id} "
+                      f"(pid {os.getpid()} on {socket.gethostname()})",
+                      ttl_s=spec.options.lock_ttl_s, wait_s=spec.options.lock_wait_s,
+                      poll_s=min(LOCK_POLL_S, max(spec.options.lock_wait_s, 0.01)),
+                      token=spec.lock_token)
+    lock.acquire()  # OutputLockedError naming the holder
+    try:
+        with ray_session(spec.ray_address):
+            return BatchDriver(spec, items, on_event, wrap_pipeline_for_tests, lock).run()
+    finally:
+        lock.release()
 
 
 class BatchDriver:
     """Composes the pools, the feed, the recorder and the view for one run."""
 
     def __init__(self, spec: BatchSpec, items: Iterator, on_event: EventCallback | None,
-                 wrap_pipeline_for_tests=None):
+                 wrap_pipeline_for_tests=None, lock: OutputLock | None = None):
         self.spec = spec
+        self.lock = lock
         self.options = spec.options
         self.run_id = spec.run_id
         self.config_hash = spec.render.config_hash
@@ -130,6 +153,7 @@ class BatchDriver:
             self._loop()
             self.loop_end = time.time()
             self._drain_progress()
+            self._check_lock()
             return self._finish()
         finally:
             self.view.close()
@@ -168,9 +192,19 @@ class BatchDriver:
             else:
                 raise BatchError(message)
 
+    def _check_lock(self) -> None:
+        if self.lock is not None and self.lock.lost:
+            raise OutputLockLost(
+                f"the output lock {self.lock.uri} was lost (another run took it over after "
+                f"this one could not renew it within {self.lock.ttl_s:g} s); the batch "
+                f"stopped: nothing more is submitted and the workers are killed. Rows "
+                f"recorded so far are kept: run the same command again (same run id) to "
+                f"continue once the other run is done")
+
     def _loop(self) -> None:
         table = self.pool.table
         while True:
+            self._check_lock()
             for slot in table.idle():
                 task = self.feed.next()
                 self.view.listed(self.feed.listed, self.feed.listing_done)

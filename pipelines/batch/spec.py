@@ -15,8 +15,18 @@ from dataclasses import dataclass, field
 from storymem_model.render_spec import RenderSpec
 from storymem_model.spec_json import Spec, check_choice, check_number
 
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # always fullmatch()
 PROGRESS_MODES = ("auto", "bar", "log")
+MAX_SPEC_BYTES = 16 * 1024 * 1024  # a BatchSpec file is read with this limit
+
+
+def run_id_problem(run_id) -> str | None:
+    """Why `run_id` cannot name a run folder, or None (the whole id must match
+    RUN_ID_PATTERN: it becomes a storage key and part of Ray actor names)."""
+    if isinstance(run_id, str) and RUN_ID_PATTERN.fullmatch(run_id):
+        return None
+    return (f"run_id {run_id!r}: use 1-128 letters, digits, '-', '_' and '.', starting with a "
+            "letter or digit")
 
 
 @dataclass(frozen=True)
@@ -30,9 +40,14 @@ class ScorerPoolOptions(Spec):
     cpus_per_actor: float = 0.25
     gpus_per_actor: float = 0.0
     torch_threads: int = 1
+    max_restarts: int = 3  # Ray restarts of one crashed scorer actor (calls are re-sent)
+    max_replacements: int | None = None  # new actors after that; default 2 x actors
 
     def problems(self) -> list[str]:
         out: list[str] = []
+        check_number(out, "scorer max_restarts", self.max_restarts, minimum=0, integer=True)
+        check_number(out, "scorer max_replacements", self.max_replacements, minimum=0,
+                     integer=True, optional=True)
         check_number(out, "clip_actors", self.clip_actors, minimum=1, integer=True)
         check_number(out, "gate_actors", self.gate_actors, minimum=1, integer=True)
         check_number(out, "scorer max batch size", self.max_batch_size, minimum=1,
@@ -42,6 +57,11 @@ class ScorerPoolOptions(Spec):
         check_number(out, "gpus_per_actor", self.gpus_per_actor, minimum=0)
         check_number(out, "torch_threads", self.torch_threads, minimum=1, integer=True)
         return out
+
+    @property
+    def replacement_limit(self) -> int:
+        return 2 * (self.clip_actors + self.gate_actors) if self.max_replacements is None \
+            else self.max_replacements
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,9 @@ class BatchOptions(Spec):
     consistency: bool = False  # per-story consistency columns in stories.parquet
     torch_threads: int | None = 1  # per worker process
     progress: str = "auto"  # auto: a bar on a terminal, log lines otherwise
+    lock_ttl_s: float = 900.0  # the output lock's lease (renewed every ttl/3)
+    lock_wait_s: float = 0.0  # how long to wait for another run holding the output
+    log_flush_s: float = 10.0  # worker logs reach storage at least this often
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -74,6 +97,9 @@ class BatchOptions(Spec):
         check_number(out, "torch_threads", self.torch_threads, minimum=1, integer=True,
                      optional=True)
         check_choice(out, "progress", self.progress, PROGRESS_MODES)
+        check_number(out, "lock_ttl_s", self.lock_ttl_s, above=0)
+        check_number(out, "lock_wait_s", self.lock_wait_s, minimum=0)
+        check_number(out, "log_flush_s", self.log_flush_s, above=0)
         return out
 
     @property
@@ -92,6 +118,9 @@ class BatchSpec(Spec):
     options: BatchOptions = field(default_factory=BatchOptions)
     run_id: str | None = None  # default: UTC time + random suffix
     ray_address: str | None = None  # None: an embedded local Ray on 127.0.0.1
+    # The output lock a flow took and handed over (`OutputLock.hand_over()`): the batch
+    # takes that lease by its token. None: the batch takes the output lock itself.
+    lock_token: str | None = None
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -99,9 +128,11 @@ class BatchSpec(Spec):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 out.append(f"{name} must be a path or URI, got {value!r}")
-        if self.run_id is not None and not RUN_ID_PATTERN.fullmatch(str(self.run_id)):
-            out.append(f"run_id {self.run_id!r}: use 1-128 letters, digits, '-', '_' and '.', "
-                       "starting with a letter or digit")
+        if self.run_id is not None and run_id_problem(self.run_id):
+            out.append(run_id_problem(self.run_id))
+        if self.lock_token is not None and (not isinstance(self.lock_token, str)
+                                            or not self.lock_token.strip()):
+            out.append(f"lock_token must be a non-empty string, got {self.lock_token!r}")
         if self.options.consistency and self.render.scorers is None:
             out.append("consistency is measured with the CLIP scorer; a render without memory "
                        "has no scorers")
