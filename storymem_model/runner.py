@@ -16,7 +16,8 @@ checkpoint.
 Resume: a story whose folder has ``_COMMITTED.json`` is skipped. Otherwise the shot records
 found in storage are trusted in order, the bank and the last frames of the latest recorded
 shot are loaded back (lossless), and rendering continues with the first shot that has no
-record. Every file is written whole (``storage.write_bytes``), with deterministic keys and
+record. With a script, a recorded shot whose video is not the one its record names (two
+writers, a lost write) is rendered again, with the shots after it. Every file is written whole (``storage.write_bytes``), with deterministic keys and
 deterministic bytes, so a resumed story is byte-identical to an uninterrupted one.
 
 `StorySession` holds one story's state (memory bank, the previous shot's last frames, the
@@ -237,6 +238,7 @@ class StorySession:
                         f"does not match the script; remove {self.story_uri} to render it "
                         f"again")
             rows = rows[:len(self.script.shots)]
+            rows = self._verified(rows)
         # Without memory nothing carries over between shots (no bank, no last frames).
         if rows and self.config.memory:
             last = rows[-1]
@@ -252,6 +254,42 @@ class StorySession:
             self.bank.add_references(self.runner.references, story_id=self.story_id,
                                      embedder=self.runner.step.reference_embedder())
         self.rows = rows
+
+    def _verified(self, rows: list[ShotRecord]) -> list[ShotRecord]:
+        """The checkpointed rows whose shot video still is the one its record names.
+
+        A video that differs from its record (two writers rendered the story at once, or a
+        write was lost) is rendered again instead of failing `finish()` forever: the rows
+        from that shot on are dropped - from the story's start when the memory checkpoint
+        of the shot before it is gone (only the latest shot's is kept) - and their records
+        are removed, latest first, so a crash meanwhile leaves a consistent prefix."""
+        from storymem_model.memory_bank import MANIFEST
+
+        bad = next((i for i, row in enumerate(rows)
+                    if self._video_sha256(row) != row.video_sha256), None)
+        if bad is None:
+            return rows
+        keep = bad
+        if self.config.memory:
+            while keep > 0:
+                mem = layout.memory_key(rows[keep - 1].scene, rows[keep - 1].shot)
+                if storage.exists(self._uri(f"{mem}/bank/{MANIFEST}")) and \
+                        storage.exists(self._uri(f"{mem}/{TAIL_FILE}")):
+                    break
+                keep -= 1
+        row = rows[bad]
+        log.warning("story %s: %s is not the video its shot record names (two writers?); "
+                    "rendering again from shot %d of %d", self.story_id, row.video_key,
+                    keep + 1, len(self.script.shots) if self.script else len(rows))
+        for dropped in reversed(rows[keep:]):
+            storage.remove(self._uri(layout.shot_record_key(dropped.scene, dropped.shot)))
+        return rows[:keep]
+
+    def _video_sha256(self, row: ShotRecord) -> str | None:
+        try:
+            return storage.sha256_hex(storage.read_bytes(self._uri(row.video_key)))
+        except FileNotFoundError:
+            return None
 
     # -- one shot ----------------------------------------------------------------------
     def shot_mode(self, spec: ShotSpec) -> ShotMode:

@@ -146,3 +146,59 @@ def test_killed_render_resumes_byte_identical(tmp_path, script_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "skipped" in again.stdout and "(0 rendered now)" in again.stdout
     assert {k: (story / k).stat().st_mtime_ns for k in a} == before
+
+
+# ---------------------------------------------------------------------------------------
+# Two writers: a shot record and its video that disagree are rendered again, not a commit
+# that fails on every retry.
+THREE_SHOTS = {"story_name": "Two Writers", "scenes": [{"video_prompts": [
+    "a red kite rises over a beach", "the kite loops in the wind", "a child reels it in"],
+    "cut": [True, False, True]}]}
+
+
+def _story_files(folder: Path) -> dict[str, bytes]:
+    return {k: v for k, v in _files(folder).items()
+            if not (k.startswith("shots/") and k.endswith(".json"))
+            and k not in ("shots.parquet", "_COMMITTED.json")}
+
+
+def _records(folder: Path) -> list[dict]:
+    out = []
+    for path in sorted((folder / "shots").glob("*.json")):
+        row = json.loads(path.read_text())
+        out.append({k: v for k, v in row.items() if k not in TIMING_COLUMNS})
+    return out
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_a_shot_whose_video_differs_from_its_record_is_rendered_again(tmp_path,
+                                                                     small_tiny_render,
+                                                                     memory):
+    from storymem_model import storage
+    from storymem_model.render_spec import resolve_render_spec
+    from storymem_model.runner import open_runner
+    from storymem_model.specs import ModelSpec, RenderSettings, SamplingOverrides
+
+    spec = small_tiny_render
+    if not memory:
+        spec = resolve_render_spec(ModelSpec(preset="tiny"), None, RenderSettings(
+            memory=False, num_frames=9, height=32, width=32,
+            sampling=SamplingOverrides(num_inference_steps=2)), accelerator=False)
+    runner = open_runner(spec)
+    script = load_script(THREE_SHOTS, name="two_writers")
+    out = tmp_path / "out"
+    first = runner.render(script, str(out), progress=False)
+    story = Path(first.story_uri)
+    files, records = _story_files(story), _records(story)
+    # Another writer of the same story left its own second shot: the record names the
+    # first writer's video. (Removing the commit marker stands for a story caught before
+    # its commit.)
+    (story / "_COMMITTED.json").unlink()
+    (story / "shots" / "01_02.mp4").write_bytes((story / "shots" / "01_01.mp4").read_bytes())
+    again = runner.render(script, str(out), progress=False)
+    # With memory the bank before shot 2 is no longer kept: the story starts over;
+    # without memory only shot 2 and what follows it are rendered again.
+    assert again.shots_rendered == (3 if memory else 2)
+    assert again.status == ("rendered" if memory else "resumed")
+    assert storage.verify_commit(str(story)) == []
+    assert _story_files(story) == files and _records(story) == records
