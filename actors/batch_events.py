@@ -21,6 +21,7 @@ class EventKind(str, enum.Enum):
     WORKER_READY = "worker_ready"
     WORKER_LOST = "worker_lost"
     WORKER_DIED = "worker_died"
+    SCORER_REPLACED = "scorer_replaced"
     WORKER_LOG = "log"
     STORY_SUBMITTED = "story_submitted"
     STORY_STARTED = "story_started"
@@ -126,6 +127,16 @@ class WorkerDied(BatchEvent):
     worker: str
     story_id: str
     attempt: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScorerReplaced(BatchEvent):
+    """A scorer actor that died past its Ray restarts was replaced by a new actor under
+    the same name (the workers' calls to it are sent again)."""
+
+    kind: ClassVar[EventKind] = EventKind.SCORER_REPLACED
+    actor: str
+    reason: str
 
 
 @dataclass(frozen=True, kw_only=True)

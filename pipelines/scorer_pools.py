@@ -10,7 +10,14 @@ built from the render's `ScorerSpec` by the one scorer factory:
 
 A pool's device follows the GPUs its actors get (`ScorerPoolOptions.gpus_per_actor`), not
 the story workers'. Scorer calls are idempotent, so actors restart on a crash and calls are
-retried (`max_restarts`, `max_task_retries`).
+retried (`ScorerPoolOptions.max_restarts`, `max_task_retries`).
+
+Supervision: an actor that dies past its Ray restarts is replaced by a new actor under the
+same name (`ScorerPools.supervise`, called by the batch driver every loop: each actor is
+pinged every `PING_S`), up to `ScorerPoolOptions.replacement_limit` replacements per run;
+the workers' proxies find the new actor by its name and send their calls again
+(`actors.scorer_proxies`). Past the limit the run stops with one `ScorerPoolError` naming
+the actor (a scorer that keeps dying would fail every later story).
 
 Batching: story worker i always calls actor i % n of each pool (`client_index` of the
 proxies), so each actor knows how many workers send to it (`clients_per_actor`) and runs a
@@ -19,9 +26,10 @@ batch as soon as all of them wait, else after `max_wait_s`: with one worker noth
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from actors.scorer_actor import ScorerActor, ScorerRole
 from actors.scorer_proxies import ScorerPoolHandles, keyframe_scorers_from_pools
@@ -31,8 +39,8 @@ from storymem_model.specs import ScorerSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HPS_PYTHON = PROJECT_ROOT / ".hps-venv" / "bin" / "python"
-SCORER_MAX_RESTARTS = 3
 SCORER_MAX_TASK_RETRIES = 2
+PING_S = 1.0  # how often the driver asks each scorer actor whether it lives
 
 
 class ScorerPoolError(RuntimeError):
@@ -55,6 +63,14 @@ class ScorerPools:
     gate_id: str
     gate_threshold: float
     info: dict = field(default_factory=dict)  # role -> [ScorerActorInfo], after wait_ready
+    clip_names: list = field(default_factory=list)
+    gate_names: list = field(default_factory=list)
+    start: Any = None  # (role, index, expected clients) -> a new actor under its name
+    replacement_limit: int = 0
+    replacements: int = 0
+    _pings: dict = field(default_factory=dict)  # ObjectRef -> (role, index)
+    _next_ping: dict = field(default_factory=dict)  # (role, index) -> monotonic time
+    _clients: Any = None  # the live workers' indices (None: unknown)
 
     @property
     def clip_name(self) -> str:
@@ -69,7 +85,8 @@ class ScorerPools:
         return ScorerPoolHandles(clip=tuple(self.clip), gate=tuple(self.gate),
                                  embedder_id=self.embedder_id, gate_id=self.gate_id,
                                  gate_threshold=self.gate_threshold,
-                                 client_index=client_index)
+                                 client_index=client_index, clip_names=tuple(self.clip_names),
+                                 gate_names=tuple(self.gate_names))
 
     def keyframe_scorers(self, timeout_s: float | None = 600.0,
                          client_index: int | None = None):
@@ -92,12 +109,63 @@ class ScorerPools:
         """Tell every actor how many of the live workers `client_indices` call it (after a
         worker is gone for good, so the others' requests stop waiting for it)."""
         indices = list(client_indices)
+        self._clients = indices
         for handles in (self.clip, self.gate):
             for handle, count in zip(handles, clients_per_actor(indices, len(handles))):
                 handle.set_expected_clients.remote(count)
 
     def actors(self) -> list:
         return [*self.clip, *self.gate]
+
+    # -- supervision ---------------------------------------------------------------------
+    def supervise(self) -> list[tuple[str, str]]:
+        """Ping every actor every PING_S (never blocking); replace each one that died past
+        its Ray restarts. Returns (actor name, reason) per replacement made now; raises
+        ScorerPoolError naming the actor once the replacements are used up."""
+        import ray
+
+        replaced = []
+        if self._pings:
+            ready, _ = ray.wait(list(self._pings), num_returns=len(self._pings), timeout=0)
+            for ref in ready:
+                role, index = self._pings.pop(ref)
+                self._next_ping[(role, index)] = time.monotonic() + PING_S
+                try:
+                    ray.get(ref)
+                except ray.exceptions.ActorUnavailableError:
+                    continue  # Ray is restarting it (within max_restarts)
+                except ray.exceptions.RayActorError as exc:
+                    replaced.append(self._replace(role, index, exc))
+        now = time.monotonic()
+        pinged = set(self._pings.values())
+        for role, handles in ((ScorerRole.CLIP, self.clip), (ScorerRole.GATE, self.gate)):
+            for index, handle in enumerate(handles):
+                key = (role, index)
+                if key not in pinged and self._next_ping.get(key, 0.0) <= now:
+                    self._pings[handle.info.remote()] = key
+        return replaced
+
+    def _replace(self, role: ScorerRole, index: int, exc: BaseException) -> tuple[str, str]:
+        import ray
+
+        handles, names = (self.clip, self.clip_names) if role is ScorerRole.CLIP else \
+            (self.gate, self.gate_names)
+        name = names[index]
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if self.replacements >= self.replacement_limit:
+            raise ScorerPoolError(
+                f"scorer actor {name} died past its Ray restarts and the run's "
+                f"{self.replacement_limit} scorer replacement(s) are used up; the batch "
+                f"stops (every later story would fail): {reason}")
+        try:  # frees the name for the replacement
+            ray.kill(handles[index], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        expected = clients_per_actor(self._clients, len(handles))[index]
+        handles[index] = self.start(role, index, expected)
+        self.replacements += 1
+        self._next_ping[(role, index)] = 0.0
+        return name, reason
 
     def stats(self) -> dict:
         """Batching counters per pool, summed over its actors."""
@@ -174,22 +242,33 @@ def start_scorer_pools(spec: ScorerSpec, options: ScorerPoolOptions,
     spec = spec.replace(device="cuda" if options.gpus_per_actor > 0 else "cpu")
     remote = ray.remote(ScorerActor)
     common = dict(num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor,
-                  max_restarts=SCORER_MAX_RESTARTS, max_task_retries=SCORER_MAX_TASK_RETRIES,
+                  max_restarts=options.max_restarts, max_task_retries=SCORER_MAX_TASK_RETRIES,
                   max_concurrency=1000)
     batching = dict(max_batch_size=options.max_batch_size, max_wait_s=options.max_wait_s,
                     torch_threads=options.torch_threads)
+    labels = {ScorerRole.CLIP: "clip", ScorerRole.GATE: "hps" if spec.uses_hps else "gate"}
+    envs = {ScorerRole.CLIP: None, ScorerRole.GATE: runtime_env}
 
-    def pool(role: ScorerRole, count: int, label: str, env) -> list:
+    def actor_name(role: ScorerRole, index: int) -> str:
+        return f"{name_prefix}-{labels[role]}-{index}"
+
+    def start(role: ScorerRole, index: int, expected: int | None):
+        extra = {"runtime_env": envs[role]} if envs[role] else {}
+        return remote.options(name=actor_name(role, index), **common, **extra).remote(
+            spec, role, expected_clients=expected, **batching)
+
+    def pool(role: ScorerRole, count: int) -> list:
         expected = clients_per_actor(clients, count)
-        extra = {"runtime_env": env} if env else {}
-        return [remote.options(name=f"{name_prefix}-{label}-{i}", **common, **extra).remote(
-            spec, role, expected_clients=expected[i], **batching) for i in range(count)]
+        return [start(role, i, expected[i]) for i in range(count)]
 
-    clip = pool(ScorerRole.CLIP, options.clip_actors, "clip", None)
-    gate = pool(ScorerRole.GATE, options.gate_actors, "hps" if spec.uses_hps else "gate",
-                runtime_env)
+    clip = pool(ScorerRole.CLIP, options.clip_actors)
+    gate = pool(ScorerRole.GATE, options.gate_actors)
     pools = ScorerPools(spec=spec, clip=clip, gate=gate, embedder_id=identity.embedder_id,
-                        gate_id=identity.gate_id, gate_threshold=identity.gate_threshold)
+                        gate_id=identity.gate_id, gate_threshold=identity.gate_threshold,
+                        clip_names=[actor_name(ScorerRole.CLIP, i) for i in range(len(clip))],
+                        gate_names=[actor_name(ScorerRole.GATE, i) for i in range(len(gate))],
+                        start=start, replacement_limit=options.replacement_limit,
+                        _clients=None if clients is None else list(range(clients)))
     if wait:
         pools.wait_ready()
     return pools

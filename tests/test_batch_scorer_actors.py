@@ -168,3 +168,51 @@ def test_a_scorer_actor_killed_under_a_request_is_restarted_and_the_request_retr
     np.testing.assert_array_equal(after, before)
     assert ray.get(clip.info.remote()).pid != pid  # a new incarnation served it
 
+
+
+def test_a_scorer_actor_dead_past_its_restarts_is_replaced_and_calls_go_on(ray_cluster):
+    """With no Ray restart left, a killed CLIP actor is replaced by the driver's
+    supervision under the same name; a worker's call that was waiting on it is sent to
+    the replacement and returns the same embeddings. Once the replacements are used up,
+    the next death stops the run with one error naming the actor."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from pipelines.scorer_pools import ScorerPoolError
+
+    ray = ray_cluster
+    options = ScorerPoolOptions(max_batch_size=8, max_wait_s=0.05, cpus_per_actor=0.25,
+                                max_restarts=0, max_replacements=1)
+    pools = start_scorer_pools(ScorerSpec(preset="tiny"), options, name_prefix="test-replace",
+                               clients=1)
+    try:
+        scorers = pools.keyframe_scorers(client_index=0)  # the proxies a worker holds
+        frames = _frames(21, 2)
+        before = scorers.embedder.embed_images(frames)
+        os.kill(ray.get(pools.clip[0].info.remote()).pid, signal.SIGKILL)
+        result = {}
+        call = threading.Thread(
+            target=lambda: result.update(after=scorers.embedder.embed_images(frames)))
+        call.start()
+        replaced = []
+        deadline = time.monotonic() + 180
+        while (call.is_alive() or not replaced) and time.monotonic() < deadline:
+            replaced += pools.supervise()  # what the driver does every loop
+            time.sleep(0.1)
+        call.join(timeout=5)
+        assert [name for name, _ in replaced] == ["test-replace-clip-0"]
+        np.testing.assert_array_equal(result["after"], before)
+        assert pools.replacements == 1 and pools.handles().clip_names == ("test-replace-clip-0",)
+
+        os.kill(ray.get(pools.clip[0].info.remote()).pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        with pytest.raises(ScorerPoolError, match="test-replace-clip-0 died past its Ray "
+                                                  "restarts") as info:
+            while time.monotonic() < deadline:
+                pools.supervise()
+                time.sleep(0.1)
+        assert "1 scorer replacement(s) are used up" in str(info.value)
+    finally:
+        pools.kill()

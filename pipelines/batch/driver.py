@@ -35,9 +35,9 @@ import time
 import uuid
 from typing import Any, Callable, Iterator
 
-from actors.batch_events import (BatchEvent, ShotRendered, StoryDone, StoryFailed,
-                                 StoryRetry, StorySubmitted, WorkerDied, WorkerLost,
-                                 WorkerReady)
+from actors.batch_events import (BatchEvent, ScorerReplaced, ShotRendered, StoryDone,
+                                 StoryFailed, StoryRetry, StorySubmitted, WorkerDied,
+                                 WorkerLost, WorkerReady)
 from actors.story_outcome import RunnerStatus, StoryOutcome
 from pipelines.batch.output_lock import OutputLock
 from pipelines.batch.progress import ProgressView
@@ -217,11 +217,21 @@ class BatchDriver:
                 raise BatchError("every story worker is gone (see the errors above)")
             completions = self.pool.wait(POLL_S)
             self._drain_progress()
+            self._supervise_scorers()
             for completion in completions:
                 self._handle(completion)
             for slot in self.pool.kill_overdue():
                 log.error("story %s: no result after %.0f s on %s; killing the worker",
                           slot.task.story_id, self.options.story_timeout_s, slot.name)
+
+    def _supervise_scorers(self) -> None:
+        """Replace scorer actors that died past their Ray restarts (ScorerPoolError, which
+        stops the run, once the replacements are used up)."""
+        if self.scorer_pools is None:
+            return
+        for actor, reason in self.scorer_pools.supervise():
+            log.error("scorer actor %s died past its restarts (%s); replaced", actor, reason)
+            self._emit(ScorerReplaced(actor=actor, reason=reason))
 
     def _submit(self, slot: WorkerSlot, task: StoryTask) -> None:
         self.pool.submit(slot, task)
@@ -374,6 +384,8 @@ class BatchDriver:
             worker_deaths=self.worker_deaths,
             worker_replacements=self.pool.table.replacements,
             story_retries=self.story_retries,
+            scorer_replacements=(self.scorer_pools.replacements
+                                 if self.scorer_pools is not None else 0),
             recorded_before=self.recorder.recorded_before, scorers=scorer_stats,
             scorer_calls_per_shot=requests / self.shots_now if self.shots_now else 0.0,
             scorer_mean_batch_requests=requests / batches if batches else 0.0,

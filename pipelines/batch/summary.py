@@ -54,6 +54,7 @@ class BatchSummary:
     scorer_mean_batch_requests: float
     tables: SummaryTables
     summary_uri: str = ""
+    scorer_replacements: int = 0  # scorer actors replaced after dying past their restarts
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
