@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -562,6 +563,110 @@ def test_every_bad_input_gets_its_own_4xx(server):
     assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
 
 
+def test_per_key_job_limit_holds_under_concurrent_requests(server):
+    """Ten story jobs sent at once by one key with max_active_jobs_per_key=4: the limit is
+    checked and taken in one step (the key's usage record, under its lease), so exactly
+    four are admitted; each admitted job is claimed once."""
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        responses = list(pool.map(
+            lambda seed: server.b.post("/v1/stories", json={"script": STORY, "seed": seed}),
+            range(100, 110)))
+    accepted = [r.json() for r in responses if r.status_code == 202]
+    refused = [r for r in responses if r.status_code != 202]
+    assert len(accepted) == 4, [r.text for r in responses]
+    for response in refused:
+        body = _error(response, 429, "quota_exceeded")
+        assert body["limit"] == "max_active_jobs_per_key" and body["maximum"] == 4
+        assert response.headers["retry-after"]
+    from pipelines.serve.auth import key_digest, scope_of_digest
+    from pipelines.serve.jobs import JobRegistry
+
+    registry = JobRegistry(server.root)
+    scope = scope_of_digest(key_digest(KEY_B))
+    for job in accepted:
+        assert _wait_job(server.b, job["job_id"])["status"] == "succeeded"
+        assert [c["attempt"] for c in registry.claims(scope, job["job_id"])] == [1]
+    # All four retired: the key may submit again.
+    again = server.b.post("/v1/stories", json={"script": ["one more"], "seed": 1})
+    assert again.status_code == 202, again.text
+    assert _wait_job(server.b, again.json()["job_id"])["status"] == "succeeded"
+
+
+def _ray_process(marker: str):
+    """The process of this test session's Ray worker whose title contains `marker`."""
+    import psutil
+
+    found = [p for p in psutil.Process(os.getpid()).children(recursive=True)
+             if marker in " ".join(p.cmdline())]
+    assert len(found) == 1, (marker, found)
+    return found[0]
+
+
+def _post_unread(port: int, path: str, headers: dict, declared: int, send_bytes: int):
+    """POST with a declared body, read the answer after the headers, then keep sending the
+    body until the server closes: (status line + headers, bytes the server accepted)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {declared}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall((head + "\r\n").encode())
+        answer = sock.recv(65536).decode("latin-1")
+        length = [int(line.split(":", 1)[1]) for line in answer.split("\r\n")
+                  if line.lower().startswith("content-length:")]
+        while length and len(answer.split("\r\n\r\n", 1)[-1]) < length[0]:
+            answer += sock.recv(65536).decode("latin-1")
+        sent, chunk = 0, b"1," * (1 << 19)
+        sock.settimeout(2)
+        try:
+            while sent < send_bytes:
+                sent += sock.send(chunk)
+        except OSError:  # closed by the server (reset, broken pipe) or stuck (timeout)
+            pass
+        return answer, sent
+    finally:
+        sock.close()
+
+
+def test_serve_proxy_refuses_unauthenticated_bodies_before_buffering_them(server):
+    """Serve's HTTP proxy buffers a request body in memory while it waits for the ingress.
+    Measured before the proxy guard, with the ingress stalled: one unauthenticated 256 MiB
+    POST grew the proxy by ~256 MiB. The guard in the proxy answers 401 before reading the
+    body and closes the connection; an oversized story body is refused by its size alone."""
+    from flows.cli.serve import proxy_guarded
+
+    assert proxy_guarded(server.url)
+    port = int(server.url.rsplit(":", 1)[1])
+    proxy, ingress = _ray_process("ProxyActor"), _ray_process("storymem_ingress")
+    baseline = proxy.memory_info().rss
+    peak = [baseline]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proxy.memory_info().rss)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    ingress.suspend()  # the ingress cannot take requests: whatever the proxy reads, it keeps
+    try:
+        unauthenticated = _post_unread(port, "/v1/stories", {}, 256 << 20, 256 << 20)
+        oversized = _post_unread(port, "/v1/stories", {"Authorization": f"Bearer {KEY_A}"},
+                                 64 << 20, 64 << 20)
+    finally:
+        ingress.resume()
+        stop.set()
+        watcher.join()
+    answer, sent = unauthenticated
+    assert answer.startswith("HTTP/1.1 401") and "x-storymem-guard: proxy" in answer.lower()
+    assert sent < (32 << 20), sent  # the connection was closed, not drained
+    answer, sent = oversized
+    assert answer.startswith("HTTP/1.1 413") and "max_script_bytes" in answer
+    assert sent < (32 << 20), sent
+    assert peak[0] - baseline < (32 << 20), (baseline, peak[0])
+    assert requests.get(server.url + "/healthz", timeout=30).status_code == 200
+
+
 def test_eight_concurrent_shots_while_health_stays_responsive(server):
     request = {"prompt": "waves against the rocks", "memory_images": [png_b64(7)],
                "sampling": FAST, "return_video": "uri"}
@@ -637,3 +742,132 @@ def test_api_keys_never_logged(server):
             checked += 1
             assert KEY_A.encode() not in data and KEY_B.encode() not in data, path
     assert checked > 0
+
+
+# ---------------------------------------------------------------------------------------
+# The malformed HTTP request corpus: tests/data/malformed/http/*.json, one bad request each
+# (method, path, headers, a body or the name of a body generator, the expected status and
+# error code), all sent to this one live app; afterwards the server still serves.
+MALFORMED_HTTP = Path(__file__).resolve().parent / "data" / "malformed" / "http"
+
+
+def _fill(value, names: dict):
+    """`{key_a}`-style names filled into every string of a case; `@png:WxH`,
+    `@header-png:WxH`, `@tiff:WxH`, `@text-b64:TEXT` strings become base64 images/text."""
+    if isinstance(value, dict):
+        return {k: _fill(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, names) for v in value]
+    if not isinstance(value, str):
+        return value
+    for key, text in names.items():
+        value = value.replace("{" + key + "}", text)
+    kind, _, spec = value.partition(":")
+    if kind in ("@png", "@header-png", "@tiff"):
+        width, height = (int(n) for n in spec.split("x"))
+        if kind == "@header-png":
+            from test_serve_guard import _png_header_only
+            data = _png_header_only(width, height)
+        else:
+            buffer = io.BytesIO()
+            Image.new("RGB", (width, height), (120, 60, 30)).save(
+                buffer, format="PNG" if kind == "@png" else "TIFF")
+            data = buffer.getvalue()
+        return base64.b64encode(data).decode("ascii")
+    if kind == "@text-b64":
+        return base64.b64encode(spec.encode()).decode("ascii")
+    return value
+
+
+def _case_body(case: dict):
+    """(bytes, None) for a whole body, (None, chunks) for a chunked one, (None, None) for
+    headers only."""
+    if "json" in case:
+        return json.dumps(case["json"]).encode(), None
+    if "text" in case:
+        return case["text"].encode(), None
+    if "base64" in case:
+        return base64.b64decode(case["base64"]), None
+    args = case.get("args", {})
+    generator = case.get("generator")
+    if generator in (None, "declared_only"):
+        return None, None
+    if generator == "chunked":
+        chunk = b"[" + b" " * (args["chunk"] - 1)
+        return None, (chunk for _ in range(args["total"] // args["chunk"]))
+    if generator == "big_string":
+        base = {"script": ["x"]} if args["field"] == "name" else {}
+        return json.dumps({**base, args["field"]: "s" * args["bytes"]}).encode(), None
+    if generator == "list_of":
+        return (b'{"script": [' + b",".join([args["item"].encode()] * args["count"])
+                + b"]}"), None
+    if generator == "nested":
+        depth = args["depth"]
+        extra = b'"prompt": "x", ' if args["field"] != "script" else b""
+        return (b"{" + extra + f'"{args["field"]}": '.encode() + b"[" * depth + b"]" * depth
+                + b"}"), None
+    raise AssertionError(f"unknown body generator {generator!r}")
+
+
+def _send_raw(url: str, case: dict, headers: dict) -> tuple[int, dict]:
+    """Send one case with http.client (exact headers, chunked or header-only bodies)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    body, chunks = _case_body(case)
+    target = urlsplit(url)
+    connection = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+    try:
+        connection.putrequest(case["method"], case["path"], skip_accept_encoding=True)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        if body is not None:
+            connection.putheader("Content-Length", str(len(body)))
+        elif chunks is not None:
+            connection.putheader("Transfer-Encoding", "chunked")
+        else:
+            if case.get("generator") == "declared_only":
+                connection.putheader("Content-Length", str(case["args"]["content_length"]))
+        connection.endheaders()
+        try:
+            if body:
+                connection.send(body)
+            elif chunks is not None:
+                for chunk in chunks:
+                    connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                connection.send(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed while the body was still coming
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
+
+
+def test_malformed_http_corpus_gets_specific_errors_and_the_server_keeps_serving(server):
+    cases = sorted(MALFORMED_HTTP.glob("*.json"))
+    assert len(cases) >= 20, cases
+    names = {"key_a": KEY_A, "bucket": server.bucket}
+    seen = []
+    for path in cases:
+        case = _fill(json.loads(path.read_text()), names)
+        expect = case["expect"]
+        started = time.perf_counter()
+        status, body = _send_raw(server.url, case, case.get("headers", {}))
+        took = time.perf_counter() - started
+        where = f"{path.name} ({case['what']})"
+        assert (status, body.get("error")) == (expect["status"], expect["error"]), (where, body)
+        assert body.get("detail"), where  # a specific message, not just a code
+        if "limit" in expect:
+            assert body.get("limit") == expect["limit"], (where, body)
+        assert KEY_A not in json.dumps(body), where
+        assert took < 30, (where, took)
+        seen.append((expect["status"], expect["error"]))
+    assert len(set(seen)) >= 15  # many kinds of mistakes, each with its own answer
+    # The server still serves: health, and a whole valid request round trip.
+    assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+    created = server.a.post("/v1/sessions", json={"seed": 1})
+    assert created.status_code == 201, created.text
+    session_path = f"/v1/sessions/{created.json()['session_id']}"
+    assert server.a.get(session_path).status_code == 200
+    assert server.a.delete(session_path).status_code == 204

@@ -344,3 +344,43 @@ def test_story_settings_change_the_config_as_render_flags_do(monkeypatch):
         config = story_config(base, 9, "mm2v")
         assert config.transition == transition and config == render
         assert story_config(base) is base
+
+
+# -- story jobs, retention and quotas at the edge ------------------------------------------
+def test_retention_job_and_quota_flags_become_settings(monkeypatch):
+    from flows.cli.serve import duration_s, settings_from_args
+    from pipelines.serve.settings import ServeSettings
+
+    monkeypatch.setenv("STORYMEM_API_KEYS", KEY)
+    settings = settings_from_args(_serve_args([
+        "--preset", "tiny", "--ttl", "shots=2d", "--ttl", "jobs=36h", "--cleanup-every", "15m",
+        "--job-workers", "2", "--max-job-attempts", "5", "--limit", "max_queued_jobs=8",
+        "--limit", "max_sessions_per_key=7", "--image-uri-prefix", "s3://assets/in"]))
+    retention = settings.retention
+    assert (retention.shots_ttl_s, retention.jobs_ttl_s, retention.cleanup_every_s) == (
+        2 * 86400, 36 * 3600, 900)
+    assert retention.sessions_ttl_s == 7 * 86400  # the default
+    assert (settings.job_workers, settings.max_job_attempts) == (2, 5)
+    assert (settings.limits.max_queued_jobs, settings.limits.max_sessions_per_key) == (8, 7)
+    assert ServeSettings.from_json(settings.to_json()) == settings
+    assert duration_s("90") == 90 and duration_s("1.5h") == 5400
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ttl", "videos=2d"], "KIND=DURATION"),
+    (["--ttl", "shots=-1"], "positive duration"),
+    (["--cleanup-every", "soon"], "positive duration"),
+    (["--job-workers", "0"], "--job-workers"),
+    (["--image-uri-prefix", "s3://assets/../x"], "image URI prefix"),
+    (["--limit", "max_request_pixels=0"], "positive"),
+])
+def test_bad_retention_job_and_prefix_flags_exit_2(argv, message, monkeypatch, capsys):
+    from flows.cli.serve import run_serve
+
+    monkeypatch.setenv("STORYMEM_API_KEYS", KEY)
+    try:
+        status = run_serve(_serve_args(["--preset", "tiny", *argv]))
+    except SystemExit as exc:  # argparse refuses a bad value itself
+        status = exc.code
+    assert status == 2
+    assert message in capsys.readouterr().err

@@ -87,22 +87,32 @@ async def _serve_error(_request, exc: ServeRequestError):
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_request, exc: RequestValidationError):
+async def _validation_error(request: Request, exc: RequestValidationError):
     errors = exc.errors()
     if any(err.get("type") == "json_invalid" for err in errors):
         return _json_error(400, {"error": "malformed_json",
                                  "detail": "request body is not valid JSON"})
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type.lower() and \
+            any(tuple(err.get("loc", ())) == ("body",) for err in errors):
+        return _json_error(415, {"error": "unsupported_media_type",
+                                 "detail": "send the body as JSON with Content-Type: "
+                                           "application/json"})
     problems = []
-    for err in errors:
+    for err in errors[:20]:
         where = ".".join(str(part) for part in err.get("loc", ()) if part != "body")
         problems.append(f"{where or 'body'}: {err.get('msg')}")
     return _json_error(422, {"error": "invalid_request", "detail": "; ".join(problems),
-                             "problems": problems})
+                             "problems": problems, "problem_count": len(errors)})
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_request, exc: StarletteHTTPException):
     body = getattr(exc, "body", None)
+    if body is None and exc.status_code == 400 and isinstance(
+            exc.__cause__, (UnicodeDecodeError, RecursionError, ValueError)):
+        # FastAPI's answer to a body it could not decode (not UTF-8, say)
+        body = {"error": "malformed_json", "detail": "request body is not valid UTF-8 JSON"}
     if body is None:
         codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
         body = {"error": codes.get(exc.status_code, f"http_{exc.status_code}"),
@@ -156,7 +166,7 @@ class StorymemIngress:
         order = body.model_copy(update={"memory_images": None, "first_frame": None,
                                         "motion_frames": None})
         return await answer(self.generator.generate_shot.remote(
-            caller.scope, order, memory, first, motion, current_request_id()))
+            caller.scope, order, memory, first, motion))
 
     def _check_shot(self, body: ShotRequest) -> None:
         self.limits.check_prompt(body.prompt)

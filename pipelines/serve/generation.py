@@ -123,7 +123,7 @@ class ShotGenerator:
 
     # -- single shots ----------------------------------------------------------------------
     async def generate_shot(self, scope: str, request: ShotRequest, memory, first_frame,
-                            motion_frames, request_id: str | None = None) -> ShotResponse:
+                            motion_frames) -> ShotResponse:
         self.requests_served += 1
         await asyncio.to_thread(self.usage.check_storage, scope, self.limits)
         started = time.perf_counter()

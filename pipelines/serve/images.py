@@ -219,10 +219,14 @@ def decode_image(data: bytes, where: str, limits: ServeLimits,
             array = np.array(image.convert("RGB"), dtype=np.uint8)  # writable, contiguous
     except ServeRequestError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageInputError(413, "image_too_large",
-                              f"{where}: image is too large to decode (over Pillow's "
-                              f"decompression-bomb guard; see max_image_pixels)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's guard refuses in Image.open, before our own checks could see the size.
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        raise LimitExceeded("max_image_pixels",
+                            min(limits.max_image_pixels, 2 * PILLOW_BOMB_GUARD_PIXELS),
+                            int(claimed.group(1)) if claimed else f">{PILLOW_BOMB_GUARD_PIXELS}",
+                            f"{where} pixel count (refused by the decompression-bomb "
+                            f"guard)") from None
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError):
         raise ImageInputError(415, "not_an_image",
                               f"{where}: the data is not a readable image "
