@@ -76,6 +76,8 @@ def training_card(spec: FitSpec, *, manifest: dict, manifest_sha256: str, lora_d
         "lora_files": files,
         "steps": {e: v["steps"] for e, v in state.get("completed", {}).items() if e in spec.experts},
         "experts": {e: _summary(metrics, e) for e in spec.experts},
+        "base_weights": {e: {**v, "unchanged": v.get("sha256_before") == v.get("sha256_after")}
+                         for e, v in state.get("base_weights", {}).items() if e in spec.experts},
         "resumes": state.get("resumes", []),
         "validation": validation,
         "parallelism": {"mode": spec.parallel, "workers": spec.workers,

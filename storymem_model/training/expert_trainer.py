@@ -21,6 +21,7 @@ not depend on the number of ranks and a resumed run continues bit for bit on the
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 
@@ -179,6 +180,19 @@ class ExpertTrainer:
         set_model_state_dict(self.model, state["lora"], options=options)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def base_weights_sha256(self) -> str:
+        """sha256 over every frozen weight of the expert (names and full values; collective):
+        the same before and after training proves the base weights were not touched."""
+        digest = hashlib.sha256()
+        for name, parameter in sorted(self.module.named_parameters(), key=lambda item: item[0]):
+            if ".lora_" in name:
+                continue
+            value = _full(parameter.detach()).cpu().contiguous()
+            digest.update(name.encode("utf-8"))
+            digest.update(str(value.dtype).encode("utf-8"))
+            digest.update(value.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def trained_lora(self) -> dict[str, torch.Tensor]:
         """The LoRA weights, full, by module name (collective)."""

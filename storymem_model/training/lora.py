@@ -73,13 +73,9 @@ def zero_like_released(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def released_file_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """The .safetensors bytes of a released-format state dict. Deterministic (the same
+    weights always give the same bytes, hence the same `lora_id`): one metadata entry only,
+    as safetensors writes several in no fixed order."""
     from safetensors.torch import save
 
-    return save(state, metadata={"format": "pt", "storymem": "lora", "rank": str(_rank_of(state))})
-
-
-def _rank_of(state: dict[str, torch.Tensor]) -> int:
-    for key, tensor in state.items():
-        if key.endswith("lora_A.weight"):
-            return int(tensor.shape[0])
-    return 0
+    return save(state, metadata={"format": "pt"})

@@ -57,7 +57,8 @@ class TrainingRun:
         self.reporter = reporter
         self.data = PreparedData(spec.data)
         self.settings = SampleSettings.of(spec)
-        self.state: dict = {"expert": None, "step": 0, "samples_seen": 0, "completed": {}, "resumes": []}
+        self.state: dict = {"expert": None, "step": 0, "samples_seen": 0, "completed": {}, "resumes": [],
+                            "base_weights": {}}
         self.metrics: list[dict] = []
         self.validation: list[dict] = []
         self.released: dict[str, bytes] = {}
@@ -101,6 +102,8 @@ class TrainingRun:
         if resuming and self.trainer_state is not None:
             trainer.load_state(self.trainer_state)
         self.trainer_state = None
+        base = self.state.setdefault("base_weights", {}).setdefault(expert, {})
+        base.setdefault("sha256_before", trainer.base_weights_sha256())  # collective
         while step < spec.steps:
             started = time.perf_counter()
             samples = [self.sample(expert, n) for n in rank_samples(samples_seen, self.rank, self.world,
@@ -123,6 +126,7 @@ class TrainingRun:
                 state = trainer.state()  # collective
                 self.state.update(expert=expert, step=step, samples_seen=samples_seen)
                 if finished:
+                    base["sha256_after"] = trainer.base_weights_sha256()  # collective
                     self.released[expert] = lora_files.released_file_bytes(
                         lora_files.released_state(state["lora"], spec.rank, spec.alpha))
                     self.state["completed"][expert] = {"steps": step, "samples_seen": samples_seen}
