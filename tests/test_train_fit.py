@@ -84,7 +84,6 @@ def test_base_weights_are_bit_identical(reference):
     """The frozen expert weights hash the same before and after training (in the workers,
     over the full FSDP-gathered weights), and equal a freshly built expert's."""
     from storymem_model.specs import ModelSpec
-    from storymem_model.training.experts import load_expert
     from storymem_model.training.expert_trainer import ExpertTrainer, OptimSettings
 
     card = reference["result"].card
@@ -94,7 +93,6 @@ def test_base_weights_are_bit_identical(reference):
         fresh = ExpertTrainer(ModelSpec(preset="tiny"), expert, rank=8, alpha=8.0, seed=0,
                               optim=OptimSettings(1e-3, 0, 0.0, 1.0, 1), device=torch.device("cpu"), parallel="ddp")
         assert fresh.base_weights_sha256() == weights["sha256_before"]
-    del load_expert
 
 
 def test_the_lora_pair_loads_and_changes_the_shot(reference):
@@ -117,6 +115,13 @@ def test_the_lora_pair_loads_and_changes_the_shot(reference):
                 num_frames=support.NUM_FRAMES, num_inference_steps=2)
     a, b = plain.generate_shot(**shot), trained.generate_shot(**shot)
     assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() > 1.0
+    # the same fit again: its card and files are there, nothing runs
+    from pipelines.training.fit import run_fit
+
+    started = time.perf_counter()
+    again = run_fit(reference["spec"])
+    assert again.skipped and time.perf_counter() - started < 5
+    assert support.lora_files(again.lora_dir) == reference["files"]
 
 
 def _train_worker_pids() -> list[int]:

@@ -74,7 +74,7 @@ def add_train_commands(subparsers) -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------
 # Flags
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+def _add_model_flags(parser: argparse.ArgumentParser, device: bool = True) -> None:
     model = parser.add_argument_group("model", "--preset tiny, or local Wan2.2 I2V-A14B folders")
     source = model.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=["tiny"], help="the tiny random model (tests, laptops)")
@@ -82,8 +82,11 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--components-dir", metavar="DIR",
                        help="with an original-layout --model-dir: the diffusers folder with vae/, "
                             "text_encoder/, tokenizer/")
-    model.add_argument("--device", metavar="DEV", help="torch device of the encoders (default: the "
-                       "worker's GPU when --gpus-per-worker > 0, else cpu)")
+    if device:
+        model.add_argument("--device", metavar="DEV", help="torch device of the encoders (default: the "
+                           "worker's GPU when --gpus-per-worker > 0, else cpu)")
+    else:  # fit: each Ray Train worker's own device
+        parser.set_defaults(device=None)
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                        help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
     parser.set_defaults(**FIXED_MODEL_FLAGS)
@@ -194,7 +197,7 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="URI", help="prepared data (`prepare --out`)")
     parser.add_argument("--out", required=True, metavar="URI", help="output folder (local or s3://)")
-    _add_model_flags(parser)
+    _add_model_flags(parser, device=False)
     _add_scorer_flags(parser)
     _add_cluster_flags(parser, "Ray Train")
     _add_fit_options(parser)
@@ -352,7 +355,8 @@ def run_flow_command(args: argparse.Namespace) -> int:
         prepared_uri = storage.join(args.out, "prepared")
         prepare = prepare_spec_from_args(args, out=prepared_uri)
         geometry = {"height": prepare.height, "width": prepare.width, "num_frames": prepare.num_frames}
-        fit = fit_spec_from_args(args, data=prepared_uri, geometry=geometry)
+        fit = fit_spec_from_args(argparse.Namespace(**{**vars(args), "device": None}), data=prepared_uri,
+                                 geometry=geometry)
     except ArgumentsError as exc:
         return _error("flow", exc)
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings

@@ -181,8 +181,8 @@ def _analysis(spec: PrepareSpec, clips: list[ClipInput], fingerprint: str
     if clips:
         import ray
 
-        dataset = ray.data.from_items([{**c.to_row(), "group_id": c.group_id or "",
-                                        "order": -1 if c.order is None else c.order} for c in clips])
+        dataset = ray.data.from_items([{"clip_id": c.clip_id, "clip_uri": c.clip_uri, "caption": c.caption,
+                                        "position": c.position} for c in clips])
         dataset = dataset.map_batches(
             ClipAnalyser, fn_constructor_kwargs={"spec": spec.to_dict()}, batch_size=ANALYSE_BATCH,
             compute=ray.data.ActorPoolStrategy(size=spec.workers), num_cpus=spec.cpus_per_worker,
@@ -191,11 +191,11 @@ def _analysis(spec: PrepareSpec, clips: list[ClipInput], fingerprint: str
         for row in dataset.take_all():
             if row["error"] is not None:
                 errors.append(ClipError.from_row(json.loads(row["error"])))
-            else:
+            else:  # the analysis saw the clip only; its given group and order come from the input
                 analysis = ClipAnalysis.from_row(json.loads(row["analysis"]))
                 given = by_position[analysis.position]
-                analyses.append(analysis.__class__(**{**analysis.to_row(), "given_group": given.group_id,
-                                                      "given_order": given.order}))
+                analyses.append(ClipAnalysis(**{**analysis.to_row(), "given_group": given.group_id,
+                                                "given_order": given.order}))
     analyses.sort(key=lambda a: a.position)
     errors.sort(key=lambda e: e.position)
     storage.write_bytes(state_uri, json.dumps({

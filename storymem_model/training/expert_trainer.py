@@ -81,9 +81,11 @@ class ExpertTrainer:
         add_lora(module, rank, alpha, seed)
         if gradient_checkpointing:
             module.enable_gradient_checkpointing()
-        module.to(self.device)
         self.module = module
+        # FSDP2 moves each rank's shards to the mesh's device, so the full expert never has
+        # to fit on one GPU; `to` afterwards places what is not sharded (buffers).
         self.model = self._parallelise(module, parallel)
+        module.to(self.device)
         self.optimizer = torch.optim.AdamW(lora_parameters(module), lr=optim.lr,
                                            weight_decay=optim.weight_decay, foreach=False)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_factor(optim.warmup_steps))
@@ -107,6 +109,7 @@ class ExpertTrainer:
         if parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
+            module.to(self.device)  # DDP wraps a module already on its device
             return DistributedDataParallel(module, device_ids=[self.device.index] if self.on_gpu else None)
         raise ValueError(f"parallel must be 'fsdp' or 'ddp', got {parallel!r}")
 

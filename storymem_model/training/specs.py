@@ -96,6 +96,10 @@ class PrepareSpec(Spec):
             out.append("prepare encodes with the base model's VAE and text encoder; a LoRA "
                        "changes neither (leave lora_dir and distill_lora_dir unset)")
         out += [f"scorers: {p}" for p in self.scorers.problems_for_keyframes()]
+        for name, device in (("model.device", self.model.device), ("scorers.device", self.scorers.device)):
+            if isinstance(device, str) and device.startswith("cuda") and not (
+                    isinstance(self.gpus_per_worker, (int, float)) and self.gpus_per_worker > 0):
+                out.append(f"{name} {device} needs GPU workers (gpus_per_worker > 0)")
         _check_geometry(out, self.height, self.width, self.num_frames, self.fps)
         check_number(out, "group_threshold", self.group_threshold, minimum=-1, maximum=1)
         check_number(out, "max_group_size", self.max_group_size, minimum=1, integer=True)
@@ -207,6 +211,9 @@ class FitSpec(Spec):
         if self.model.lora_dir or self.model.distill_lora_dir:
             out.append("fit trains a LoRA on the base experts: leave lora_dir and "
                        "distill_lora_dir unset")
+        if self.model.device is not None:
+            out.append("fit places the expert on each Ray Train worker's device (a GPU with "
+                       "gpus_per_worker > 0, else the CPU): leave model.device unset")
         if self.model.offload or self.model.storage_dtype or self.model.compile:
             out.append("offload, storage_dtype and compile are render options; fit shards "
                        "the expert with FSDP instead")
