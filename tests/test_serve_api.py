@@ -592,6 +592,25 @@ def test_per_key_job_limit_holds_under_concurrent_requests(server):
     assert _wait_job(server.b, again.json()["job_id"])["status"] == "succeeded"
 
 
+def test_server_faults_answer_a_request_id_not_the_exception(server):
+    """A fault inside the server (here: a session record damaged in storage) answers 500
+    with a fixed message and the request id Serve sends back; the exception text - bucket,
+    keys, parser messages - stays in the log."""
+    from pipelines.serve.auth import key_digest, scope_of_digest
+    from pipelines.serve.sessions import new_session_id
+
+    session_id = new_session_id()
+    key = f"serve/sessions/{scope_of_digest(key_digest(KEY_A))}/{session_id}/session.json"
+    server.s3.put_object(Bucket=server.bucket, Key=key, Body=b"{damaged")
+    response = server.a.get(f"/v1/sessions/{session_id}")
+    body = _error(response, 500, "internal_error")
+    assert body["request_id"] and body["request_id"] == response.headers["x-request-id"]
+    assert body["request_id"] in body["detail"]
+    for secret in (server.bucket, "damaged", "JSONDecodeError", "Expecting", "serve/"):
+        assert secret not in response.text, secret
+    assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+
+
 def _ray_process(marker: str):
     """The process of this test session's Ray worker whose title contains `marker`."""
     import psutil

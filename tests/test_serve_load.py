@@ -108,6 +108,10 @@ def test_forty_story_jobs_and_single_shots_on_one_replica(load_server):
     for _ in range(SHOTS_DURING_LOAD):  # while the jobs queue and run
         response, took = _timed(lambda: client.post("/v1/shots", json=SHOT))
         shots.append((response.status_code, took))
+    session = client.post("/v1/sessions", json={"seed": 1})
+    session_shot, session_shot_s = _timed(lambda: client.post(
+        f"/v1/sessions/{session.json()['session_id']}/shots",
+        json={"prompt": "a gull lands on the mast", "return_video": "uri"}))
     queued_while_shooting = generator.stats.remote().result()["jobs"]
     finished = [_wait_job(client, job_id, timeout_s=600) for job_id in accepted]
     jobs_s = time.perf_counter() - started
@@ -138,6 +142,7 @@ def test_forty_story_jobs_and_single_shots_on_one_replica(load_server):
     assert all(status == 200 for status, _ in health) and len(health) >= 10
     shot_s = [took for status, took in shots]
     assert all(status == 200 for status, _ in shots), shots
+    assert (session.status_code, session_shot.status_code) == (201, 200), session_shot.text
     assert queued_while_shooting["queued"] > 0, "the shots did not meet a queue of jobs"
     peak_growth = max(rss) - baseline_rss
     summary = {
@@ -146,6 +151,7 @@ def test_forty_story_jobs_and_single_shots_on_one_replica(load_server):
         "jobs_left_when_shots_ended": queued_while_shooting,
         "idle_shot_s": [round(t, 2) for t in idle_shots],
         "shot_under_load_s": [round(t, 2) for t in shot_s],
+        "session_shot_under_load_s": round(session_shot_s, 2),
         "healthz_n": len(health_s), "healthz_median_s": round(statistics.median(health_s), 3),
         "healthz_max_s": round(max(health_s), 3),
         "replica_rss_baseline_mb": round(baseline_rss / 2**20),
@@ -153,8 +159,10 @@ def test_forty_story_jobs_and_single_shots_on_one_replica(load_server):
         "replica_rss_growth_mb": round(peak_growth / 2**20)}
     print("\nSERVE LOAD", json.dumps(summary))
     assert statistics.median(health_s) < 0.5 and max(health_s) < 3.0, summary
-    # A shot waits at most for the job model call in progress, never for the queue.
-    assert max(shot_s) < max(idle_shots) + 10.0, summary
+    # A shot waits at most for the job model call in progress, never for the queue (with
+    # jobs on the default thread pool the first shot after them took 6.5 s here).
+    assert max(shot_s) < max(idle_shots) + 3.0, summary
+    assert session_shot_s < max(idle_shots) + 3.0, summary
     assert peak_growth < 400 * 2**20, summary
 
 
