@@ -19,18 +19,14 @@ CARD_FORMAT = 1
 
 
 def _versions() -> dict:
-    import diffusers
-    import peft
-    import torch
+    from importlib import metadata
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "diffusers": diffusers.__version__, "peft": peft.__version__}
-    try:
-        import ray
-
-        versions["ray"] = ray.__version__
-    except ImportError:  # pragma: no cover - Ray is installed with the project
-        pass
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "diffusers", "peft", "ray"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:  # pragma: no cover - all are project dependencies
+            versions[package] = None
     return versions
 
 
