@@ -36,6 +36,9 @@ logger = logging.getLogger("storymem.story_worker")
 # which real weights cannot be made to do on purpose). Never set in production.
 PipelineWrapper = Callable[[Any], Any]
 
+MAX_SHOTS_TABLE_BYTES = 64 * 1024 * 1024  # a story's shots.parquet (<= 200 shots) is read
+# with this limit (pipelines.run_tables reads it with the same one)
+
 
 class StoryWorker:
     """Wrap with `ray.remote(...)`; see pipelines/batch/worker_pool.py for the options."""
@@ -158,6 +161,7 @@ def _shot_records(result) -> list:
 
         from storymem_model import storage
 
-        table = pq.read_table(io.BytesIO(storage.read_bytes(result.parquet_uri)))
+        table = pq.read_table(io.BytesIO(storage.read_bytes(
+            result.parquet_uri, max_bytes=MAX_SHOTS_TABLE_BYTES)))
         rows = [ShotRecord.from_row(row) for row in table.to_pylist()]
     return sorted(rows, key=lambda r: r.shot_index)

@@ -15,12 +15,12 @@ Either way the run's tables and `summary.json` land in `{out}/runs/{run_id}/`
 """
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass
 
 from flows import ray_job
 from pipelines.batch.spec import BatchSpec
+from pipelines import run_tables
 from pipelines.run_tables import run_uri
 from storymem_model import storage
 
@@ -65,7 +65,7 @@ def run_on_cluster(spec: BatchSpec, spec_uri: str, address: str, submission_id: 
 def read_summary(spec: BatchSpec) -> dict:
     uri = storage.join(run_uri(spec.out, spec.run_id), "summary.json")
     try:
-        return json.loads(storage.read_bytes(uri))
+        return run_tables.read_summary(run_uri(spec.out, spec.run_id))
     except FileNotFoundError:
         raise RuntimeError(
             f"the batch run finished but wrote no summary at {uri}; its run folder is "

@@ -15,10 +15,8 @@ memory bank's.
 """
 from __future__ import annotations
 
-import io
 import json
 
-import pyarrow.parquet as pq
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -29,20 +27,18 @@ from flows.render_stage import (absolute_uri, checked_run_id, render_stage,
                                 resolve_stage_spec, run_logger)
 from flows.retry_policy import retry_options
 from pipelines.batch.spec import BatchOptions
+from pipelines.run_tables import read_run_table
 from storymem_model import output_layout, storage
 from storymem_model.specs import ModelSpec, RenderSettings, ScorerSpec
 
 FLOW_NAME = "storymem-generate-dataset"
+MAX_CONFIG_BYTES = 1024 * 1024  # a story's config.json is read with this limit
 
 
 def committed_story_uris(plan, run_summary: dict) -> list[str]:
     """Story folders of this source that are committed: from the plan and the run table."""
     uris = [s.story_uri for s in plan.committed]
-    try:
-        rows = pq.read_table(io.BytesIO(storage.read_bytes(run_summary["stories_uri"]))
-                             ).to_pylist()
-    except FileNotFoundError:
-        rows = []
+    rows = read_run_table(run_summary["stories_uri"])
     uris += [r["story_uri"] for r in rows
              if r.get("status") in ("rendered", "skipped") and r.get("story_uri")]
     return sorted({u for u in uris if storage.is_committed(u)})
@@ -66,7 +62,7 @@ def dataset_task(story_uris: list[str], out: str, scorers: ScorerSpec, render_sp
     config = {}
     if story_uris:
         config = json.loads(storage.read_bytes(
-            storage.join(story_uris[0], output_layout.CONFIG_FILE)))
+            storage.join(story_uris[0], output_layout.CONFIG_FILE), max_bytes=MAX_CONFIG_BYTES))
     result = write_dataset(story_uris, out, embedder, validation_percent=validation_percent,
                            config={"render_config": config, "render_spec": render_spec},
                            source=card_extra)

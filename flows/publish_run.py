@@ -14,15 +14,12 @@ run's own tables (not from memory), then:
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
 
-import pyarrow.parquet as pq
-
-from pipelines.run_tables import (ErrorRow, ErrorStage, StoryRow, StoryStatus, run_uri,
-                                  table_bytes, write_run_tables, write_summary)
+from pipelines.run_tables import (ErrorRow, ErrorStage, StoryRow, StoryStatus, read_run_table,
+                                  run_uri, table_bytes, write_run_tables, write_summary)
 from storymem_model import output_layout, storage
 
 log = logging.getLogger("storymem.flows")
@@ -30,11 +27,6 @@ log = logging.getLogger("storymem.flows")
 MAX_LISTED_ERRORS = 100
 
 
-def _read_table(uri: str) -> list[dict]:
-    try:
-        return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
-    except FileNotFoundError:
-        return []
 
 
 def plan_error_row(run_id: str, bad) -> ErrorRow:
@@ -69,9 +61,9 @@ def publish_run(kind: str, plan, outcome, run_id: str, extra: dict) -> dict:
     folder = run_uri(out, run_id)
     if outcome is None:
         write_tables_without_batch(plan, run_id, out)
-    stories = _read_table(storage.join(folder, "stories.parquet"))
+    stories = read_run_table(storage.join(folder, "stories.parquet"))
     errors_uri = storage.join(folder, "errors.parquet")
-    errors = _read_table(errors_uri)
+    errors = read_run_table(errors_uri)
     # Invalid scripts the flow kept out of the batch are part of this run's errors too.
     listing = ErrorStage.LISTING.value
     known = {(e.get("source"), e.get("stage")) for e in errors}

@@ -27,6 +27,12 @@ import pyarrow.parquet as pq
 from storymem_model import storage
 from storymem_model.records import Record, arrow_field
 
+# Objects of our own, read back with a limit all the same (storage is shared, a file can
+# be replaced or damaged): a story's shots.parquet (at most 200 shots), the run's tables.
+MAX_STORY_TABLE_BYTES = 64 * 1024 * 1024  # = actors.story_worker.MAX_SHOTS_TABLE_BYTES
+MAX_RUN_TABLE_BYTES = 1024 * 1024 * 1024
+MAX_SUMMARY_BYTES = 16 * 1024 * 1024
+
 
 class StoryStatus(str, enum.Enum):
     RENDERED = "rendered"  # committed by this run
@@ -139,7 +145,8 @@ def write_shots(uri: str, run_id: str, story_shot_tables: Iterable[str]) -> tupl
     schema = None
     rows = 0
     for table_uri in story_shot_tables:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(table_uri)))
+        table = pq.read_table(io.BytesIO(storage.read_bytes(
+            table_uri, max_bytes=MAX_STORY_TABLE_BYTES)))
         if "run_id" not in table.column_names:
             table = table.append_column("run_id", pa.array([run_id] * len(table), pa.string()))
         if writer is None:
@@ -161,6 +168,22 @@ def write_shots(uri: str, run_id: str, story_shot_tables: Iterable[str]) -> tupl
     shots_uri = storage.join(uri, "shots.parquet")
     storage.write_bytes(shots_uri, sink.getvalue())
     return shots_uri, rows
+
+
+def read_run_table(uri: str) -> list[dict]:
+    """The rows of a run table (stories/errors.parquet), [] when it does not exist;
+    TooLarge past MAX_RUN_TABLE_BYTES."""
+    try:
+        data = storage.read_bytes(uri, max_bytes=MAX_RUN_TABLE_BYTES)
+    except FileNotFoundError:
+        return []
+    return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+def read_summary(uri: str) -> dict:
+    """A run's summary.json (FileNotFoundError when the run has none yet)."""
+    return json.loads(storage.read_bytes(storage.join(uri, "summary.json"),
+                                         max_bytes=MAX_SUMMARY_BYTES))
 
 
 def write_summary(uri: str, summary: dict) -> str:

@@ -25,6 +25,7 @@ import pytest
 
 from conftest import SMALL_TINY_FLAGS
 from pipelines.batch.recorder import ERROR_PARTS, STORY_PARTS, read_parts
+from pipelines.batch.worker_logs import invocation_sections
 from pipelines.run_tables import ErrorRow, StoryRow
 from storymem_model import storage
 from storymem_model.story_script import load_script
@@ -58,7 +59,7 @@ def _command(scripts: Path, out: Path) -> list[str]:
     storymem = Path(sys.executable).with_name("storymem")
     return [str(storymem), "batch", "--scripts", str(scripts), "--out", str(out),
             "--run-id", RUN_ID, "--workers", "1", "--cpus-per-worker", "0.25",
-            "--progress", "log", *SMALL_TINY_FLAGS]
+            "--progress", "log", "--log-flush", "0.5", *SMALL_TINY_FLAGS]
 
 
 def _env() -> dict:
@@ -130,6 +131,7 @@ def test_killed_driver_keeps_its_rows_and_the_same_command_continues(tmp_path,
 
     # What the killed driver knew is on storage, though it never finished the run.
     assert not (run / "summary.json").exists() and not (run / "errors.parquet").exists()
+    assert (run / "logs" / "parts" / f"storymem-{RUN_ID}-worker-0").is_dir()  # its log
     errors = read_parts(parts, ERROR_PARTS, ErrorRow)
     assert sorted((e.position, e.stage, e.error_type) for e in errors.values()) == [
         (0, "listing", "ScriptError"), (1, "listing", "ScriptError")]
@@ -169,7 +171,12 @@ def test_killed_driver_keeps_its_rows_and_the_same_command_continues(tmp_path,
         assert [p.name for p in (out / story_id).iterdir()] == [first.config_hash]
     # the first story was not rendered again
     assert (first_story / "_COMMITTED.json").read_bytes() == committed_before
-    assert ids[0] not in (run / "logs" / f"storymem-{RUN_ID}-worker-0.log").read_text()
+    # the killed invocation's worker log survived (flushed as it ran); the continuation's
+    # part of it shows the first story was not rendered again
+    sections = invocation_sections(
+        (run / "logs" / f"storymem-{RUN_ID}-worker-0.log").read_text())
+    assert len(sections) == 2
+    assert ids[0] in sections[0] and ids[0] not in sections[1]
     errors = _table(run / "errors.parquet")
     assert [(r["position"], r["stage"], r["error_type"]) for r in errors] == [
         (0, "listing", "ScriptError"), (1, "listing", "ScriptError")]

@@ -153,3 +153,73 @@ def test_events_are_typed_and_describe_themselves_for_the_worker_logs():
     assert WorkerLog(worker="w", pid=1, level="INFO", message="ready").describe() == "ready"
     with pytest.raises(Exception):
         event.pid = 8  # frozen
+
+
+# ---------------------------------------------------------------------------------------
+# Worker logs reach storage as the run goes; leftovers of killed writes; bounded parts.
+def _log_event(worker: str, message: str) -> WorkerLog:
+    return WorkerLog(worker=worker, pid=1, level="INFO", message=message)
+
+
+def test_worker_logs_are_on_storage_as_the_run_goes_and_compacted_per_worker(
+        tmp_path, monkeypatch):
+    import pipelines.batch.worker_logs as worker_logs
+    from pipelines.batch.worker_logs import WorkerLogs, invocation_sections
+
+    run = str(tmp_path / "runs" / "r")
+    first = WorkerLogs(run, flush_s=0.0, invocation="20260101T000000Z-aaaaaa")
+    first.write(_log_event("w-0", "story kite: attempt 1"))
+    first.write(StoryFailed(story_id="fox", attempts=3, error_type="E", message="boom"))
+    first.flush()  # what the driver does every loop
+    parts = storage.list_files(f"{run}/logs/parts")
+    assert parts == ["driver/20260101T000000Z-aaaaaa-0000.log",
+                     "w-0/20260101T000000Z-aaaaaa-0000.log"]
+    assert "story kite" in (tmp_path / "runs/r/logs/parts/w-0" /
+                            "20260101T000000Z-aaaaaa-0000.log").read_text()
+    del first  # the driver is killed here: what was flushed stays
+
+    monkeypatch.setattr(worker_logs, "SEGMENT_BYTES", 200)  # segments roll over
+    again = WorkerLogs(run, flush_s=3600.0, invocation="20260101T010000Z-bbbbbb")
+    for i in range(6):
+        again.write(_log_event("w-0", f"continued line {i} " + "x" * 40))
+    again.flush()  # too early: nothing more is written (only full segments were)
+    segments = storage.list_files(f"{run}/logs/parts/w-0")
+    assert len(segments) == 3 and segments[-1].endswith("bbbbbb-0001.log")
+    uris = again.compact()
+    assert [u.rsplit("/", 1)[1] for u in uris] == ["driver.log", "w-0.log"]
+    text = (tmp_path / "runs/r/logs/w-0.log").read_text()
+    first_part, second_part = invocation_sections(text)
+    assert first_part.startswith("20260101T000000Z-aaaaaa ===") and "story kite" in first_part
+    assert [f"continued line {i}" in second_part for i in range(6)] == [True] * 6
+    assert "story kite" not in second_part
+
+
+def test_unfinished_writes_of_a_killed_process_are_removed(tmp_path):
+    from pipelines.batch.unfinished_writes import remove_unfinished_writes
+
+    story = tmp_path / "out" / "kite" / "abc"
+    (story / "shots").mkdir(parents=True)
+    leftover = story / "shots" / f".01_02.mp4.{'a1' * 16}.tmp"
+    leftover.write_bytes(b"half a video")
+    (story / "shots" / "01_01.mp4").write_bytes(b"video")
+    (story / ".hidden.tmp").write_text("not one of ours")
+    assert remove_unfinished_writes(str(tmp_path / "out")) == [str(leftover)]
+    assert sorted(p.name for p in story.rglob("*")) == [".hidden.tmp", "01_01.mp4", "shots"]
+    assert remove_unfinished_writes(str(tmp_path / "nowhere")) == []
+    assert remove_unfinished_writes("s3://bucket/out") == []  # PUTs leave nothing behind
+
+
+def test_a_continued_run_removes_leftovers_and_refuses_oversized_parts(tmp_path, monkeypatch):
+    import pipelines.batch.recorder as recorder_module
+
+    out = str(tmp_path / "out")
+    first = RunRecorder.open(out, "night")
+    first.record_story(_story_row("night", 0, "kite", out=out))
+    parts = tmp_path / "out" / "runs" / "night" / "parts" / "stories"
+    leftover = parts / f".000000001-fox.json.{'b2' * 16}.tmp"
+    leftover.write_text('{"half": ')  # the killed driver's last write
+    again = RunRecorder.open(out, "night")
+    assert not leftover.exists() and again.recorded_before == 1
+    monkeypatch.setattr(recorder_module, "MAX_PART_BYTES", 50)
+    with pytest.raises(storage.StorageError, match=r"000000000-kite.json \(\d+ bytes\)"):
+        RunRecorder.open(out, "night")

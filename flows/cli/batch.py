@@ -89,12 +89,20 @@ def add_batch_command(subparsers) -> argparse.ArgumentParser:
                               help="how long a scorer request waits for others to fill a batch")
     scorer_group.add_argument("--scorer-gpus", type=float, default=0.0,
                               help="GPUs per scorer actor")
+    scorer_group.add_argument("--scorer-restarts", type=int, default=3,
+                              help="Ray restarts of a crashed scorer actor; past them the "
+                                   "driver replaces it (at most 2 x actors per run, then the "
+                                   "batch stops with the error)")
     parser.add_argument("--consistency", action="store_true",
                         help="add per-story cross-shot consistency (CLIP frame-average shot "
                              "embeddings, storymem_model.evaluation.metrics.story_consistency) "
                              "to stories.parquet")
     parser.add_argument("--progress", choices=["auto", "bar", "log"], default="auto",
                         help="a progress bar on a terminal (auto), always a bar, or log lines")
+    parser.add_argument("--log-flush", type=float, default=10.0, metavar="SECONDS",
+                        help="write the worker logs to OUT/runs/RUN_ID/logs/ at least this "
+                             "often while the run goes (a killed driver loses at most this "
+                             "much of them)")
     add_lock_arguments(parser)
     add_model_arguments(parser)
     parser.set_defaults(func=run_batch_command)
@@ -115,9 +123,9 @@ def batch_options_from_args(args: argparse.Namespace):
             scorers=ScorerPoolOptions(
                 clip_actors=args.clip_actors, gate_actors=args.gate_actors,
                 max_batch_size=args.scorer_batch_size, max_wait_s=args.scorer_max_wait,
-                gpus_per_actor=args.scorer_gpus),
+                gpus_per_actor=args.scorer_gpus, max_restarts=args.scorer_restarts),
             consistency=args.consistency, progress=args.progress,
-            lock_ttl_s=args.lock_ttl, lock_wait_s=args.wait_lock)
+            lock_ttl_s=args.lock_ttl, lock_wait_s=args.wait_lock, log_flush_s=args.log_flush)
     except SpecError as exc:
         raise ArgumentsError(str(exc)) from None
 

@@ -96,7 +96,8 @@ def _render_locked(args, spec, scripts, results: list, failures: list) -> int | 
     from tqdm.auto import tqdm
 
     from pipelines.batch.output_lock import OutputLock, OutputLockedError
-    from storymem_model import storage
+    from pipelines.batch.unfinished_writes import remove_unfinished_writes
+    from storymem_model import output_layout, storage
     from storymem_model.runner import RenderError
 
     lock = OutputLock(args.out, "render", owner=f"storymem render ({_process()})",
@@ -129,6 +130,9 @@ def _render_locked(args, spec, scripts, results: list, failures: list) -> int | 
                 continue
             finally:
                 progress.close()
+                # we hold the lock: temporary files of a killed earlier render are leftovers
+                remove_unfinished_writes(output_layout.story_uri(
+                    args.out, script.story_id, spec.config_hash))
             results.append(result)
             log.info("story %s %s: %s and %s", script.story_id, result.status,
                      result.video_uri, result.parquet_uri)

@@ -16,8 +16,9 @@
 3. The feed (`story_feed`) hands a worker the next story when it is free; the recorder
    (`recorder`) writes each story outcome and error row as its own part the moment it is
    known; the view (`progress`) and the per-worker logs (`worker_logs`) follow the events.
+   Worker logs reach storage every `log_flush_s` seconds (`worker_logs`).
 4. At the end: the parts are compacted into stories.parquet / shots.parquet /
-   errors.parquet, logs uploaded, summary.json written last.
+   errors.parquet, the log segments into one log per worker, summary.json last.
 
 A story is in flight on one worker at a time, every file has a deterministic key and
 stories resume from their last committed shot, so a retried story, a replaced worker or a
@@ -46,6 +47,7 @@ from pipelines.batch.slots import StoryTask, WorkerSlot
 from pipelines.batch.spec import BatchSpec
 from pipelines.batch.story_feed import StoryFeed
 from pipelines.batch.summary import BatchSummary, SummaryTables, scorer_request_counts
+from pipelines.batch.unfinished_writes import remove_unfinished_writes
 from pipelines.batch.worker_logs import WorkerLogs
 from pipelines.batch.worker_pool import (StoryRaised, StoryReturned, WorkerDiedUnderStory,
                                          WorkerPool, WorkerStarted, WorkerStartFailed)
@@ -145,7 +147,7 @@ class BatchDriver:
         self.progress = ray.remote(num_cpus=0)(ProgressReporter).options(
             name=f"{prefix}-progress").remote()
         self.view = ProgressView(self.run_id, self.options.progress)
-        self.logs = WorkerLogs(self.run_id)
+        self.logs = WorkerLogs(self.recorder.uri, flush_s=self.options.log_flush_s)
         self.pool = WorkerPool(self.run_id, self.spec.render, self.options, self.spec.out,
                                self.scorer_pools, self.progress, self.wrap_pipeline_for_tests)
         try:
@@ -218,6 +220,7 @@ class BatchDriver:
             completions = self.pool.wait(POLL_S)
             self._drain_progress()
             self._supervise_scorers()
+            self.logs.flush()
             for completion in completions:
                 self._handle(completion)
             for slot in self.pool.kill_overdue():
@@ -292,6 +295,7 @@ class BatchDriver:
         shots = max(outcome.shots_rendered, self.shot_events[story.story_id])
         self.shots_now += shots
         self.story_wall_s += outcome.wall_s
+        remove_unfinished_writes(story.story_uri)  # of attempts whose worker was killed
         consistency = outcome.consistency
         self.recorder.record_story(StoryRow(
             run_id=self.run_id, position=story.position, source=story.source,
@@ -319,6 +323,7 @@ class BatchDriver:
                   error_type, message)
         shots = self.shot_events[story.story_id]
         self.shots_now += shots
+        remove_unfinished_writes(story.story_uri)
         # The error part first: a failed story row always has its error row on storage.
         self.recorder.record_error(ErrorRow(
             run_id=self.run_id, position=story.position, stage=ErrorStage.RENDER.value,
@@ -358,7 +363,7 @@ class BatchDriver:
         wall_s = time.time() - self.started
         scorer_stats = self.scorer_pools.stats() if self.scorer_pools is not None else {}
         tables = self.recorder.finish()
-        log_uris = self.logs.upload(self.recorder.uri)
+        log_uris = self.logs.compact()
         counts = self.recorder.counts()
         failed = counts[StoryStatus.FAILED.value] + counts["invalid"]
         requests, batches = scorer_request_counts(scorer_stats)

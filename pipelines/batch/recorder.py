@@ -9,8 +9,9 @@ is killed loses nothing it had recorded. At the end `finish()` compacts the part
 stories.parquet / errors.parquet (and shots.parquet, `pipelines.run_tables`); the parts
 stay, small, as the run's journal.
 
-Continuing: `RunRecorder.open(out, run_id)` reads the parts an earlier invocation of the
-same run id left; the driver does not render again a story whose outcome is recorded
+Continuing: `RunRecorder.open(out, run_id)` removes what writes of a killed invocation
+left unfinished (`unfinished_writes`) and reads the parts it recorded (each part is
+size-checked before it is read: a part over `MAX_PART_BYTES` is a StorageError naming it); the driver does not render again a story whose outcome is recorded
 (`recorded_story`), and rows recorded again (an invalid script listed again) replace
 their earlier part. A run id therefore names one listing: continue it with the same
 `--scripts`.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import posixpath
 
+from pipelines.batch.unfinished_writes import remove_unfinished_writes
 from pipelines.run_tables import (ErrorRow, RunTableUris, StoryRow, count_statuses, run_uri,
                                   write_run_tables)
 from storymem_model import storage
@@ -27,6 +29,7 @@ from storymem_model import storage
 PARTS_DIR = "parts"
 STORY_PARTS = "stories"
 ERROR_PARTS = "errors"
+MAX_PART_BYTES = 1024 * 1024  # a row part is a few hundred bytes; an error message a few KB
 
 
 class RunRecorder:
@@ -44,6 +47,7 @@ class RunRecorder:
     def open(cls, out: str, run_id: str) -> "RunRecorder":
         """A recorder holding every part already on storage for this run id."""
         recorder = cls(out, run_id)
+        remove_unfinished_writes(recorder.uri)  # we hold the output lock: they are leftovers
         for key, row in read_parts(recorder.parts_uri, STORY_PARTS, StoryRow).items():
             recorder._stories[key] = row
         for key, row in read_parts(recorder.parts_uri, ERROR_PARTS, ErrorRow).items():
@@ -97,13 +101,29 @@ def error_part_key(position: int, stage: str) -> str:
 
 
 def read_parts(parts_uri: str, kind: str, record_cls) -> dict:
-    """{key: record} of the parts of one kind under `parts_uri` (fetched concurrently)."""
+    """{key: record} of the parts of one kind under `parts_uri` (fetched concurrently, each
+    size-checked first)."""
     folder = storage.join(parts_uri, kind)
-    names = [n for n in storage.list_files(folder) if n.endswith(".json") and "/" not in n]
+    fs, root = storage.filesystem(folder)
+    root = root.rstrip("/")
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache(root)
+    if not fs.exists(root):
+        return {}
+    sizes = {}
+    for path, info in fs.find(root, maxdepth=1, detail=True).items():
+        name = posixpath.basename(path)
+        if name.endswith(".json") and not name.startswith("."):
+            sizes[name] = (path, int(info.get("size") or 0))
+    too_big = [f"{folder}/{n} ({size} bytes)" for n, (_, size) in sorted(sizes.items())
+               if size > MAX_PART_BYTES]
+    if too_big:
+        raise storage.StorageError(f"run part(s) larger than the limit of {MAX_PART_BYTES} "
+                                   f"bytes, not read: {', '.join(too_big)}")
+    names = sorted(sizes)
     if not names:
         return {}
-    fs, root = storage.filesystem(folder)
-    paths = [posixpath.join(root, name) for name in names]
+    paths = [sizes[name][0] for name in names]
     contents = fs.cat(paths)
     out = {}
     for name, path in zip(names, paths):
