@@ -90,8 +90,9 @@ def test_base_weights_are_bit_identical(reference):
     for expert in ("high", "low"):
         weights = card["base_weights"][expert]
         assert weights["unchanged"] and weights["sha256_before"] == weights["sha256_after"]
-        fresh = ExpertTrainer(ModelSpec(preset="tiny"), expert, rank=8, alpha=8.0, seed=0,
-                              optim=OptimSettings(1e-3, 0, 0.0, 1.0, 1), device=torch.device("cpu"), parallel="ddp")
+        fresh = ExpertTrainer.load(ModelSpec(preset="tiny"), expert, rank=8, alpha=8.0, seed=0,
+                                   optim=OptimSettings(1e-3, 0, 0.0, 1.0, 1), device=torch.device("cpu"),
+                                   parallel="ddp")
         assert fresh.base_weights_sha256() == weights["sha256_before"]
 
 

@@ -42,7 +42,8 @@ def _summary(rows: list[dict], expert: str) -> dict:
             "mean_loss_first_steps": sum(r["loss"] for r in head) / len(head),
             "mean_loss_last_steps": sum(r["loss"] for r in tail) / len(tail),
             "min_loss": min(r["loss"] for r in mine),
-            "median_samples_per_s": sorted(rates)[len(rates) // 2]}
+            "median_samples_per_s": sorted(rates)[len(rates) // 2],
+            "peak_memory_gib_per_worker": max(r.get("peak_memory_gib") or 0.0 for r in mine)}
 
 
 def training_card(spec: FitSpec, *, manifest: dict, manifest_sha256: str, lora_dir: str,

@@ -54,6 +54,16 @@ class StepResult:
     loss: float        # mean over micro-steps and ranks
     grad_norm: float   # before clipping
     lr: float          # the learning rate this step used
+    peak_memory_gib: float  # the largest peak of any rank (GPU: allocated; CPU: process RSS)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory so far: allocated GPU memory, or the process's peak RSS."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB
 
 
 def warmup_factor(warmup_steps: int):
@@ -67,17 +77,26 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def compute_dtype_for(device) -> torch.dtype:
+    """bf16 on a GPU, fp32 on the CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 class ExpertTrainer:
-    def __init__(self, model: ModelSpec, expert: str, *, rank: int, alpha: float, seed: int,
-                 optim: OptimSettings, device: torch.device, parallel: str = "fsdp",
-                 gradient_checkpointing: bool = True):
-        self.expert_name = expert
+    """`ExpertTrainer.load(model_spec, expert, ...)` for a fit; `ExpertTrainer(module, ...)`
+    for an expert already built (the benchmark's random full-size one)."""
+
+    @classmethod
+    def load(cls, model: ModelSpec, expert: str, *, device: torch.device, **kwargs) -> "ExpertTrainer":
+        return cls(load_expert(model, expert, compute_dtype_for(device)), device=device, **kwargs)
+
+    def __init__(self, module, *, rank: int, alpha: float, seed: int, optim: OptimSettings,
+                 device: torch.device, parallel: str = "fsdp", gradient_checkpointing: bool = True):
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
-        self.compute_dtype = torch.bfloat16 if self.on_gpu else torch.float32
+        self.compute_dtype = compute_dtype_for(self.device)
         self.optim = optim
         self.parallel = parallel
-        module = load_expert(model, expert, self.compute_dtype)
         add_lora(module, rank, alpha, seed)
         if gradient_checkpointing:
             module.enable_gradient_checkpointing()
@@ -153,11 +172,15 @@ class ExpertTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        peak = torch.tensor(peak_memory_gib(self.device), dtype=torch.float64)
         if _world() > 1:
             reduced = total.to(torch.float32).to(self._comm_device())
             dist.all_reduce(reduced)
             total = reduced.cpu().double() / _world()
-        return StepResult(loss=float(total), grad_norm=float(norm), lr=float(lr))
+            largest = peak.to(torch.float32).to(self._comm_device())
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+            peak = largest.cpu().double()
+        return StepResult(loss=float(total), grad_norm=float(norm), lr=float(lr), peak_memory_gib=float(peak))
 
     def _comm_device(self) -> torch.device:
         return self.device if self.on_gpu else torch.device("cpu")

@@ -11,7 +11,9 @@ from storymem_model.records import Record
 class MetricRow(Record):
     """One optimiser step: `loss` is the flow-matching MSE averaged over the step's samples
     (all ranks, all micro-steps), `lr` the learning rate it used, `samples_per_s` the
-    step's samples over its wall time (data reading, forward, backward, optimiser)."""
+    step's samples over its wall time (data reading, forward, backward, optimiser),
+    `peak_memory_gib` the largest peak of any worker so far (GPU: allocated memory; CPU:
+    the worker process's peak RSS)."""
 
     step: int
     expert: str
@@ -21,6 +23,7 @@ class MetricRow(Record):
     grad_norm: float
     seconds: float
     samples_seen: int
+    peak_memory_gib: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -96,9 +96,9 @@ class TrainingRun:
         resuming = self.state["expert"] == expert
         step = self.state["step"] if resuming else 0
         samples_seen = self.state["samples_seen"] if resuming else 0
-        trainer = ExpertTrainer(spec.model, expert, rank=spec.rank, alpha=spec.alpha, seed=spec.seed,
-                                optim=OptimSettings.of(spec), device=self.device, parallel=spec.parallel,
-                                gradient_checkpointing=spec.gradient_checkpointing)
+        trainer = ExpertTrainer.load(spec.model, expert, rank=spec.rank, alpha=spec.alpha, seed=spec.seed,
+                                     optim=OptimSettings.of(spec), device=self.device, parallel=spec.parallel,
+                                     gradient_checkpointing=spec.gradient_checkpointing)
         if resuming and self.trainer_state is not None:
             trainer.load_state(self.trainer_state)
         self.trainer_state = None
@@ -114,7 +114,7 @@ class TrainingRun:
             seconds = time.perf_counter() - started
             row = MetricRow(step=step, expert=expert, loss=result.loss, lr=result.lr,
                             samples_per_s=self.world * spec.grad_accum / seconds, grad_norm=result.grad_norm,
-                            seconds=seconds, samples_seen=samples_seen)
+                            seconds=seconds, samples_seen=samples_seen, peak_memory_gib=result.peak_memory_gib)
             self.metrics.append(row.to_row())
             if self.rank == 0 and (step % LOG_EVERY == 0 or step == spec.steps):
                 log.info("%s step %d/%d loss %.5f lr %.3g %.2f samples/s", expert, step, spec.steps,
