@@ -63,12 +63,19 @@ def test_dataset_flow_output_trains_a_lora_that_renders(s3_endpoint, ray_cluster
     for g in groups:  # each clip keeps its shot index as its order
         assert g["order"] == next(r["shot_index"] for r in stories if r["video_uri"] == g["clip_uri"])
 
-    fit = str(tmp_path / "fit")
+    fit = str(tmp_path / "fit")  # the high-noise expert only, DDP over 2 workers
     assert main(["train", "fit", "--data", prepared, "--out", fit, "--preset", "tiny", "--steps", "4",
-                 "--workers", "1", "--cpus-per-worker", "0.5", "--lr", "1e-3", "--warmup-steps", "1",
-                 "--checkpoint-every", "2"]) == 0
-    assert json.loads(open(f"{fit}/training_card.json").read())["steps"] == {"high": 4, "low": 4}
+                 "--expert", "high", "--parallel", "ddp", "--workers", "2", "--cpus-per-worker", "0.5",
+                 "--lr", "1e-3", "--warmup-steps", "1", "--checkpoint-every", "2"]) == 0
+    card = json.loads(open(f"{fit}/training_card.json").read())
+    assert card["steps"] == {"high": 4} and card["parallelism"]["mode"] == "ddp"
     assert sorted(os.listdir(f"{fit}/lora")) == ["backbone_high_noise.safetensors", "backbone_low_noise.safetensors"]
+    origins = {v["expert"]: v["origin"] for v in card["lora_files"].values()}
+    assert origins == {"high": "trained", "low": "zero"}  # the untrained expert: a LoRA that changes nothing
+    from safetensors.torch import load_file
+
+    assert not any(t.any() for t in load_file(f"{fit}/lora/backbone_low_noise.safetensors").values())
+    assert any(t.any() for t in load_file(f"{fit}/lora/backbone_high_noise.safetensors").values())
 
     script = tmp_path / "story.json"
     script.write_text(json.dumps(SCRIPTS["market.json"]))
