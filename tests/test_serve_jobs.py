@@ -113,6 +113,34 @@ def test_per_key_quotas_hold_under_concurrent_requests(where, tmp_path, request)
         429, "quota_exceeded", "max_stored_bytes_per_key")
 
 
+def test_job_records_read_while_being_rewritten_on_s3(s3_bucket):
+    """GET /v1/stories reads job.json while the job's replica rewrites it after every shot.
+    A bounded read must get the old or the new record, never fail: reading with open()
+    checked the ETag it saw first and failed when the object changed in between (190 of
+    300 reads here); storage.read_bytes(max_bytes) now makes one ranged GET."""
+    registry = JobRegistry(s3_bucket + "/serve")
+    job = registry.create(StoryJob(job_id=new_job_id(), scope="scopeA",
+                                   status=JobStatus.RUNNING, story_id="s", config_hash="c",
+                                   shots_total=100, seed=0, transition="none"), {})
+    stop = threading.Event()
+
+    def progress():
+        done = 0
+        while not stop.is_set():
+            done = (done + 1) % 100
+            job.shots_done = done
+            registry.save(job)
+
+    writer = threading.Thread(target=progress)
+    writer.start()
+    try:
+        read = [registry.get("scopeA", job.job_id).shots_done for _ in range(150)]
+    finally:
+        stop.set()
+        writer.join()
+    assert len(read) == 150 and len(set(read)) > 1  # it really changed while being read
+
+
 # -- story jobs on a replica --------------------------------------------------------------------
 class Replica:
     """What a generation replica holds for story jobs, in this process."""
