@@ -216,6 +216,28 @@ NEW_STORY = {"lighthouse.json": {"story_name": "Lighthouse Keeper", "scenes": [
      "cut": [True]}]}}
 
 
+class LockCheckingJobClient(FakeJobClient):
+    """The fake job server, noting who holds the output lock when the job starts and after
+    it ended: the flow hands its lease over, the job's driver takes it by its token."""
+
+    def __init__(self, out: str):
+        super().__init__()
+        self.out = out
+        self.lock_at_start = self.lock_at_end = None
+        self.token = None
+
+    def submit_job(self, *, entrypoint, submission_id, **kwargs):
+        from flows.output_lock import read_lock
+
+        spec = BatchSpec.from_json(storage.read_bytes(shlex.split(entrypoint)[-1]))
+        self.token = spec.lock_token
+        self.lock_at_start = read_lock(self.out)
+        result = super().submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                    **kwargs)
+        self.lock_at_end = read_lock(self.out)
+        return result
+
+
 def test_cluster_path_submits_the_batch_spec_as_one_ray_job_and_attaches_on_retry(
         nightly, s3_endpoint, monkeypatch):
     """On a cluster the flow resolves the config hash too: of the nightly scripts plus one
@@ -226,7 +248,7 @@ def test_cluster_path_submits_the_batch_spec_as_one_ray_job_and_attaches_on_retr
 
     source = support.upload_scripts(s3_endpoint, nightly["bucket"], "scripts-cluster",
                                     extra=NEW_STORY)
-    fake = FakeJobClient()
+    fake = LockCheckingJobClient(nightly["out"])
     monkeypatch.setattr(ray_job, "client_for", lambda address: fake)
     state = nightly_render(source, nightly["out"], **support.tiny_specs(),
                            run_id="night-cluster", ray_address="http://head:8265",
@@ -250,6 +272,12 @@ def test_cluster_path_submits_the_batch_spec_as_one_ray_job_and_attaches_on_retr
     assert (summary["rendered"], summary["already_committed"], summary["invalid"]) == (1, 3, 1)
     assert (summary["batch_summary"]["rendered"], summary["batch_summary"]["skipped"]) == (1, 0)
     assert len(_markers(nightly["out"])) == 4
+    # the flow handed its output lock to the job: the job's driver took it by its token
+    # and released it when it ended; nobody holds it after the flow
+    assert fake.token and fake.lock_at_start["token"] == fake.token
+    assert fake.lock_at_start["owner"].startswith("storymem-nightly-render run night-cluster")
+    assert fake.lock_at_end is None
+    assert not storage.exists(storage.join(nightly["out"], "_locks", "render.json"))
 
 
 def test_submission_ids_are_stable_and_safe():
@@ -260,3 +288,31 @@ def test_submission_ids_are_stable_and_safe():
     assert a != submission_id_for("nightly", "s3://b/other", "night 1/x")
     assert a != submission_id_for("nightly", "s3://b/out", "night 1/x", attempt=2)
     assert all(c.isalnum() or c in "-_" for c in a)
+
+
+def test_a_deeply_nested_script_is_an_invalid_row_and_the_night_goes_on(nightly, s3_endpoint):
+    """A 286-byte script nested 143 levels deep (json5 used to recurse out on it) among
+    the nightly scripts: one more invalid row, the run completes."""
+    from flows.nightly_render import nightly_render
+
+    source = support.upload_scripts(s3_endpoint, nightly["bucket"], "scripts-nested",
+                                    extra={"nested.json": "[" * 143 + "]" * 143})
+    state = nightly_render(source, nightly["out"], **support.tiny_specs(),
+                           run_id="night-nested", retry_backoff_s=0.2, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert (summary["already_committed"], summary["invalid"]) == (3, 2)
+    errors = {e["source"].rsplit("/", 1)[1]: e for e in _table(summary["errors_uri"])}
+    assert sorted(errors) == ["broken.json", "nested.json"]
+    assert errors["nested.json"]["error_type"] == "ScriptError"
+    assert "nested 143 levels deep, more than the limit of 32" in errors["nested.json"]["message"]
+
+
+def test_a_bad_run_id_fails_the_flow_before_anything_is_written(nightly):
+    from flows.nightly_render import nightly_render
+
+    for bad in ("night 1", "night/1", "-night"):
+        state = nightly_render(nightly["source"], nightly["out"], **support.tiny_specs(),
+                               run_id=bad, return_state=True)
+        assert state.is_failed() and "run_id" in state.message and repr(bad) in state.message
+        assert not storage.exists(storage.join(nightly["out"], "runs", bad.split("/")[0]))

@@ -3,7 +3,8 @@
 Pieces, one job each: `spec` (what to run), `driver` (composes the rest), `story_feed`
 (the next story: retries, then the script planner's items), `worker_pool` and `slots`
 (the supervised story worker actors), `recorder` (rows on storage as the run goes),
-`progress` and `worker_logs` (what a person sees), `summary` (the result).
+`progress` and `worker_logs` (what a person sees), `summary` (the result), `output_lock`
+(one writer per output), `unfinished_writes` (leftovers of killed writes).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pipelines.batch.spec import BatchOptions, BatchSpec, ScorerPoolOptions
 _LAZY = {
     "run_batch": "pipelines.batch.driver",
     "BatchError": "pipelines.batch.driver",
+    "OutputLockLost": "pipelines.batch.driver",
     "new_run_id": "pipelines.batch.driver",
     "BatchSummary": "pipelines.batch.summary",
 }
