@@ -117,9 +117,37 @@ def test_fit_on_data_that_is_not_prepared_fails_in_seconds(tmp_path, capsys):
 
     started = time.perf_counter()
     assert main(["train", "fit", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "tiny",
-                 "--steps", "2"]) == 1
+                 "--steps", "2"]) == 2
     assert "no committed prepared data" in capsys.readouterr().err
+    # prepared with another model: refused before training
+    (tmp_path / "_COMMITTED.json").write_text(json.dumps({"files": []}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "shards": [{"key": "s", "rows": 1}],
+                                                        "model": {"model_id": "wan-other"}}))
+    assert main(["train", "fit", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "tiny",
+                 "--steps", "2"]) == 2
+    assert "was prepared with model wan-other" in capsys.readouterr().err
     assert time.perf_counter() - started < 10
+
+
+def test_a_parquet_manifest_reads_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storymem_model.training.clip_manifest import clip_id_for, read_clip_inputs
+
+    path = tmp_path / "clips.parquet"
+    pq.write_table(pa.table({"clip_uri": ["a.mp4", "b.mp4", "c.mp4"], "caption": ["one", "two", "three"],
+                             "group_id": ["g", "g", None], "order": [1, 0, None]}), path)
+    clips, errors = read_clip_inputs(str(path))
+    assert errors == []
+    assert [(c.clip_uri, c.caption, c.group_id, c.order, c.position) for c in clips] == \
+        [("a.mp4", "one", "g", 1, 0), ("b.mp4", "two", "g", 0, 1), ("c.mp4", "three", None, None, 2)]
+    assert clips[0].clip_id == clip_id_for("a.mp4")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"clip_uri": "a.mp4", "caption": "x", "order": 2}\n{"clip_uri": "b.mp4", "caption": "y", '
+                   '"group_id": "g", "order": 1.5}\n')
+    clips, errors = read_clip_inputs(str(bad))
+    assert clips == [] and [e.reason for e in errors] == ["order without group_id", "order must be an integer, got 1.5"]
 
 
 def test_nothing_below_the_cli_takes_a_namespace():

@@ -105,8 +105,11 @@ def test_train_flow_prepares_fits_validates_and_publishes(ray_cluster, tmp_path)
     rc = main(["train", "flow", "--clips", clips, "--out", out, "--publish-to", publish, *TINY,
                "--workers", "1", "--cpus-per-worker", "0.5", "--steps", "2", "--lr", "1e-3", "--warmup-steps", "1",
                "--checkpoint-every", "2", "--validate-every", "2", "--validation-script", str(script),
-               "--validation-steps", "2"])
+               "--validation-steps", "2", "--grad-accum", "2"])
     assert rc == 0
+    metrics = pq.read_table(f"{out}/metrics.parquet").to_pylist()
+    assert [(m["expert"], m["step"], m["samples_seen"]) for m in metrics] == \
+        [("high", 1, 2), ("high", 2, 4), ("low", 1, 2), ("low", 2, 4)]  # 2 micro-steps of 1 worker
     validation = pq.read_table(f"{out}/validation.parquet").to_pylist()
     assert [(v["expert"], v["step"]) for v in validation] == [("high", 2), ("low", 2)]
     assert all(-1 <= v["consistency_all_pairs"] <= 1 and v["num_shot_pairs"] == 1 for v in validation)

@@ -1,7 +1,8 @@
 """`storymem train prepare|fit|flow`: make a StoryMem LoRA pair from a studio's own clips.
 
 Every flag becomes a typed spec here, once (`PrepareSpec`, `FitSpec`, `ValidationSpec`),
-checked before anything runs (exit status 2 in seconds for unusable flags); the Ray Data
+checked before anything runs (exit status 2 in seconds for unusable flags, data or model;
+1 when the work itself fails); the Ray Data
 preparation (`pipelines.training.prepare`), the Ray Train fit (`pipelines.training.fit`)
 and the Prefect flow (`flows.train_lora`) receive the specs. The model and scorer flags are
 the render's (`model_flags.model_spec_from_args`, `scorer_spec_from_args`), the subset
@@ -329,7 +330,7 @@ def run_prepare_command(args: argparse.Namespace) -> int:
 
 def run_fit_command(args: argparse.Namespace) -> int:
     from flows.cli.cli_logging import setup_cli_logging
-    from pipelines.training.fit import FitError, run_fit
+    from pipelines.training.fit import FitError, FitInputError, run_fit
     from storymem_model import storage
 
     setup_cli_logging()
@@ -340,6 +341,8 @@ def run_fit_command(args: argparse.Namespace) -> int:
         return _error("fit", exc)
     try:
         result = run_fit(spec)
+    except FitInputError as exc:  # unusable data or model: like bad flags
+        return _error("fit", exc)
     except FitError as exc:
         print(f"storymem train fit: {exc}", file=sys.stderr)
         return 1

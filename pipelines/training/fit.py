@@ -54,7 +54,11 @@ RUN_INDEPENDENT_FIELDS = ("out", "workers", "cpus_per_worker", "gpus_per_worker"
 
 
 class FitError(RuntimeError):
-    """A fit that cannot run or failed (names the reason)."""
+    """A fit that failed (names the reason)."""
+
+
+class FitInputError(FitError):
+    """A fit that cannot start: its data or model is unusable (names the problem)."""
 
 
 @dataclass
@@ -95,7 +99,7 @@ def check_data(spec: FitSpec) -> dict:
     manifest = read_manifest(spec.data)
     wanted = model_identity(spec.model).model_id
     if manifest["model"]["model_id"] != wanted:
-        raise FitError(f"{spec.data} was prepared with model {manifest['model']['model_id']}, but fit trains "
+        raise FitInputError(f"{spec.data} was prepared with model {manifest['model']['model_id']}, but fit trains "
                        f"{wanted}: prepare the clips with the model you train")
     return manifest
 
@@ -108,7 +112,7 @@ def run_fit(spec: FitSpec) -> FitResult:
     try:
         manifest = check_data(spec)
     except PreparedDataError as exc:
-        raise FitError(str(exc)) from None
+        raise FitInputError(str(exc)) from None
     card = _existing_card(spec)
     if card is not None:
         return FitResult(out=spec.out, lora_dir=storage.join(spec.out, LORA_DIR), card=card, skipped=True)
