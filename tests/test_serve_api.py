@@ -88,6 +88,7 @@ def _wait_job(client: Client, job_id: str, timeout_s: float = 240.0) -> dict:
     body = None
     while time.time() < deadline:
         body = client.get(f"/v1/stories/{job_id}").json()
+        assert "status" in body, body
         if body["status"] in ("succeeded", "failed"):
             return body
         time.sleep(0.5)
