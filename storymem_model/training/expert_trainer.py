@@ -16,8 +16,9 @@ one noised sample per micro-step:
   clipping of the global norm, AdamW, warm-up; only parameters named `lora_` require grad.
 
 State for checkpoints goes through `torch.distributed.checkpoint.state_dict` as full (not
-sharded) state dicts of the trainable weights and of the optimiser, so a checkpoint does
-not depend on the number of ranks and a resumed run continues bit for bit on the CPU.
+sharded) state dicts of the trainable weights and of the optimiser, gathered to rank 0's
+CPU memory, so a checkpoint does not depend on the number of ranks; every rank loads the
+full dicts on resume, and a resumed run continues bit for bit on the CPU.
 """
 from __future__ import annotations
 
@@ -188,11 +189,12 @@ class ExpertTrainer:
     # ---------------------------------------------------------------------------- state
     def state(self) -> dict:
         """Full state dicts of the LoRA weights and the optimiser, the scheduler state
-        (collective: every rank calls it; every rank gets the full values)."""
+        (collective: every rank calls it; gathered to rank 0's CPU memory - the other ranks
+        get empty dicts, so no GPU ever holds the whole LoRA and optimiser state)."""
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=False, ignore_frozen_params=True)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         lora = get_model_state_dict(self.model, options=options)
         optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         lora = {k: _full(v).detach().cpu().clone() for k, v in lora.items()}
@@ -208,20 +210,24 @@ class ExpertTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
 
     def base_weights_sha256(self) -> str:
-        """sha256 over every frozen weight of the expert (names and full values; collective):
-        the same before and after training proves the base weights were not touched."""
+        """sha256 over every frozen weight of the expert (names and full values), on rank 0
+        (collective: the other ranks help gather the shards and get ""): the same before
+        and after training proves the base weights were not touched."""
+        hashing = not dist.is_initialized() or dist.get_rank() == 0
         digest = hashlib.sha256()
         for name, parameter in sorted(self.module.named_parameters(), key=lambda item: item[0]):
             if ".lora_" in name:
                 continue
-            value = _full(parameter.detach()).cpu().contiguous()
-            digest.update(name.encode("utf-8"))
-            digest.update(str(value.dtype).encode("utf-8"))
-            digest.update(value.view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+            value = _full(parameter.detach())
+            if hashing:
+                value = value.cpu().contiguous()
+                digest.update(name.encode("utf-8"))
+                digest.update(str(value.dtype).encode("utf-8"))
+                digest.update(value.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest() if hashing else ""
 
     def trained_lora(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights, full, by module name (collective)."""
+        """The LoRA weights, full, by module name, on rank 0 (collective; other ranks get {})."""
         return self.state()["lora"]
 
 
