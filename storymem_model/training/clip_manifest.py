@@ -19,7 +19,7 @@ import posixpath
 from dataclasses import dataclass
 
 from storymem_model import storage
-from storymem_model.records import Record, arrow_field
+from storymem_model.records import Record
 
 MANIFEST_COLUMNS = ("clip_uri", "caption")
 DATASET_COLUMNS = ("video_uri", "prompt", "story_id", "shot_index")
