@@ -55,6 +55,25 @@ class RenderSpec(Spec):
         return self.config.config_hash()
 
 
+def default_steps(model: ModelSpec) -> int:
+    """The model's standard step count (40; the tiny preset's 4)."""
+    from storymem_model.presets import REAL_SHOT, TINY
+
+    return (TINY.shot if model.preset == "tiny" else REAL_SHOT).num_inference_steps
+
+
+def with_sampling_preset(spec: "RenderSpec", preset: str) -> RenderConfig:
+    """The spec's config rendering with another sampling preset: that preset's M2V sampling
+    replaces the config's (overrides given for the other preset do not carry over; T2V
+    sampling is unchanged). No file is read."""
+    from storymem_model.sampling import preset_sampling
+
+    if preset == spec.config.sampling_preset:
+        return spec.config
+    return spec.config.replace(sampling_preset=preset, sampling=preset_sampling(
+        preset, default_steps(spec.model)).as_dict())
+
+
 def model_defaults(model: ModelSpec, sampling_preset: str = "standard") -> ModelDefaults:
     """The ids, dtype, geometry, kernels and (preset) sampling defaults of a model, known
     before it loads."""
@@ -65,7 +84,7 @@ def model_defaults(model: ModelSpec, sampling_preset: str = "standard") -> Model
         raise ValueError("model_defaults needs a resolved ModelSpec (device and dtype)")
     identity = model_identity(model)
     shot = TINY.shot if model.preset == "tiny" else REAL_SHOT
-    steps = shot.num_inference_steps
+    steps = default_steps(model)
     return ModelDefaults(
         model_id=identity.model_id, lora_id=identity.lora_id,
         t2v_model_id=identity.t2v_model_id, dtype=model.dtype, height=shot.height,

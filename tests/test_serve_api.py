@@ -238,6 +238,28 @@ def test_single_shots_memory_images_and_modes(server):
     assert (t2v["mode"], t2v["num_frames"], t2v["memory_count"]) == ("t2v", 9, 0)
 
 
+def test_a_request_names_the_sampling_preset_and_gets_its_cost(server):
+    """`sampling_preset: fast` (the name `--sampling` and the Python specs use): 4
+    guidance-free evaluations instead of 2 x steps; the response says what the shot cost."""
+    base = {"prompt": "a kite over the dunes", "seed": 2, "return_video": "uri",
+            "sampling": {"num_frames": 9, "height": 32, "width": 32}}
+    standard = server.a.post("/v1/shots", json=base)
+    fast = server.a.post("/v1/shots", json={**base, "sampling_preset": "fast"})
+    assert standard.status_code == fast.status_code == 200, (standard.text, fast.text)
+    steps = 4  # the tiny preset's standard step count
+    assert (standard.json()["sampling_preset"], standard.json()["model_evaluations"]) == (
+        "standard", 2 * steps)
+    assert (fast.json()["sampling_preset"], fast.json()["model_evaluations"]) == ("fast", 4)
+    assert fast.json()["video_sha256"] != standard.json()["video_sha256"]
+    assert fast.json()["timings_s"]["denoise"] > 0
+    # a fast step list fixes the step count: an explicit other count is refused by name
+    clash = server.a.post("/v1/shots", json={**base, "sampling_preset": "fast",
+                                             "sampling": {"num_inference_steps": 2}})
+    assert clash.status_code == 422 and clash.json()["error"] == "invalid_sampling"
+    assert server.a.post("/v1/shots", json={**base, "sampling_preset": "turbo"}
+                         ).status_code == 422
+
+
 def test_single_shot_is_the_story_shot_step(server):
     """POST /v1/shots is `ShotStep` (plan -> generate -> select -> write): its files are in
     the story layout, its video is the bytes ShotStep makes in process from the same

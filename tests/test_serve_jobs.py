@@ -149,6 +149,7 @@ class Replica:
                  claim_ttl_s: float | None = None):
         from pipelines.serve.job_runner import StoryJobs, job_config
         from pipelines.serve.pipeline_lock import SerializedPipeline
+        from pipelines.serve.session_state import PresetConfigs
         from storymem_model.runner import StoryRunner
 
         self.root = settings.storage_root
@@ -156,7 +157,7 @@ class Replica:
         self.usage = UsageIndex(self.root, owner=worker)
         self.executor = JobExecutor(workers, settings.limits.max_queued_jobs)
         pipeline = SerializedPipeline(pipe)
-        config = settings.render.config
+        config = PresetConfigs(settings.render)
         self.jobs = StoryJobs(
             self.registry, self.usage, self.executor, settings.limits, config, worker,
             claim_ttl_s=claim_ttl_s or settings.job_stale_after_s,
@@ -304,15 +305,15 @@ def test_job_failures_reach_clients_sanitised_with_a_request_id(pipe, monkeypatc
 def test_one_shot_at_a_time_per_session_across_replicas(pipe, monkeypatch, tmp_path):
     from pipelines.serve.pipeline_lock import SerializedPipeline
     from pipelines.serve.schemas import SessionCreate, SessionShotRequest
-    from pipelines.serve.session_state import (create_session, exclusive_session_shot,
-                                               open_session)
+    from pipelines.serve.session_state import (PresetConfigs, create_session,
+                                               exclusive_session_shot, open_session)
     from pipelines.serve.sessions import SessionStore
 
     settings = _serve_settings(monkeypatch, tmp_path)
     store, usage = SessionStore(settings.storage_root), UsageIndex(settings.storage_root, "x")
     model = SerializedPipeline(pipe)
     record = create_session(store, usage, settings.limits, model, None,
-                            settings.render.config, "scopeA", SessionCreate(seed=5), [])
+                            PresetConfigs(settings.render), "scopeA", SessionCreate(seed=5), [])
     sid = record.session_id
     # Two replicas, each with the session open (or one replica whose cached copy was
     # evicted while a shot ran).

@@ -384,3 +384,33 @@ def test_bad_retention_job_and_prefix_flags_exit_2(argv, message, monkeypatch, c
         status = exc.code
     assert status == 2
     assert message in capsys.readouterr().err
+
+
+def test_requests_may_name_the_sampling_preset(tmp_path):
+    """`sampling_preset` in a shot, session or story request: the same name as
+    `--sampling` and `RenderSettings.sampling_preset`, the preset's sampling in the config."""
+    from pipelines.serve.schemas import SessionCreate, ShotRequest, StoryRequest
+    from pipelines.serve.session_state import PresetConfigs, story_config
+    from storymem_model.render_spec import resolve_render_spec
+    from storymem_model.specs import ModelSpec, RenderSettings, ScorerSpec
+
+    render = resolve_render_spec(ModelSpec(preset="tiny"), ScorerSpec(preset="tiny"),
+                                 RenderSettings(), accelerator=False)
+    configs = PresetConfigs(render)
+    assert configs.config(None) is render.config
+    fast = configs.config("fast")
+    assert fast.sampling_preset == "fast" and fast.sampling["step_list"] == [1000, 750, 500, 250]
+    assert fast.t2v_sampling == render.config.t2v_sampling  # T2V shots keep their sampling
+    # the same config as rendering with --sampling fast
+    assert fast == resolve_render_spec(ModelSpec(preset="tiny"), ScorerSpec(preset="tiny"),
+                                       RenderSettings(sampling_preset="fast"),
+                                       accelerator=False).config
+    assert configs.config("standard") == render.config
+    for model in (ShotRequest, SessionCreate, StoryRequest):
+        assert "sampling_preset" in model.model_fields
+    assert ShotRequest(prompt="a", sampling_preset="fast").sampling_preset == "fast"
+    with pytest.raises(ValueError):
+        SessionCreate(sampling_preset="turbo")
+    session = story_config(configs.config(SessionCreate(seed=3, sampling_preset="fast")
+                                          .sampling_preset), 3, None)
+    assert session.sampling_preset == "fast" and session.seed == 3

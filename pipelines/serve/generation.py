@@ -42,7 +42,7 @@ from pipelines.serve.retention import RetentionSchedule
 from pipelines.serve.schemas import (SessionCreate, SessionShotRequest, ShotRequest,
                                      ShotResponse, StoryRequest)
 from pipelines.serve.scorers import serve_keyframe_scorers
-from pipelines.serve.session_state import (SessionShotResult, create_session,
+from pipelines.serve.session_state import (PresetConfigs, SessionShotResult, create_session,
                                            exclusive_session_shot, open_session)
 from pipelines.serve.sessions import SessionRecord, SessionStore
 from pipelines.serve.settings import ServeSettings
@@ -70,6 +70,7 @@ class ShotGenerator:
         self.settings = settings
         self.limits = settings.limits
         self.config = settings.render.config
+        self.preset_configs = PresetConfigs(settings.render)  # a request may name a preset
         self.worker_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.pipeline = SerializedPipeline(build_pipeline(settings.render.model))
         self.pipelines_loaded = 1
@@ -82,7 +83,8 @@ class ShotGenerator:
         self.metrics = ShotMetrics()
         self.executor = JobExecutor(settings.job_workers, settings.limits.max_queued_jobs)
         self.story_jobs = StoryJobs(
-            self.jobs, self.usage, self.executor, self.limits, self.config, self.worker_id,
+            self.jobs, self.usage, self.executor, self.limits, self.preset_configs,
+            self.worker_id,
             claim_ttl_s=settings.job_stale_after_s, max_attempts=settings.max_job_attempts,
             make_runner=self._runner_for,
             on_shot=lambda event: self.metrics.shot(ShotKind.STORY, event.seconds))
@@ -128,8 +130,9 @@ class ShotGenerator:
         await asyncio.to_thread(self.usage.check_storage, scope, self.limits)
         started = time.perf_counter()
         response = await asyncio.to_thread(
-            render_single_shot, self.pipeline, self.scorers, self.config,
-            self.settings.storage_root, scope, request, memory, first_frame, motion_frames)
+            render_single_shot, self.pipeline, self.scorers,
+            self.preset_configs.config(request.sampling_preset), self.settings.storage_root,
+            scope, request, memory, first_frame, motion_frames)
         self.metrics.shot(ShotKind.SINGLE, time.perf_counter() - started)
         folder = shot_folder(self.settings.storage_root, scope, response.shot_id)
         await asyncio.to_thread(lambda: self.usage.add_bytes(scope, folder_bytes(folder)))
@@ -140,8 +143,8 @@ class ShotGenerator:
                              ) -> SessionRecord:
         self.requests_served += 1
         return await asyncio.to_thread(create_session, self.sessions, self.usage, self.limits,
-                                       self.pipeline, self.scorers, self.config, scope, body,
-                                       references)
+                                       self.pipeline, self.scorers, self.preset_configs,
+                                       scope, body, references)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_SESSIONS_PER_REPLICA)
     async def _live_session(self, model_id: str):
@@ -174,5 +177,5 @@ class ShotGenerator:
     def _runner_for(self, job: StoryJob):
         from storymem_model.runner import StoryRunner
 
-        return StoryRunner(self.pipeline, self.scorers, job_config(self.config, job),
+        return StoryRunner(self.pipeline, self.scorers, job_config(self.preset_configs, job),
                            references=[])

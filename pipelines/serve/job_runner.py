@@ -31,7 +31,7 @@ from pipelines.serve.jobs import (JobOutputs, JobRegistry, JobShot, JobStatus, S
                                   UnknownJob, new_job_id)
 from pipelines.serve.limits import LimitExceeded, ServeLimits
 from pipelines.serve.schemas import StoryRequest
-from pipelines.serve.session_state import story_config
+from pipelines.serve.session_state import PresetConfigs, story_config
 from pipelines.serve.usage import UsageIndex, folder_bytes
 from storymem_model import storage
 from storymem_model.records import ShotDone
@@ -55,9 +55,9 @@ def validate_script(script, name: str | None, limits: ServeLimits) -> StoryScrip
     return story
 
 
-def job_config(base_config: RenderConfig, job: StoryJob) -> RenderConfig:
+def job_config(base_configs: PresetConfigs, job: StoryJob) -> RenderConfig:
     """The RenderConfig a recorded job renders with."""
-    return story_config(base_config, job.seed, job.transition)
+    return story_config(base_configs.config(job.sampling_preset), job.seed, job.transition)
 
 
 class JobStopped(RuntimeError):
@@ -68,7 +68,7 @@ class StoryJobs:
     """Story jobs on one generation replica (all methods block: call them in threads)."""
 
     def __init__(self, registry: JobRegistry, usage: UsageIndex, executor: JobExecutor,
-                 limits: ServeLimits, base_config: RenderConfig, worker_id: str,
+                 limits: ServeLimits, base_configs: PresetConfigs, worker_id: str,
                  claim_ttl_s: float, max_attempts: int,
                  make_runner: Callable[[StoryJob], object],
                  on_shot: Callable[[ShotDone], None] | None = None):
@@ -76,7 +76,7 @@ class StoryJobs:
         self.usage = usage
         self.executor = executor
         self.limits = limits
-        self.base_config = base_config
+        self.base_configs = base_configs
         self.worker_id = worker_id
         self.claim_ttl_s = float(claim_ttl_s)
         self.max_attempts = int(max_attempts)
@@ -87,13 +87,15 @@ class StoryJobs:
     def submit(self, scope: str, body: StoryRequest, request_id: str | None = None) -> StoryJob:
         script = validate_script(body.script, body.name, self.limits)
         try:
-            config = story_config(self.base_config, body.seed, body.transition)
+            config = story_config(self.base_configs.config(body.sampling_preset), body.seed,
+                                  body.transition)
         except ValueError as exc:  # ConfigError naming the setting
             raise ServeRequestError(422, "invalid_story_settings", str(exc)) from None
         job = StoryJob(job_id=new_job_id(), scope=scope, status=JobStatus.QUEUED,
                        story_id=script.story_id, config_hash=config.config_hash(),
                        shots_total=len(script.shots), seed=config.seed,
-                       transition=config.transition, worker=self.worker_id, attempts=1,
+                       transition=config.transition, sampling_preset=config.sampling_preset,
+                       worker=self.worker_id, attempts=1,
                        request_id=request_id or new_request_id())
         self.executor.reserve(job.job_id)  # 429 job_queue_full
         stop = threading.Event()

@@ -98,6 +98,7 @@ class StoryJob:
     shots_total: int
     seed: int
     transition: str
+    sampling_preset: str | None = None  # None: the server's (records written before presets)
     shots_done: int = 0
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)

@@ -35,6 +35,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+SAMPLING_PRESET_DOC = ("the sampling preset: standard (the reference, 40 guided steps) or fast "
+                       "(4 guidance-free steps, for a server with a step-distillation LoRA); "
+                       "the server's own when null. Its values replace the server's M2V "
+                       "sampling; `sampling` overrides apply on top")
+
+
 class ShotSampling(_Strict):
     """Bounded per-request overrides of the server's sampling and geometry defaults."""
 
@@ -58,6 +64,7 @@ class ShotRequest(_Strict):
     mode: Literal[REQUEST_MODES] = Field(
         AUTO_MODE, description="auto: mi2v with first_frame, mm2v with motion_frames, else m2v")
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    sampling_preset: Literal["standard", "fast"] | None = Field(None, description=SAMPLING_PRESET_DOC)
     sampling: ShotSampling = Field(default_factory=ShotSampling)
     return_video: Literal["uri", "base64", "both"] = "both"
     select_keyframes: bool = True
@@ -86,6 +93,9 @@ class ShotResponse(BaseModel):
     memory_count: int
     model_id: str
     lora_id: str | None = None
+    sampling_preset: str = "standard"
+    model_evaluations: int = Field(0, description="transformer evaluations x batch (what the "
+                                                  "shot cost: 80 for 40 guided steps, 4 fast)")
     timings_s: dict[str, float]
 
 
@@ -95,6 +105,7 @@ class SessionCreate(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="story seed; each shot's seed derives from it")
     transition: Literal[TRANSITIONS] | None = Field(
         None, description="how non-cut shots continue the previous one (server default when null)")
+    sampling_preset: Literal["standard", "fast"] | None = Field(None, description=SAMPLING_PRESET_DOC)
     name: str | None = Field(None, max_length=200)
 
 
@@ -119,6 +130,7 @@ class SessionShotOut(BaseModel):
     video_sha256: str
     memory_keyframe_ids: list[str]
     selected_keyframe_ids: list[str]
+    model_evaluations: int = 0
 
     @classmethod
     def of(cls, record: ShotRecord) -> "SessionShotOut":
@@ -127,7 +139,8 @@ class SessionShotOut(BaseModel):
                    num_frames=record.num_frames, video_uri=record.video_uri,
                    video_sha256=record.video_sha256,
                    memory_keyframe_ids=list(record.memory_keyframe_ids),
-                   selected_keyframe_ids=list(record.keyframe_ids))
+                   selected_keyframe_ids=list(record.keyframe_ids),
+                   model_evaluations=record.model_evaluations)
 
 
 class MemoryEntryOut(BaseModel):
@@ -187,6 +200,7 @@ class StoryRequest(_Strict):
     name: str | None = Field(None, max_length=200, description="label when the script has no story_name")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="story seed (server default when null)")
     transition: Literal[TRANSITIONS] | None = None
+    sampling_preset: Literal["standard", "fast"] | None = Field(None, description=SAMPLING_PRESET_DOC)
 
 
 class StoryShotOut(BaseModel):

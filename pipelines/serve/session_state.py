@@ -41,6 +41,22 @@ from storymem_model.story_script import ShotSpec
 SESSION_STORY_ID = "session"
 
 
+class PresetConfigs:
+    """The server's RenderConfig for each sampling preset a request may name (standard,
+    fast); its own preset's config is the spec's. Built once per replica, no file read."""
+
+    def __init__(self, render):
+        from storymem_model.render_config import SAMPLING_PRESETS
+        from storymem_model.render_spec import with_sampling_preset
+
+        self.default = render.config
+        self._by_preset = {preset: with_sampling_preset(render, preset)
+                           for preset in SAMPLING_PRESETS}
+
+    def config(self, preset: str | None) -> RenderConfig:
+        return self.default if preset is None else self._by_preset[preset]
+
+
 def story_config(base: RenderConfig, seed: int | None = None, transition: str | None = None,
                  **changes) -> RenderConfig:
     """The server's config with a story's seed and transition, as `storymem render --seed
@@ -94,13 +110,14 @@ def shot_lease(store: SessionStore, scope: str, session_id: str, owner: str,
 
 
 def create_session(store: SessionStore, usage: UsageIndex, limits: ServeLimits, pipeline,
-                   scorers, base_config: RenderConfig, scope: str, body: SessionCreate,
+                   scorers, base_configs: PresetConfigs, scope: str, body: SessionCreate,
                    references: list[np.ndarray]) -> SessionRecord:
     """Admit (quotas), write (config, references, record) and open a new session. Runs in
     a thread."""
     session_id = new_session_id()
     try:
-        config = story_config(base_config, body.seed, body.transition,
+        config = story_config(base_configs.config(body.sampling_preset), body.seed,
+                              body.transition,
                               references_sha256=images_sha256(references))
     except ValueError as exc:  # ConfigError: e.g. references on a --no-memory server
         raise ServeRequestError(422, "invalid_session_settings", str(exc)) from None

@@ -127,11 +127,11 @@ def render_single_shot(pipeline, scorers, base_config: RenderConfig, root: str, 
     record.shot_seconds = clock.total()
     write_record(folder, record)
     return shot_response(shot_id, record, selected, folder, len(plan.memory),
-                         request.return_video)
+                         request.return_video, config.sampling_preset)
 
 
 def shot_response(shot_id: str, record, selected, folder: str, memory_count: int,
-                  return_video: str) -> ShotResponse:
+                  return_video: str, sampling_preset: str = "standard") -> ShotResponse:
     keyframes = []
     for entry, score in zip(selected.entries, selected.scores):
         png = image_png(entry.image)  # the bytes ShotStep.write stored
@@ -149,5 +149,6 @@ def shot_response(shot_id: str, record, selected, folder: str, memory_count: int
         video_uri=record.video_uri if return_video in ("uri", "both") else None,
         video_base64=video_base64, video_sha256=record.video_sha256, keyframes=keyframes,
         memory_count=memory_count, model_id=record.model_id, lora_id=record.lora_id,
+        sampling_preset=sampling_preset, model_evaluations=record.model_evaluations,
         timings_s={"generate": record.generate_seconds, "select": record.select_seconds,
-                   "write": record.write_seconds})
+                   "write": record.write_seconds, "denoise": record.denoise_seconds})
