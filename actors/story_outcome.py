@@ -50,3 +50,7 @@ class StoryOutcome:
     wall_s: float
     worker: str
     consistency: Consistency | None = None
+    # the cost of the shots rendered by this call (sums of their records)
+    shot_seconds: float = 0.0
+    denoise_seconds: float = 0.0
+    model_evaluations: int = 0

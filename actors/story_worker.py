@@ -95,12 +95,17 @@ class StoryWorker:
                       type(exc).__name__, exc, traceback.format_exc(), level=logging.ERROR)
             raise
         consistency = self._consistency(result) if self.consistency else None
+        rendered = result.rows[len(result.rows) - result.shots_rendered:] \
+            if result.shots_rendered else []
         outcome = StoryOutcome(
             story_id=result.story_id, config_hash=result.config_hash,
             story_uri=result.story_uri, video_uri=result.video_uri,
             status=RunnerStatus(result.status), shots_total=result.shots_total,
             shots_rendered=result.shots_rendered, wall_s=time.monotonic() - started,
-            worker=self.worker_name, consistency=consistency)
+            worker=self.worker_name, consistency=consistency,
+            shot_seconds=sum(r.shot_seconds for r in rendered),
+            denoise_seconds=sum(r.denoise_seconds for r in rendered),
+            model_evaluations=sum(r.model_evaluations for r in rendered))
         self._log("story %s: %s (%d shots rendered now) in %.1f s", outcome.story_id,
                   outcome.status, outcome.shots_rendered, outcome.wall_s)
         return outcome

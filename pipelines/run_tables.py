@@ -72,6 +72,11 @@ class StoryRow(Record):
     error: str | None = None
     consistency_all_pairs: float | None = None
     consistency_top10: float | None = None
+    # the cost of the shots this run rendered for the story: GPU-seconds (GPUs per worker x
+    # the shots' wall time), seconds spent denoising, transformer evaluations x batch
+    gpu_seconds: float | None = None
+    denoise_seconds: float | None = None
+    model_evaluations: int | None = arrow_field("int64", default=None)
 
     def __post_init__(self) -> None:
         StoryStatus(self.status)  # ValueError naming a status that is none

@@ -147,6 +147,17 @@ def test_clean_run_commits_every_story_and_writes_the_run_tables(clean_run, smal
     kite_rows = [r for r in shots.to_pylist() if r["story_id"] == ids["01_kite.json"]]
     assert [r["video_sha256"] for r in kite_rows] == per_story.column("video_sha256").to_pylist()
     assert _read_table(f"{out}/runs/clean/errors.parquet").num_rows == 0
+    # the cost of each story and shot: evaluations and denoising seconds from the records,
+    # GPU-seconds = GPUs per worker (0 here) x the shots' wall time
+    shot_rows = shots.to_pylist()
+    for row in stories:
+        mine = [r for r in shot_rows if r["story_id"] == row["story_id"]]
+        assert row["model_evaluations"] == sum(r["model_evaluations"] for r in mine) > 0
+        assert row["denoise_seconds"] == pytest.approx(sum(r["denoise_seconds"] for r in mine))
+        assert row["gpu_seconds"] == 0.0
+    assert summary.model_evaluations_per_shot == pytest.approx(
+        sum(r["model_evaluations"] for r in shot_rows) / 14)
+    assert summary.denoise_seconds_per_shot > 0 and summary.gpu_seconds_per_shot == 0.0
 
     saved = json.loads(storage.read_bytes(f"{out}/runs/clean/summary.json"))
     assert saved == summary.to_dict()
@@ -314,3 +325,22 @@ def test_rerun_skips_committed_stories_and_renders_nothing(clean_run, small_tiny
     assert {r["status"] for r in stories} == {"skipped"}
     # the run's shots table still lists every committed shot of the batch
     assert _read_table(f"{out}/runs/rerun/shots.parquet").num_rows == 14
+
+
+def test_shot_costs_give_gpu_seconds_per_shot_and_story():
+    from pipelines.batch.summary import shot_costs
+    from pipelines.run_tables import StoryRow
+
+    def row(story, shots, gpu_s, evaluations):
+        return StoryRow(run_id="r", position=0, source="s", story_id=story, story_name=story,
+                        status="rendered", num_shots=shots, shots_rendered=shots, attempts=1,
+                        config_hash="h", story_uri="u", gpu_seconds=gpu_s,
+                        denoise_seconds=gpu_s / 2, model_evaluations=evaluations)
+
+    skipped = StoryRow(run_id="r", position=2, source="s", story_id="c", story_name="c",
+                       status="skipped", num_shots=3, shots_rendered=0, attempts=1,
+                       config_hash="h", story_uri="u")
+    costs = shot_costs([row("a", 2, 600.0, 160), row("b", 4, 300.0, 16), skipped])
+    assert costs == {"gpu_seconds_per_shot": 150.0, "gpu_seconds_per_story": 450.0,
+                     "denoise_seconds_per_shot": 75.0, "model_evaluations_per_shot": 176 / 6}
+    assert shot_costs([skipped]) == {}

@@ -46,7 +46,8 @@ from pipelines.batch.recorder import RunRecorder
 from pipelines.batch.slots import StoryTask, WorkerSlot
 from pipelines.batch.spec import BatchSpec
 from pipelines.batch.story_feed import StoryFeed
-from pipelines.batch.summary import BatchSummary, SummaryTables, scorer_request_counts
+from pipelines.batch.summary import (BatchSummary, SummaryTables, scorer_request_counts,
+                                     shot_costs)
 from pipelines.batch.unfinished_writes import remove_unfinished_writes
 from pipelines.batch.worker_logs import WorkerLogs
 from pipelines.batch.worker_pool import (StoryRaised, StoryReturned, WorkerDiedUnderStory,
@@ -304,7 +305,10 @@ class BatchDriver:
             config_hash=outcome.config_hash, story_uri=outcome.story_uri,
             video_uri=outcome.video_uri, worker=outcome.worker, wall_s=outcome.wall_s,
             consistency_all_pairs=consistency.all_pairs if consistency else None,
-            consistency_top10=consistency.top10 if consistency else None))
+            consistency_top10=consistency.top10 if consistency else None,
+            gpu_seconds=self.options.gpus_per_worker * outcome.shot_seconds,
+            denoise_seconds=outcome.denoise_seconds,
+            model_evaluations=outcome.model_evaluations))
         self._emit(StoryDone(worker=outcome.worker, story_id=story.story_id,
                              status=status.value, attempt=task.attempts,
                              shots_rendered=outcome.shots_rendered))
@@ -394,6 +398,7 @@ class BatchDriver:
             recorded_before=self.recorder.recorded_before, scorers=scorer_stats,
             scorer_calls_per_shot=requests / self.shots_now if self.shots_now else 0.0,
             scorer_mean_batch_requests=requests / batches if batches else 0.0,
+            **shot_costs(self.recorder.stories),
             tables=SummaryTables(stories=tables.stories, shots=tables.shots,
                                  errors=tables.errors, logs=log_uris),
             summary_uri=storage.join(self.recorder.uri, "summary.json"))

@@ -55,9 +55,27 @@ class BatchSummary:
     tables: SummaryTables
     summary_uri: str = ""
     scorer_replacements: int = 0  # scorer actors replaced after dying past their restarts
+    # what a shot and a story cost, over the stories this run rendered (StoryRow costs):
+    # GPU-seconds = GPUs per worker x the shots' wall time (0 on CPU workers)
+    gpu_seconds_per_shot: float = 0.0
+    gpu_seconds_per_story: float = 0.0
+    denoise_seconds_per_shot: float = 0.0
+    model_evaluations_per_shot: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def shot_costs(stories) -> dict[str, float]:
+    """The summary's cost fields from the run's story rows (rendered by this run)."""
+    costed = [r for r in stories if r.gpu_seconds is not None and r.shots_rendered]
+    shots = sum(r.shots_rendered for r in costed)
+    if not costed or not shots:
+        return {}
+    return {"gpu_seconds_per_shot": sum(r.gpu_seconds for r in costed) / shots,
+            "gpu_seconds_per_story": sum(r.gpu_seconds for r in costed) / len(costed),
+            "denoise_seconds_per_shot": sum(r.denoise_seconds or 0.0 for r in costed) / shots,
+            "model_evaluations_per_shot": sum(r.model_evaluations or 0 for r in costed) / shots}
 
 
 def scorer_request_counts(scorers: dict) -> tuple[int, int]:
