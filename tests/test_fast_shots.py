@@ -326,3 +326,29 @@ def test_config_hash_changes_with_preset_distill_lora_and_storage_dtype(base, tm
     assert fast.sampling["step_list"] == [1000, 750, 500, 250]
     assert fast.sampling["guidance_scale"] == fast.sampling["guidance_scale_2"] == 1.0
     assert fast.sampling_preset == "fast" and fast.t2v_sampling["guidance_scale"] == 3.5
+
+
+def test_render_command_takes_the_fast_flags(base, tmp_path):
+    """`storymem render --sampling fast --distill-lora-dir ... --storage-dtype fp8`: the
+    flags reach the spec, the config and every M2V shot's recorded cost."""
+    import contextlib
+    import io as io_module
+    import json as json_module
+
+    from flows.cli import main
+
+    folder, _ = _write_distill(tmp_path / "distill", base, "lightx2v")
+    script = tmp_path / "story.json"
+    script.write_text(json_module.dumps({"story_name": "Fast", "scenes": [{
+        "video_prompts": ["A red kite on a hill.", "It climbs higher."], "cut": [True, False]}]}))
+    with contextlib.redirect_stdout(io_module.StringIO()):
+        code = main(["render", str(script), "--out", str(tmp_path / "out"), "--preset", "tiny",
+                     "--sampling", "fast", "--distill-lora-dir", str(folder),
+                     "--storage-dtype", "fp8", "--progress", "none"])
+    assert code == 0
+    config = json_module.loads(next((tmp_path / "out").glob("*/*/config.json")).read_text())
+    assert (config["sampling_preset"], config["storage_dtype"]) == ("fast", "float8_e4m3fn")
+    assert config["distill_lora_id"].startswith("distill-lora:")
+    rows = pq.read_table(next((tmp_path / "out").glob("*/*/shots.parquet"))).to_pylist()
+    assert [(r["mode"], r["model_evaluations"]) for r in rows] == [
+        ("t2v", 2 * TINY.shot.num_inference_steps), ("mi2v", 4)]
