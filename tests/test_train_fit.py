@@ -153,6 +153,7 @@ def _checkpointed(storage_uri: str) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_a_killed_worker_resumes_and_ends_with_the_same_lora(data, reference):
     from pipelines.training.fit import run_fit
 
