@@ -256,6 +256,18 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+_CONTROL = {chr(c) for c in range(32)} - {"\t", "\n", "\r"} | {chr(127)}
+
+
+def _control_character(text: str) -> str | None:
+    """The first control character in `text` (tabs and line breaks are text), e.g. a NUL
+    that JSON5 lets through inside a string; None when there is none."""
+    for char in text:
+        if char in _CONTROL:
+            return f"U+{ord(char):04X}"
+    return None
+
+
 def _cut_value(value: Any) -> bool | None:
     if isinstance(value, bool):
         return value
@@ -287,6 +299,8 @@ def _build(data: Any, source: str, stem: str) -> StoryScript:
     elif len(story_name) > MAX_NAME_CHARS:
         problems.append(f"{source}: story_name has {len(story_name)} characters, "
                         f"more than {MAX_NAME_CHARS}")
+    elif (control := _control_character(story_name)) is not None:
+        problems.append(f"{source}: story_name contains the control character {control}")
     overview = data.get("story_overview", "")
     if overview is None:
         overview = ""
@@ -373,6 +387,10 @@ def _build(data: Any, source: str, stem: str) -> StoryScript:
             elif len(prompt) > MAX_PROMPT_CHARS:
                 problems.append(f"{shot_where}: prompt has {len(prompt)} characters, "
                                 f"more than the limit of {MAX_PROMPT_CHARS}")
+                ok = False
+            elif (control := _control_character(prompt)) is not None:
+                problems.append(f"{shot_where}: prompt contains the control character "
+                                f"{control}")
                 ok = False
             cut = _cut_value(cut_raw)
             if cut is None:

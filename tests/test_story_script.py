@@ -238,3 +238,15 @@ def test_standard_json_is_parsed_without_json5(tmp_path, monkeypatch):
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps({"scenes": [{"video_prompts": ["a"], "cut": [True]}]}))
     assert len(load_script(plain).shots) == 1
+
+
+def test_control_characters_in_text_are_refused_even_where_json5_lets_them_in(tmp_path):
+    script = tmp_path / "nul.json5"
+    # JSON rejects a raw NUL inside a string; the JSON5 fallback accepts it: check the text
+    script.write_bytes(b'{story_name: "ok", scenes: [{video_prompts: ["a\x00b", "fine\ttab"]}]}')
+    with pytest.raises(ScriptError, match=r"scene 1, shot 1: prompt contains the control "
+                                          r"character U\+0000"):
+        load_script(script)
+    with pytest.raises(ScriptError, match="story_name contains the control character U\\+0007"):
+        load_script({"story_name": "bell\x07", "scenes": [{"video_prompts": ["a"]}]})
+    assert load_script(["line one\nline two\ttab"]).shots[0].prompt == "line one\nline two\ttab"
