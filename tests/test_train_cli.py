@@ -65,6 +65,16 @@ def test_validation_flags_use_the_training_settings(tmp_path):
     assert (settings.height, settings.width, settings.num_frames) == (32, 48, 9)
     assert (settings.transition, settings.fix_mem, settings.rope_shift) == ("mm2v", 2, 5)
     assert settings.sampling.num_inference_steps == 3 and validation.scorers == ScorerSpec(preset="tiny")
+    assert validation.video_encoder.preset == "tiny" and validation.video_encoder.viclip is None
+    from flows.cli.model_flags import ArgumentsError
+
+    real = _parse(["train", "fit", "--data", "d", "--out", "o", "--model-dir", "/m", "--clip-checkpoint", "c.pt",
+                   "--aesthetic-head", "h.pth", "--aesthetic-clip-checkpoint", "l.pt", "--steps", "4",
+                   "--validate-every", "2", "--validation-script", "story.json"])
+    with pytest.raises(ArgumentsError, match="needs --validation-encoder"):
+        fit_spec_from_args(real)
+    real.validation_encoder = "/models/ViCLIP-L-14.pth"
+    assert fit_spec_from_args(real).validation.video_encoder.viclip == "/models/ViCLIP-L-14.pth"
 
 
 @pytest.mark.parametrize("argv,message", [

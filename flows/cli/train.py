@@ -191,8 +191,9 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
                       help="render --validation-script with the current LoRA every K steps")
     ckpt.add_argument("--validation-script", metavar="URI", help="the fixed validation story script")
     ckpt.add_argument("--validation-steps", type=int, help="denoising steps of validation renders")
-    ckpt.add_argument("--validation-encoder", default="tiny", metavar="NAME|FILE",
-                      help="video-text encoder of the consistency metric: tiny or a ViCLIP checkpoint")
+    ckpt.add_argument("--validation-encoder", metavar="FILE|tiny",
+                      help="video-text encoder of the consistency metric: a ViCLIP checkpoint (needed "
+                           "with real models), or tiny (the default with --preset tiny)")
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -252,8 +253,12 @@ def validation_spec_from_args(args: argparse.Namespace, geometry: dict | None):
     if not args.validation_script:
         raise ArgumentsError("--validate-every needs --validation-script (the story to render)")
     geometry = geometry or {}
-    encoder = VideoEncoderSpec(kind="viclip", preset="tiny") if args.validation_encoder == "tiny" \
-        else VideoEncoderSpec(kind="viclip", viclip=args.validation_encoder)
+    name = args.validation_encoder or ("tiny" if args.preset == "tiny" else None)
+    if name is None:
+        raise ArgumentsError("validating a real model needs --validation-encoder (a ViCLIP checkpoint); "
+                             "the tiny encoder's numbers mean nothing")
+    encoder = VideoEncoderSpec(kind="viclip", preset="tiny") if name == "tiny" \
+        else VideoEncoderSpec(kind="viclip", viclip=name)
     try:
         settings = RenderSettings(
             transition="mm2v" if args.mm2v_prob > args.mi2v_prob else "mi2v", rope_shift=args.rope_shift or None,
