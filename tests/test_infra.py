@@ -227,7 +227,7 @@ def test_prefect_yaml_passes_prefects_own_deploy_schema():
     from prefect.cli.deploy._models import PrefectYamlModel
 
     model = PrefectYamlModel.model_validate(_yaml("prefect.yaml"))
-    assert {d.name for d in model.deployments} == {"nightly", "dataset"}
+    assert {d.name for d in model.deployments} == {"nightly", "dataset", "train"}
     assert all(d.work_pool and d.work_pool.name == "storymem-k8s" for d in model.deployments)
 
 
@@ -274,9 +274,9 @@ def test_prefect_deployments_point_at_the_flows_with_valid_parameters():
     from storymem_model.specs import ModelSpec, RenderSettings, ScorerSpec
 
     deployments = _deployments()
-    assert set(deployments) == {"nightly", "dataset"}
+    assert set(deployments) == {"nightly", "dataset", "train"}
     expected = {"nightly": "storymem-nightly-render", "dataset": "storymem-generate-dataset"}
-    for name, deployment in deployments.items():
+    for name, deployment in ((n, d) for n, d in deployments.items() if n in expected):
         flow = _flow_of(deployment["entrypoint"])
         assert flow.name == expected[name]
         params = deployment["parameters"]
@@ -299,6 +299,23 @@ def test_prefect_deployments_point_at_the_flows_with_valid_parameters():
         assert deployment["concurrency_limit"] == 1
 
 
+def test_train_deployment_validates_into_the_training_specs():
+    from flows.train_lora import train_lora
+    from storymem_model.training.specs import FitSpec, PrepareSpec
+
+    deployment = _deployments()["train"]
+    assert _flow_of(deployment["entrypoint"]).name == train_lora.name
+    assert "schedules" not in deployment and deployment["concurrency_limit"] == 1
+    validated = train_lora.validate_parameters(deployment["parameters"])
+    prepare, fit = validated["prepare"], validated["fit"]
+    assert isinstance(prepare, PrepareSpec) and isinstance(fit, FitSpec)
+    assert fit.data == prepare.out  # the flow trains on what it prepares
+    assert fit.expert == "both" and fit.gpus_per_worker == 1 and fit.workers >= 1
+    assert prepare.model.model_dir.startswith("/models/") and prepare.scorers.has_gate
+    assert (prepare.height, prepare.width, prepare.num_frames) == (480, 832, 81)
+    assert deployment["work_pool"]["job_variables"]["image"] in IMAGES
+
+
 def test_nightly_deployment_is_scheduled_and_targets_the_clusters_job_server():
     from prefect.client.schemas.schedules import CronSchedule
 
@@ -308,8 +325,9 @@ def test_nightly_deployment_is_scheduled_and_targets_the_clusters_job_server():
     assert cron.cron == "0 1 * * *" and schedule["active"] is True
     assert "schedules" not in _deployments()["dataset"]
     cluster = _yaml("kuberay/raycluster.yaml")["metadata"]["name"]
-    for deployment in _deployments().values():
-        assert deployment["parameters"]["ray_address"] == f"http://{cluster}-head-svc:8265"
+    for name in ("nightly", "dataset"):
+        assert _deployments()[name]["parameters"]["ray_address"] == \
+            f"http://{cluster}-head-svc:8265"
 
 
 def test_prefect_yaml_documents_every_parameter_it_sets():

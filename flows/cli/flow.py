@@ -61,6 +61,10 @@ def add_flow_commands(subparsers) -> argparse.ArgumentParser:
     dataset.add_argument("--name", dest="dataset_name", help="dataset name in the card")
     add_model_arguments(dataset)
     dataset.set_defaults(func=run_flow_command, flow_kind="dataset")
+
+    from flows.cli.train import add_train_flow_command
+
+    add_train_flow_command(flows, "train")  # the same command as `storymem train flow`
     return parser
 
 

@@ -55,8 +55,14 @@ def add_train_commands(subparsers) -> argparse.ArgumentParser:
     add_fit_arguments(fit)
     fit.set_defaults(func=run_fit_command)
 
-    flow = commands.add_parser(
-        "flow", help="prepare -> fit -> validate -> publish as the Prefect flow `train_lora`",
+    add_train_flow_command(commands, "flow")
+    return parser
+
+
+def add_train_flow_command(subparsers, name: str) -> argparse.ArgumentParser:
+    """The train_lora flow's command: `storymem train flow` and `storymem flow train`."""
+    flow = subparsers.add_parser(
+        name, help="prepare -> fit -> validate -> publish as the Prefect flow `train_lora`",
         description="Run the Prefect flow train_lora once, now: prepare the clips into OUT/prepared, "
         "fit into OUT, render the validation script with the new LoRA, and publish the LoRA pair "
         "and its card to --publish-to. Without PREFECT_API_URL Prefect starts a temporary local "
@@ -69,7 +75,7 @@ def add_train_commands(subparsers) -> argparse.ArgumentParser:
     _add_shared(flow)
     _add_fit_options(flow)
     flow.set_defaults(func=run_flow_command)
-    return parser
+    return flow
 
 
 # ---------------------------------------------------------------------------------------
