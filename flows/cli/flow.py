@@ -26,7 +26,7 @@ EPHEMERAL_STARTUP_TIMEOUT_S = 120
 
 def add_flow_commands(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "flow", help="run the Prefect flows (nightly render, dataset generation)",
+        "flow", help="run the Prefect flows (nightly render, dataset generation, LoRA training)",
         description="Run a storymem Prefect flow once, now. Without PREFECT_API_URL Prefect "
         "starts a temporary local server for the run; with it, the run is recorded on that "
         "server. The same flows run on a schedule as deployments (infra/prefect.yaml).")
