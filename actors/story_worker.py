@@ -93,6 +93,7 @@ class StoryWorker:
         except Exception as exc:
             self._log("story %s: attempt %d failed: %s: %s\n%s", script.story_id, attempt,
                       type(exc).__name__, exc, traceback.format_exc(), level=logging.ERROR)
+            self._events_delivered()
             raise
         consistency = self._consistency(result) if self.consistency else None
         rendered = result.rows[len(result.rows) - result.shots_rendered:] \
@@ -108,6 +109,7 @@ class StoryWorker:
             model_evaluations=sum(r.model_evaluations for r in rendered))
         self._log("story %s: %s (%d shots rendered now) in %.1f s", outcome.story_id,
                   outcome.status, outcome.shots_rendered, outcome.wall_s)
+        self._events_delivered()
         return outcome
 
     # ------------------------------------------------------------------------------
@@ -135,7 +137,17 @@ class StoryWorker:
 
     def _event(self, event) -> None:
         if self.progress is not None:
-            self.progress.report.remote(event)
+            self._last_report = self.progress.report.remote(event)
+
+    def _events_delivered(self, timeout_s: float = 10.0) -> None:
+        """Wait until the reporter has this story's events (calls from one caller run in
+        order, so the last one done means all are): the driver, which drains them when the
+        story's result arrives, then has every line of it. Best effort, bounded."""
+        last = getattr(self, "_last_report", None)
+        if last is not None:
+            import ray
+
+            ray.wait([last], timeout=timeout_s)
 
     def _log(self, message: str, *args, level: int = logging.INFO) -> None:
         text = message % args if args else message

@@ -298,6 +298,7 @@ class BatchDriver:
         self.story_wall_s += outcome.wall_s
         remove_unfinished_writes(story.story_uri)  # of attempts whose worker was killed
         consistency = outcome.consistency
+        self._logs_up_to_now()  # a recorded story always has its log lines on storage
         self.recorder.record_story(StoryRow(
             run_id=self.run_id, position=story.position, source=story.source,
             story_id=story.story_id, story_name=story.story_name, status=status.value,
@@ -329,6 +330,7 @@ class BatchDriver:
         self.shots_now += shots
         remove_unfinished_writes(story.story_uri)
         # The error part first: a failed story row always has its error row on storage.
+        self._logs_up_to_now()
         self.recorder.record_error(ErrorRow(
             run_id=self.run_id, position=story.position, stage=ErrorStage.RENDER.value,
             source=story.source, story_id=story.story_id, error_type=error_type,
@@ -343,6 +345,11 @@ class BatchDriver:
                                error_type=error_type, message=message))
 
     # -- events ----------------------------------------------------------------------------
+    def _logs_up_to_now(self) -> None:
+        """The workers' events so far drained and their log lines written to storage."""
+        self._drain_progress()
+        self.logs.flush(force=True)
+
     def _drain_progress(self) -> None:
         import ray
 

@@ -2,8 +2,9 @@
 
 Every event of the run becomes a line of the log of the worker it concerns
 (`BatchEvent.worker_name`; the driver's otherwise): the worker's own log lines, each shot,
-attempt and error. Lines reach storage while the run goes, so a driver that is killed
-loses at most the last `flush_s` seconds of them:
+attempt and error. Lines reach storage while the run goes - every `flush_s` seconds and
+before each story's row is recorded - so a driver that is killed loses at most the last
+`flush_s` seconds of them, and never the lines of a story it recorded:
 
     {run}/logs/parts/{log name}/{invocation}-{segment:04d}.log
 
