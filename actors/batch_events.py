@@ -17,7 +17,7 @@ from typing import ClassVar
 from storymem_model.records import ShotDone
 
 
-class EventKind(str, enum.Enum):
+class EventKind(enum.StrEnum):
     WORKER_READY = "worker_ready"
     WORKER_LOST = "worker_lost"
     WORKER_DIED = "worker_died"
@@ -32,9 +32,6 @@ class EventKind(str, enum.Enum):
     STORY_SKIPPED = "story_skipped"
     STORY_RECORDED_BEFORE = "story_recorded_before"
     SCRIPT_INVALID = "script_invalid"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True, kw_only=True)

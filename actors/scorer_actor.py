@@ -34,12 +34,9 @@ SCORE_IMAGES = "score_images"
 SCORE_EMBEDDINGS = "score_embeddings"
 
 
-class ScorerRole(str, enum.Enum):
+class ScorerRole(enum.StrEnum):
     CLIP = "clip"  # the CLIP ImageEmbedder
     GATE = "gate"  # the keyframe quality gate ImageScorer
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -6,15 +6,12 @@ import enum
 from dataclasses import dataclass
 
 
-class RunnerStatus(str, enum.Enum):
+class RunnerStatus(enum.StrEnum):
     """How the story runner found the story (`storymem_model.runner.StoryResult.status`)."""
 
     RENDERED = "rendered"  # from scratch
     RESUMED = "resumed"  # continued after checkpointed shots
     SKIPPED = "skipped"  # already committed
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -34,21 +34,15 @@ MAX_RUN_TABLE_BYTES = 1024 * 1024 * 1024
 MAX_SUMMARY_BYTES = 16 * 1024 * 1024
 
 
-class StoryStatus(str, enum.Enum):
+class StoryStatus(enum.StrEnum):
     RENDERED = "rendered"  # committed by this run
     SKIPPED = "skipped"  # committed before this run
     FAILED = "failed"  # every attempt failed
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ErrorStage(str, enum.Enum):
+class ErrorStage(enum.StrEnum):
     LISTING = "listing"  # the item is no renderable story
     RENDER = "render"  # the story failed its last attempt
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True, kw_only=True)

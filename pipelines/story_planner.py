@@ -29,23 +29,17 @@ from storymem_model.records import Record
 from storymem_model.story_script import ScriptError, ScriptNotFound, StoryScript
 
 
-class PlanStatus(str, enum.Enum):
+class PlanStatus(enum.StrEnum):
     PENDING = "pending"
     COMMITTED = "committed"
     INVALID = "invalid"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class PlanErrorType(str, enum.Enum):
+class PlanErrorType(enum.StrEnum):
     MANIFEST_ROW = "ManifestRowError"
     SCRIPT = "ScriptError"
     NOT_FOUND = "ScriptNotFound"
     DUPLICATE = "DuplicateStory"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

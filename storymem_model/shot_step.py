@@ -37,7 +37,7 @@ class RenderError(RuntimeError):
     """A story or shot that could not be rendered, naming the story, the shot and why."""
 
 
-class ShotMode(str, enum.Enum):
+class ShotMode(enum.StrEnum):
     """How a shot is conditioned (the values are what records and APIs carry)."""
 
     T2V = "t2v"  # text only (Wan2.2 T2V experts)
@@ -46,9 +46,6 @@ class ShotMode(str, enum.Enum):
     MI2V = "mi2v"  # memory + the previous shot's last frame
     MM2V = "mm2v"  # memory + the previous shot's last 5 frames
     M2V_NO_MEMORY = "m2v-no-memory"  # memory off and no T2V experts: M2V with no memory
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def given_frames(self) -> int:

@@ -16,15 +16,12 @@ from typing import Any
 from pipelines.story_planner import PlannedStory
 
 
-class SlotState(str, enum.Enum):
+class SlotState(enum.StrEnum):
     STARTING = "starting"  # actor created, model loading
     IDLE = "idle"  # ready for a story
     BUSY = "busy"  # rendering `task`
     RECOVERING = "recovering"  # died under a story; Ray restarts it, waiting for its ping
     GONE = "gone"  # lost for good (replacements used up)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass

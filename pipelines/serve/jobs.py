@@ -39,14 +39,11 @@ def is_job_id(value) -> bool:
     return isinstance(value, str) and JOB_ID_PATTERN.fullmatch(value) is not None
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def active(self) -> bool:

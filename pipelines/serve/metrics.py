@@ -8,15 +8,12 @@ from __future__ import annotations
 import enum
 
 
-class ShotKind(str, enum.Enum):
+class ShotKind(enum.StrEnum):
     """Which endpoint rendered a shot."""
 
     SINGLE = "single"  # POST /v1/shots
     SESSION = "session"  # POST /v1/sessions/{id}/shots
     STORY = "story"  # a shot of a story job
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class ShotMetrics:

@@ -21,13 +21,10 @@ from dataclasses import dataclass
 from storymem_model.records import Record, arrow_field
 
 
-class EvalLevel(str, enum.Enum):
+class EvalLevel(enum.StrEnum):
     SHOT = "shot"
     STORY = "story"
     BENCHMARK = "benchmark"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass
