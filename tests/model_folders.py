@@ -56,17 +56,22 @@ def released_lora_state(transformer, seed: int, rank: int) -> dict[str, torch.Te
     return state
 
 
-def write_lora_pair(folder: Path, experts, rank: int, seed: int = 1,
-                    suffix: str = ".safetensors") -> Path:
-    """backbone_high_noise / backbone_low_noise files for the (high, low) experts."""
+def write_lora_states(folder: Path, states, suffix: str = ".safetensors") -> Path:
+    """The (high, low) state dicts as backbone_high_noise / backbone_low_noise files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for offset, (stem, expert) in enumerate(zip(("backbone_high_noise", "backbone_low_noise"),
-                                                experts)):
-        state = released_lora_state(expert, seed + offset, rank)
+    for stem, state in zip(("backbone_high_noise", "backbone_low_noise"), states):
         path = folder / f"{stem}{suffix}"
         if suffix == ".safetensors":
             save_file({k: v.contiguous() for k, v in state.items()}, str(path))
         else:
             torch.save(state, path)
     return folder
+
+
+def write_lora_pair(folder: Path, experts, rank: int, seed: int = 1,
+                    suffix: str = ".safetensors") -> Path:
+    """A random released-format LoRA pair for the (high, low) experts."""
+    states = [released_lora_state(expert, seed + offset, rank)
+              for offset, expert in enumerate(experts)]
+    return write_lora_states(folder, states, suffix)

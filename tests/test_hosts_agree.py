@@ -3,13 +3,12 @@ byte-identical shot files: every host calls the same shot step with the same spe
 from __future__ import annotations
 
 import json
-import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import requests
+
+from serve_support import running_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -22,12 +21,6 @@ STORY = {"story_name": "Three hosts", "scenes": [
 SEED = 5
 FLAGS = ["--preset", "tiny", "--seed", str(SEED), "--transition", "mi2v"]
 KEY = "hosts-agree-key-0123456789abcdef"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _parser():
@@ -59,10 +52,8 @@ def _shot_files(story_uri: str) -> dict:
 
 def test_runner_batch_and_serve_session_write_the_same_shots(ray_cluster, tmp_path):
     import torch
-    from ray import serve
 
     from flows.cli.model_flags import render_spec_from_args
-    from flows.cli.serve import add_serve_command, start_serve
     from pipelines.batch import run_batch
     from pipelines.batch.spec import BatchOptions, BatchSpec, ScorerPoolOptions
     from storymem_model.runner import open_runner
@@ -90,25 +81,8 @@ def test_runner_batch_and_serve_session_write_the_same_shots(ray_cluster, tmp_pa
     batch_uri = str(tmp_path / "batch" / local.story_id / spec.config_hash)
 
     # 3. a Serve session with the same model flags, seed and transition
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_serve_command(parser.add_subparsers(dest="command"))
-    port = _free_port()
-    saved_keys = os.environ.get("STORYMEM_API_KEYS")
-    os.environ["STORYMEM_API_KEYS"] = KEY
-    args = parser.parse_args(["serve", *FLAGS, "--host", "127.0.0.1", "--port", str(port),
-                              "--storage", str(tmp_path / "serve"), "--cpus-per-replica", "0.25",
-                              "--scorer-cpus", "0.05", "--torch-threads", "1"])
-    try:
-        url = start_serve(args)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(1)
+    with running_server([*FLAGS, "--storage", str(tmp_path / "serve"), "--cpus-per-replica",
+                         "0.25", "--scorer-cpus", "0.05", "--torch-threads", "1"], KEY) as url:
         headers = {"Authorization": f"Bearer {KEY}"}
         created = requests.post(url + "/v1/sessions", json={"seed": SEED, "transition": "mi2v"},
                                 headers=headers, timeout=300)
@@ -122,12 +96,6 @@ def test_runner_batch_and_serve_session_write_the_same_shots(ray_cluster, tmp_pa
                 response = requests.post(f"{url}/v1/sessions/{session['session_id']}/shots",
                                          json=body, headers=headers, timeout=600)
                 assert response.status_code == 200, response.text
-    finally:
-        serve.shutdown()
-        if saved_keys is None:
-            os.environ.pop("STORYMEM_API_KEYS", None)
-        else:
-            os.environ["STORYMEM_API_KEYS"] = saved_keys
     session_uri = next(Path(tmp_path / "serve").glob(
         f"sessions/*/{session['session_id']}/story/*/{spec.config_hash}"))
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import storymem_model
+from model_folders import save_diffusers_folders
 from storymem_model.model_identity import model_identity
 from storymem_model.model_loading import ModelLoadError
 from storymem_model.specs import ModelSpec
@@ -68,19 +69,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def diffusers_folder(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("Wan2.2-I2V-A14B-Diffusers")
-    for name in ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer"):
-        getattr(tiny, name).save_pretrained(root / name)
-    from diffusers import UniPCMultistepScheduler
-    from storymem_model.sampling import SCHEDULER_CONFIG
-
-    UniPCMultistepScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoPipeline",
-                                                       "boundary_ratio": 0.9}))
-    t2v = tmp_path_factory.mktemp("Wan2.2-T2V-A14B-Diffusers")
-    tiny.t2v_transformer.save_pretrained(t2v / "transformer")
-    tiny.t2v_transformer_2.save_pretrained(t2v / "transformer_2")
-    return root, t2v
+    return save_diffusers_folders(tiny, tmp_path_factory.mktemp("models"))
 
 
 def assert_same_weights(a, b):

@@ -8,31 +8,16 @@ import torch
 from safetensors.torch import save_file
 
 import storymem_model
+from model_folders import ORIGINAL_TO_DIFFUSERS, released_lora_state, write_lora_states
 from storymem_model.model_identity import lora_files, lora_identity
 from storymem_model.lora_loading import LoraLoadError, load_storymem_lora
 from storymem_model.presets import TINY
 
 RANK = TINY.lora_rank
-# Written out here from docs/method.md#lora-format-and-scale, independently of the loader's own table.
-ORIGINAL_TO_DIFFUSERS = {
-    "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0", "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k",
-    "cross_attn.v": "attn2.to_v", "cross_attn.o": "attn2.to_out.0", "ffn.0": "ffn.net.0.proj",
-    "ffn.2": "ffn.net.2",
-}
 
 
 def released_state_dict(transformer, seed: int, rank: int = RANK) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    modules = dict(transformer.named_modules())
-    state = {}
-    for block in range(transformer.config.num_layers):
-        for original, diffusers_name in ORIGINAL_TO_DIFFUSERS.items():
-            layer = modules[f"blocks.{block}.{diffusers_name}"]
-            key = f"base_model.model.blocks.{block}.{original}"
-            state[f"{key}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=generator) * 0.1
-            state[f"{key}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=generator) * 0.1
-    return state
+    return released_lora_state(transformer, seed, rank)
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +32,7 @@ def lora_states(base):
 
 
 def write_pair(folder, states, suffix=".pth"):
-    folder.mkdir(parents=True, exist_ok=True)
-    for stem, state in zip(("backbone_high_noise", "backbone_low_noise"), states):
-        if suffix == ".pth":
-            torch.save(state, folder / f"{stem}{suffix}")
-        else:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"{stem}{suffix}"))
-    return folder
+    return write_lora_states(folder, states, suffix)
 
 
 def expected_delta(state, block, original, scale):

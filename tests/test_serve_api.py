@@ -21,6 +21,8 @@ import pytest
 import requests
 from PIL import Image
 
+from serve_support import running_server
+
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
 KEY_A = "test-key-alpha-0123456789abcdef"
@@ -30,12 +32,6 @@ FAST = {"num_inference_steps": 2, "num_frames": 9}  # keeps tiny shots short
 
 
 # ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def png_bytes(seed: int, size=(64, 64)) -> bytes:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(size[0], size[1], 3), dtype=np.uint8)
@@ -71,18 +67,6 @@ class Client:
         return self._call("DELETE", path, **kw)
 
 
-def _wait_healthy(base: str, timeout_s: float = 120.0) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if requests.get(base + "/healthz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{base}/healthz never answered")
-
-
 def _wait_job(client: Client, job_id: str, timeout_s: float = 240.0) -> dict:
     deadline = time.time() + timeout_s
     body = None
@@ -93,14 +77,6 @@ def _wait_job(client: Client, job_id: str, timeout_s: float = 240.0) -> dict:
             return body
         time.sleep(0.5)
     raise AssertionError(f"story job {job_id} did not finish: {body}")
-
-
-def _serve_parser() -> argparse.ArgumentParser:
-    from flows.cli.serve import add_serve_command
-
-    parser = argparse.ArgumentParser(prog="storymem")
-    add_serve_command(parser.add_subparsers(dest="command"))
-    return parser
 
 
 def _render_parser() -> argparse.ArgumentParser:
@@ -137,35 +113,20 @@ def _generator_handle():
 @pytest.fixture(scope="module")
 def server(ray_cluster, s3_endpoint):
     import boto3
-    from ray import serve
-
-    from flows.cli.serve import start_serve
 
     bucket = f"serve-{uuid.uuid4().hex[:10]}"
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing",
                       aws_secret_access_key="testing", region_name="us-east-1")
     s3.create_bucket(Bucket=bucket)
-    saved = os.environ.get("STORYMEM_API_KEYS")
-    os.environ["STORYMEM_API_KEYS"] = f"{KEY_A}, {KEY_B}"
-    port = _free_port()
-    args = _serve_parser().parse_args([
-        "serve", "--preset", "tiny", "--host", "127.0.0.1", "--port", str(port),
-        "--storage", f"s3://{bucket}/serve", "--image-uri-prefix", f"s3://{bucket}/inputs/",
-        "--cpus-per-replica", "0.25", "--scorer-cpus", "0.05", "--torch-threads", "1",
-        "--limit", f"max_body_bytes={MAX_BODY_BYTES}", "--limit", "max_images=4",
-        "--job-stale-after-s", "4"])
-    try:
-        url = start_serve(args)
-        _wait_healthy(url)
+    with running_server([
+            "--preset", "tiny", "--storage", f"s3://{bucket}/serve",
+            "--image-uri-prefix", f"s3://{bucket}/inputs/", "--cpus-per-replica", "0.25",
+            "--scorer-cpus", "0.05", "--torch-threads", "1",
+            "--limit", f"max_body_bytes={MAX_BODY_BYTES}", "--limit", "max_images=4",
+            "--job-stale-after-s", "4"], f"{KEY_A}, {KEY_B}") as url:
         yield SimpleNamespace(url=url, bucket=bucket, s3=s3, root=f"s3://{bucket}/serve",
                               a=Client(url, KEY_A), b=Client(url, KEY_B),
                               anonymous=Client(url, None))
-    finally:
-        serve.shutdown()
-        if saved is None:
-            os.environ.pop("STORYMEM_API_KEYS", None)
-        else:
-            os.environ["STORYMEM_API_KEYS"] = saved
 
 
 # ---------------------------------------------------------------------------------------

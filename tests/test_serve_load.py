@@ -10,7 +10,6 @@ expired shot without anyone asking. The measured numbers are printed (run with -
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import threading
 import time
@@ -20,7 +19,8 @@ import psutil
 import pytest
 import requests
 
-from test_serve_api import Client, _free_port, _serve_parser, _wait_healthy, _wait_job
+from serve_support import running_server
+from test_serve_api import Client, _wait_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -34,30 +34,14 @@ SHOT = {"prompt": "waves against the rocks", "seed": 3, "return_video": "uri",
 
 @pytest.fixture(scope="module")
 def load_server(ray_cluster, tmp_path_factory):
-    from ray import serve
-
-    from flows.cli.serve import start_serve
-
     root = tmp_path_factory.mktemp("serve-load")
-    saved = os.environ.get("STORYMEM_API_KEYS")
-    os.environ["STORYMEM_API_KEYS"] = KEY
-    port = _free_port()
-    args = _serve_parser().parse_args([
-        "serve", "--preset", "tiny", "--no-memory", "--num-frames", "9", "--height", "32",
-        "--width", "32", "--steps", "2", "--host", "127.0.0.1", "--port", str(port),
-        "--storage", str(root), "--cpus-per-replica", "0.25", "--torch-threads", "1",
-        "--limit", f"max_active_jobs_per_key={JOBS}", "--limit", f"max_queued_jobs={MAX_QUEUED}",
-        "--job-stale-after-s", "10", "--ttl", "shots=15s", "--cleanup-every", "5s"])
-    try:
-        url = start_serve(args)
-        _wait_healthy(url)
+    with running_server([
+            "--preset", "tiny", "--no-memory", "--num-frames", "9", "--height", "32",
+            "--width", "32", "--steps", "2", "--storage", str(root), "--cpus-per-replica",
+            "0.25", "--torch-threads", "1", "--limit", f"max_active_jobs_per_key={JOBS}",
+            "--limit", f"max_queued_jobs={MAX_QUEUED}", "--job-stale-after-s", "10",
+            "--ttl", "shots=15s", "--cleanup-every", "5s"], KEY) as url:
         yield url, root
-    finally:
-        serve.shutdown()
-        if saved is None:
-            os.environ.pop("STORYMEM_API_KEYS", None)
-        else:
-            os.environ["STORYMEM_API_KEYS"] = saved
 
 
 def _generator():
