@@ -44,6 +44,27 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
                     "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0}
 
 
+def expert_and_shot(size: str) -> tuple[dict, dict]:
+    """The expert architecture and shot of a benchmark size: "a14b" (Wan2.2 A14B at 480p) or
+    "tiny" (the tiny preset's expert on a small shot, for a CPU smoke run)."""
+    if size == "a14b":
+        return A14B, SHOT_480P
+    from storymem_model.presets import TINY
+
+    config = dict(A14B, num_attention_heads=TINY.num_attention_heads,
+                  attention_head_dim=TINY.attention_head_dim, ffn_dim=TINY.ffn_dim,
+                  num_layers=TINY.num_layers, text_dim=TINY.text_dim, freq_dim=TINY.freq_dim)
+    return config, dict(latent_frames=5, latent_height=8, latent_width=8, text_tokens=16)
+
+
+def skipped_without_gpu(bench: str, json_path: str | None, note: str = "") -> dict:
+    """The result of a full-size benchmark on a machine without CUDA: said and written."""
+    print(f"{bench}: the full-size expert needs a CUDA GPU; nothing measured{note}")
+    report = {"skipped": "no CUDA GPU"}
+    write_json_results(json_path, report, indent=1)
+    return report
+
+
 @dataclass
 class Measurement:
     memory_frames: int
@@ -174,23 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", metavar="FILE", help="write the results here")
     args = parser.parse_args(argv if argv is not None else [])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.size == "a14b":
-        if device.type != "cuda":
-            print("bench_gpu: the full-size expert needs a CUDA GPU (about 30 GB); "
-                  "nothing measured (use --size tiny for a CPU smoke run)")
-            report = {"skipped": "no CUDA GPU"}
-            write_json_results(args.json, report, indent=1)
-            return report
-        config, shot, dtype = A14B, SHOT_480P, torch.bfloat16
-    else:
-        from storymem_model.presets import TINY
-
-        config = dict(A14B, num_attention_heads=TINY.num_attention_heads,
-                      attention_head_dim=TINY.attention_head_dim, ffn_dim=TINY.ffn_dim,
-                      num_layers=TINY.num_layers, text_dim=TINY.text_dim,
-                      freq_dim=TINY.freq_dim)
-        shot = dict(latent_frames=5, latent_height=8, latent_width=8, text_tokens=16)
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.size == "a14b" and device.type != "cuda":
+        return skipped_without_gpu("bench_gpu", args.json,
+                                   " (about 30 GB; use --size tiny for a CPU smoke run)")
+    config, shot = expert_and_shot(args.size)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     device_name, peak = device_peak(device)
     model = build_expert(config, device, dtype)
     results = []

@@ -142,23 +142,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.size == "tiny":
         report = _tiny_fit(args)
     else:
-        from bench.bench_gpu import A14B, SHOT_480P, device_peak
+        from bench.bench_gpu import device_peak, expert_and_shot, skipped_without_gpu
         from storymem_model.presets import REAL_LORA_RANK, TINY
 
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if args.size == "a14b":
-            if device.type != "cuda":
-                print("bench_train: the full-size expert needs a CUDA GPU; nothing measured "
-                      "(no GPU was lent when this was written: see docs/training.md for the estimate)")
-                report = {"skipped": "no CUDA GPU"}
-                write_json_results(args.json, report, indent=1)
-                return report
-            config, shot, rank = A14B, SHOT_480P, REAL_LORA_RANK
-        else:
-            config = dict(A14B, num_attention_heads=TINY.num_attention_heads,
-                          attention_head_dim=TINY.attention_head_dim, ffn_dim=TINY.ffn_dim,
-                          num_layers=TINY.num_layers, text_dim=TINY.text_dim, freq_dim=TINY.freq_dim)
-            shot, rank = dict(latent_frames=5, latent_height=8, latent_width=8, text_tokens=16), TINY.lora_rank
+        if args.size == "a14b" and device.type != "cuda":
+            return skipped_without_gpu("bench_train", args.json,
+                                       " (see docs/training.md for the estimate)")
+        config, shot = expert_and_shot("a14b" if args.size == "a14b" else "tiny")
+        rank = REAL_LORA_RANK if args.size == "a14b" else TINY.lora_rank
         device_name, peak = device_peak(device)
         report = {"size": args.size, "device": device_name, "peak_bf16_tflops": peak, "config": config,
                   "shot": shot, "memory_latents": MEMORY_LATENTS, "lora_rank": rank, "torch": torch.__version__,
