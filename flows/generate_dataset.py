@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
-from flows.output_lock import OutputLock
+from storymem_model.output_lock import OutputLock
 from flows.render_stage import (absolute_uri, checked_run_id, render_stage,
                                 resolve_stage_spec, run_logger)
 from flows.retry_policy import retry_options

@@ -10,7 +10,7 @@ tasks (`flows.render_stage`); storage and cluster-connection failures are retrie
 exponential backoff (`flows.retry_policy`), bad input is not. One failing story never
 fails the flow: the batch records it in `{out}/runs/{run_id}/errors.parquet` and the flow
 ends COMPLETED, its state message and summary saying how many failed and where the errors
-are. A lease lock in storage (`flows.output_lock`, `{out}/_locks/render.json`) keeps two
+are. A lease lock in storage (`storymem_model.output_lock`, `{out}/_locks/render.json`) keeps two
 runs from writing one output at the same time; a second run fails at once naming the
 holder (or waits up to `lock_wait_s`). The flow takes it before planning and hands it to
 the batch it starts, whose driver holds it while it renders (`flows.render_stage`).
@@ -26,7 +26,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
-from flows.output_lock import OutputLock
+from storymem_model.output_lock import OutputLock
 from flows.render_stage import (absolute_uri, checked_run_id, render_stage,
                                 resolve_stage_spec, run_logger)
 from pipelines.batch.spec import BatchOptions

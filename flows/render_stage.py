@@ -38,7 +38,7 @@ from prefect.runtime import flow_run
 from flows import batch_launch, ray_job
 from flows.publish_run import publish_run
 from flows.retry_policy import retry_options
-from pipelines.batch.output_lock import OutputLock
+from storymem_model.output_lock import OutputLock
 from pipelines.batch.spec import BatchOptions, BatchSpec, run_id_problem
 from pipelines.story_planner import StoryPlan
 from storymem_model import storage

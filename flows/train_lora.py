@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
-from flows.output_lock import OutputLock
+from storymem_model.output_lock import OutputLock
 from flows.render_stage import absolute_uri, run_logger
 from flows.retry_policy import retry_options
 from storymem_model import storage

@@ -39,7 +39,6 @@ from storymem_model import storage
 log = logging.getLogger(__name__)
 
 
-
 class LeaseHeldError(RuntimeError):
     """The key is leased by another live holder; names it and when its lease ends."""
 
@@ -72,13 +71,18 @@ class Lease:
     """`with Lease(uri, owner="worker 3"):` - exclusive use of what `uri` names.
 
     wait_s: how long `acquire` waits for a live holder (then LeaseHeldError).
-    on_lost: called (from the renewal thread) when the lease was taken over."""
+    on_lost: called (from the renewal thread) when the lease was taken over.
+    token: take a lease another holder handed over (`hand_over()`) under this token.
+
+    Subclasses may add fields to the record (`record_fields`) and take over a live-looking
+    holder they can prove gone (`can_take_over`)."""
 
     held_error = LeaseHeldError
     what = "lease"
 
     def __init__(self, uri: str, owner: str | None = None, ttl_s: float = 900.0,
-                 wait_s: float = 0.0, poll_s: float = 5.0, on_lost=None):
+                 wait_s: float = 0.0, poll_s: float = 5.0, on_lost=None,
+                 token: str | None = None):
         if ttl_s <= 0:
             raise ValueError(f"lease ttl_s must be positive, got {ttl_s}")
         self.uri = uri
@@ -87,7 +91,8 @@ class Lease:
         self.ttl_s = float(ttl_s)
         self.wait_s = float(wait_s)
         self.poll_s = float(poll_s)
-        self.token = uuid.uuid4().hex
+        self.token = token or uuid.uuid4().hex
+        self._handed_over = False
         self._fs, self._path = storage.filesystem(self.uri)
         self._local = storage._is_local(self._fs)
         self._version: str | None = None
@@ -154,10 +159,10 @@ class Lease:
                     raise LeaseLostError(f"lease on {self.uri} was taken over") from exc
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        if self._handed_over:
+            self._release_handed_over()
+            return
+        self._stop_renewing()
         with self._mutex:
             if not self._held:
                 return
@@ -182,14 +187,113 @@ class Lease:
     def __exit__(self, *exc) -> None:
         self.release()
 
+    # -- hooks ----------------------------------------------------------------------------
+    def record_fields(self) -> dict:
+        """Extra fields of this holder's record (e.g. its process)."""
+        return {}
+
+    def can_take_over(self, holder: dict) -> bool:
+        """Whether a holder whose lease has not expired may be taken over anyway (it is
+        provably gone). Default: never."""
+        return False
+
+    # -- hand-over ----------------------------------------------------------------------------
+    def hand_over(self) -> str:
+        """Stop renewing and leave the lease for the process that continues the work;
+        returns the token it takes the lease with (`Lease(..., token=token)`). Raises
+        LeaseLostError if the lease was already lost."""
+        if self.lost:
+            raise LeaseLostError(f"the lease {self.uri} was lost before it could be handed "
+                                 f"over")
+        if not self.held:
+            raise RuntimeError(f"{self.uri} is not held by this holder; nothing to hand over")
+        self._stop_renewing()
+        with self._mutex:
+            self._held = False
+            self._handed_over = True
+        log.info("handed %s over (token %s...)", self.uri, self.token[:8])
+        return self.token
+
+    def _stop_renewing(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _release_handed_over(self) -> None:
+        """After a hand-over: remove the lease only if it is still exactly ours (nobody took
+        it over, e.g. the next process never started); leave it otherwise."""
+        self._handed_over = False
+        with self._mutex:
+            try:
+                if self._local:
+                    with self._guard():
+                        if self._is_own_record(self._read_local()):
+                            os.remove(self._path)
+                            log.info("released %s (never taken over)", self.uri)
+                    return
+                snapshot = self._s3_get()
+                if self._is_own_record(snapshot.record):
+                    self._s3_delete(if_match=snapshot.version)
+                    log.info("released %s (never taken over)", self.uri)
+            except (_PreconditionFailed, FileNotFoundError):
+                pass
+
+    def _is_own_record(self, record: dict | None) -> bool:
+        return record is not None and record.get("token") == self.token and \
+            record.get("acquired_at") == getattr(self, "_acquired_at", None)
+
     # -- acquisition ----------------------------------------------------------------------
     def _record(self, now: float, acquired_at: float | None = None) -> dict:
         return {"owner": self.owner, "token": self.token,
                 "acquired_at": acquired_at if acquired_at is not None else now,
-                "renewed_at": now, "expires_at": now + self.ttl_s, "ttl_s": self.ttl_s}
+                "renewed_at": now, "expires_at": now + self.ttl_s, "ttl_s": self.ttl_s,
+                **self.record_fields()}
 
     def _try_acquire(self) -> dict | None:
-        """None when acquired, else the live holder's record."""
+        """None when acquired, else the live holder's record (a holder with our token - a
+        handed-over lease - or one `can_take_over` proves gone is replaced)."""
+        holder = self._try_acquire_unexpired()
+        if holder is None:
+            return None
+        adopting = holder.get("token") == self.token
+        if adopting or self.can_take_over(holder):
+            if self._replace(holder):
+                if not adopting:
+                    log.warning("took over %s from %r: it is gone", self.uri,
+                                holder.get("owner"))
+                return None
+            return self._try_acquire_unexpired()  # someone else moved first: look again
+        return holder
+
+    def _replace(self, holder: dict) -> bool:
+        """Write our record over exactly `holder`'s (compare and swap); False if the record
+        changed meanwhile."""
+        now = time.time()
+        self._acquired_at = now
+        record = self._record(now)
+
+        def same(current: dict | None) -> bool:
+            return current is not None and all(
+                current.get(k) == holder.get(k) for k in ("token", "acquired_at"))
+
+        if self._local:
+            with self._guard():
+                if not same(self._read_local()):
+                    return False
+                self._write_local(record)
+                return True
+        snapshot = self._s3_get()
+        if not same(snapshot.record):
+            return False
+        try:
+            self._version = self._s3_put(record, if_match=snapshot.version)
+        except (_PreconditionFailed, FileNotFoundError):
+            return False
+        return True
+
+    def _try_acquire_unexpired(self) -> dict | None:
+        """None when acquired (free, or expired and taken over), else the holder's record."""
         now = time.time()
         self._acquired_at = now
         record = self._record(now)

@@ -204,7 +204,7 @@ def test_a_batch_on_a_locked_output_exits_2_at_once_naming_the_holder(tmp_path, 
     import time
 
     from conftest import SMALL_TINY_FLAGS
-    from flows.output_lock import OutputLock
+    from storymem_model.output_lock import OutputLock
 
     (tmp_path / "ok.json").write_text(json.dumps(["a lighthouse at night"]))
     out = str(tmp_path / "out")
@@ -227,7 +227,7 @@ def test_a_batch_that_loses_the_lock_stops_and_kills_its_workers(ray_cluster, tm
 
     import ray
 
-    from flows.output_lock import lock_uri
+    from storymem_model.output_lock import lock_uri
     from pipelines.batch.driver import OutputLockLost
     from storymem_model import storage
 

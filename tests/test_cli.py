@@ -171,7 +171,7 @@ def test_a_second_writer_of_the_output_exits_at_once_naming_the_holder(tmp_path,
     import threading
     import time
 
-    from flows.output_lock import OutputLock, read_lock
+    from storymem_model.output_lock import OutputLock, read_lock
 
     script = _write(tmp_path / "s.json", TWO_SHOTS)
     out = tmp_path / "out"
@@ -200,7 +200,7 @@ def test_a_render_that_loses_the_lock_stops_before_its_next_shot(tmp_path, capsy
     import threading
     import time
 
-    from flows.output_lock import lock_uri
+    from storymem_model.output_lock import lock_uri
 
     story = {"story_name": "Three", "scenes": [{"video_prompts": [
         "a red kite rises", "the kite loops", "the kite lands"], "cut": [True, False, True]}]}

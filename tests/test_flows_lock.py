@@ -1,4 +1,4 @@
-"""The output lock (flows/output_lock.py) on local folders and on S3 (moto server)."""
+"""The output lock (storymem_model/output_lock.py) on local folders and on S3 (moto server)."""
 from __future__ import annotations
 
 import threading
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from flows.output_lock import LockLostError, OutputLock, OutputLockedError, read_lock
+from storymem_model.output_lock import LockLostError, OutputLock, OutputLockedError, read_lock
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -87,7 +87,7 @@ def _holder_process(out: str, hold_s: float):
     import sys
 
     code = ("import os, sys, time\n"
-            "from flows.output_lock import OutputLock\n"
+            "from storymem_model.output_lock import OutputLock\n"
             f"lock = OutputLock({out!r}, owner='process holder', ttl_s=60).acquire()\n"
             "print('held', flush=True)\n"
             f"time.sleep({hold_s})\n"
@@ -121,7 +121,7 @@ def test_a_live_holder_in_another_process_keeps_the_lock(out):
 
 
 def test_a_holder_on_another_machine_is_never_declared_gone(out):
-    from flows.output_lock import holder_is_gone, process_identity
+    from storymem_model.output_lock import holder_is_gone, process_identity
 
     mine = process_identity()
     assert not holder_is_gone({"process": mine})  # this very process runs

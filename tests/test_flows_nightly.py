@@ -158,7 +158,7 @@ def test_bad_model_setting_fails_before_any_work(nightly):
 
 def test_second_run_on_a_locked_output_is_refused(nightly):
     from flows.nightly_render import nightly_render
-    from flows.output_lock import OutputLock
+    from storymem_model.output_lock import OutputLock
 
     with OutputLock(nightly["out"], owner="the other nightly run", ttl_s=60):
         state = nightly_render(nightly["source"], nightly["out"], **support.tiny_specs(),
@@ -227,7 +227,7 @@ class LockCheckingJobClient(FakeJobClient):
         self.token = None
 
     def submit_job(self, *, entrypoint, submission_id, **kwargs):
-        from flows.output_lock import read_lock
+        from storymem_model.output_lock import read_lock
 
         spec = BatchSpec.from_json(storage.read_bytes(shlex.split(entrypoint)[-1]))
         self.token = spec.lock_token

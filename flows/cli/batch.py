@@ -172,7 +172,7 @@ def _flags_besides_spec(args: argparse.Namespace) -> list[str]:
 def run_batch_command(args: argparse.Namespace) -> int:
     from flows.cli.cli_logging import setup_cli_logging
     from pipelines.batch.driver import BatchError, run_batch
-    from pipelines.batch.output_lock import OutputLockedError
+    from storymem_model.output_lock import OutputLockedError
     from pipelines.ray_runtime import RayConnectionError
     from pipelines.scorer_pools import ScorerPoolError
     from pipelines.script_source import ScriptSourceError

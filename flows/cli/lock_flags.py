@@ -7,7 +7,7 @@ batch`) and what they do on SIGTERM.
                           that died is taken over after it (at once when it ran on this
                           machine and its process is gone)
 
-The lock itself is `pipelines.batch.output_lock.OutputLock(out, "render")`.
+The lock itself is `storymem_model.output_lock.OutputLock(out, "render")`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import argparse
 import contextlib
 import signal
 
-from pipelines.batch.output_lock import DEFAULT_TTL_S
+from storymem_model.output_lock import DEFAULT_TTL_S
 
 LOCK_POLL_S = 1.0  # how often a waiting run looks again
 

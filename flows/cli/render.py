@@ -7,7 +7,7 @@ exit status 2, before any weights load. The config hash is then known, so storie
 folder is already committed are reported as skipped without loading the model; the model
 and scorers load (`runner.open_runner`) only for the first story with work left.
 
-The command holds the output lock (`OUT/_locks/render.json`, `pipelines.batch.output_lock`)
+The command holds the output lock (`OUT/_locks/render.json`, `storymem_model.output_lock`)
 while it renders, the same lock `storymem batch` takes: a second writer of the same output
 exits with status 2 at once, naming the holder (or waits `--wait-lock` seconds). If the
 lease is lost (another run took it over after this one stalled past `--lock-ttl`), the
@@ -95,7 +95,7 @@ def _render_locked(args, spec, scripts, results: list, failures: list) -> int | 
     (output locked, lock lost, model unusable), else None."""
     from tqdm.auto import tqdm
 
-    from pipelines.batch.output_lock import OutputLock, OutputLockedError
+    from storymem_model.output_lock import OutputLock, OutputLockedError
     from pipelines.batch.unfinished_writes import remove_unfinished_writes
     from storymem_model import output_layout, storage
     from storymem_model.runner import RenderError

@@ -40,7 +40,7 @@ from actors.batch_events import (BatchEvent, ScorerReplaced, ShotRendered, Story
                                  StoryFailed, StoryRetry, StorySubmitted, WorkerDied,
                                  WorkerLost, WorkerReady)
 from actors.story_outcome import RunnerStatus, StoryOutcome
-from pipelines.batch.output_lock import OutputLock
+from storymem_model.output_lock import OutputLock
 from pipelines.batch.progress import ProgressView
 from pipelines.batch.recorder import RunRecorder
 from pipelines.batch.slots import StoryTask, WorkerSlot
