@@ -96,6 +96,7 @@ class Lease:
         self._fs, self._path = storage.filesystem(self.uri)
         self._local = storage._is_local(self._fs)
         self._version: str | None = None
+        self._acquired_at: float | None = None  # of the record this holder last wrote anew
         self._held = False
         self._lost = False
         self._stop = threading.Event()
@@ -241,9 +242,14 @@ class Lease:
 
     def _is_own_record(self, record: dict | None) -> bool:
         return record is not None and record.get("token") == self.token and \
-            record.get("acquired_at") == getattr(self, "_acquired_at", None)
+            record.get("acquired_at") == self._acquired_at
 
     # -- acquisition ----------------------------------------------------------------------
+    def _new_record(self) -> dict:
+        """A record acquired now (remembered, so renewals keep its `acquired_at`)."""
+        self._acquired_at = time.time()
+        return self._record(self._acquired_at)
+
     def _record(self, now: float, acquired_at: float | None = None) -> dict:
         return {"owner": self.owner, "token": self.token,
                 "acquired_at": acquired_at if acquired_at is not None else now,
@@ -269,9 +275,7 @@ class Lease:
     def _replace(self, holder: dict) -> bool:
         """Write our record over exactly `holder`'s (compare and swap); False if the record
         changed meanwhile."""
-        now = time.time()
-        self._acquired_at = now
-        record = self._record(now)
+        record = self._new_record()
 
         def same(current: dict | None) -> bool:
             return current is not None and all(
@@ -294,14 +298,12 @@ class Lease:
 
     def _try_acquire_unexpired(self) -> dict | None:
         """None when acquired (free, or expired and taken over), else the holder's record."""
-        now = time.time()
-        self._acquired_at = now
-        record = self._record(now)
+        record = self._new_record()
+        now = self._acquired_at
         if self._local:
             with self._guard():
                 current = self._read_local()
-                if current is not None and float(current.get("expires_at", 0)) > now \
-                        and current.get("token") != self.token:
+                if current is not None and float(current.get("expires_at", 0)) > now:
                     return current
                 if current is not None:
                     log.warning("taking over expired lease on %s from %r",
@@ -328,7 +330,7 @@ class Lease:
 
     def _try_acquire_again(self) -> dict | None:
         try:
-            self._version = self._s3_put(self._record(time.time()), if_none_match=True)
+            self._version = self._s3_put(self._new_record(), if_none_match=True)
             return None
         except FileExistsError:
             return self._s3_get().record or {"owner": "unknown", "expires_at": time.time() + 1}

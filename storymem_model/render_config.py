@@ -185,7 +185,8 @@ class RenderConfig(Spec):
     @classmethod
     def for_pipeline(cls, pipeline, scorers=None, **choices) -> "RenderConfig":
         """A config filled from a loaded pipeline (ids, size, frames, fps, sampling) and
-        scorers (ids, gate threshold); `choices` override any field. Sampling choices are
+        scorers (ids, gate threshold); `choices` override any field (pass
+        `keyframe_preprocess=` when the scorers were built for "direct"). Sampling choices are
         merged over the pipeline's M2V defaults (`default_sampling`). T2V sampling (only
         when the pipeline has T2V experts) is its `default_t2v_sampling`, plus the sampling
         choices in T2V_SHARED_SAMPLING_KEYS, plus `t2v_sampling=` choices."""
@@ -197,8 +198,6 @@ class RenderConfig(Spec):
 
             steps = sampling_defaults.get("num_inference_steps", 40)
             sampling_defaults = preset_sampling(preset, steps).as_dict()
-        if scorers is not None and getattr(scorers, "preprocess", None):
-            choices.setdefault("keyframe_preprocess", scorers.preprocess)
         defaults = ModelDefaults(
             model_id=pipeline.model_id, lora_id=getattr(pipeline, "lora_id", None),
             t2v_model_id=getattr(pipeline, "t2v_model_id", None) or (

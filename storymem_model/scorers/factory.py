@@ -77,7 +77,6 @@ class _HPSModelGate:
 
     def __init__(self, model):
         self._model = model
-        self.name = "hpsv3"
 
     def score_images(self, images, prompts=None):
         from storymem_model.scorers.base import check_image_batch, check_prompts

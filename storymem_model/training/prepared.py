@@ -202,7 +202,7 @@ class PreparedData:
         handle = pq.ParquetFile(fs.open(path, "rb"))
         self._files[key] = handle
         while len(self._files) > self.max_open_files:
-            self._files.popitem(last=False)
+            self._files.popitem(last=False)[1].close(force=True)  # and the file it reads
         return handle
 
     def row(self, index: int) -> PreparedClip:
