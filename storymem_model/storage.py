@@ -11,14 +11,20 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import posixpath
+import re
 import uuid
 
 import fsspec
 from fsspec.core import url_to_fs
 
 S3_ENDPOINT_ENV = "STORYMEM_S3_ENDPOINT_URL"
+# The temporary file of a local write: `.{name}.{32 hex}.tmp` beside its target.
+UNFINISHED_WRITE_NAME = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -69,6 +75,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     parent = posixpath.dirname(path)
     if _is_local(fs):
         os.makedirs(parent or ".", exist_ok=True)
+        # UNFINISHED_WRITE_NAME: what a killed process leaves behind here
         tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as handle:
@@ -83,6 +90,11 @@ def write_bytes(uri: str, data: bytes) -> None:
         _fsync_folder(parent or ".")  # the rename itself survives a power loss
     else:
         fs.pipe_file(path, data)
+
+
+def is_unfinished_write(name: str) -> bool:
+    """Whether a file name is the temporary file of a local write (`write_bytes`)."""
+    return UNFINISHED_WRITE_NAME.fullmatch(name) is not None
 
 
 def _fsync_folder(folder: str) -> None:
@@ -150,7 +162,7 @@ def sha256_hex(data: bytes) -> str:
 
 def list_files(uri: str) -> list[str]:
     """Every file under `uri` (recursively), as sorted paths relative to it; [] if absent.
-    Temporary files of unfinished local writes (".name.<hex>.tmp") are left out."""
+    Temporary files of unfinished local writes (`is_unfinished_write`) are left out."""
     fs, root = filesystem(uri)
     root = root.rstrip("/")
     if not fs.exists(root):
@@ -160,11 +172,39 @@ def list_files(uri: str) -> list[str]:
     out = []
     for path in fs.find(root):
         rel = path[len(root):].lstrip("/") if path.startswith(root) else path
-        name = posixpath.basename(rel)
-        if name.startswith(".") and name.endswith(".tmp"):
+        if is_unfinished_write(posixpath.basename(rel)):
             continue
         out.append(rel)
     return sorted(out)
+
+
+def remove_unfinished_writes(folder_uri: str) -> list[str]:
+    """Remove the temporary files of local writes a killed process never finished under
+    `folder_uri`; returns their paths ([] on object stores and for folders that do not
+    exist).
+
+    A process killed between writing a temporary file and renaming it (SIGKILL, a lost
+    node) leaves it behind. Readers never see it (`list_files` skips it, commit markers
+    list only real files), but it must not stay: the writer that next owns the folder
+    (it holds the output lock) removes it. S3 writes are single PUTs: an object is whole
+    or absent, so there is nothing to remove there."""
+    fs, root = filesystem(folder_uri)
+    if not _is_local(fs) or not os.path.isdir(root):
+        return []
+    removed = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if is_unfinished_write(name):
+                path = os.path.join(folder, name)
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    continue
+                removed.append(path)
+    if removed:
+        log.warning("removed %d unfinished write(s) of a killed process under %s",
+                    len(removed), folder_uri)
+    return removed
 
 
 def remove(uri: str) -> None:

@@ -33,7 +33,6 @@ import pytest
 
 from conftest import SMALL_TINY_FLAGS
 from pipelines.batch import BatchOptions, BatchSpec, ScorerPoolOptions, run_batch
-from pipelines.batch.unfinished_writes import TEMP_NAME
 from pipelines.batch.worker_logs import invocation_sections
 from storymem_model import storage
 from storymem_model.records import TIMING_COLUMNS
@@ -209,7 +208,7 @@ def test_the_fault_run_completes_with_every_story_once_and_identical_to_a_clean_
         assert story.name == config_hash
         assert storage.verify_commit(str(story)) == []
         assert _same_story(story, clean / story_id / config_hash) == [], story_id
-    leftovers = [str(p) for p in out.rglob("*") if TEMP_NAME.fullmatch(p.name)
+    leftovers = [str(p) for p in out.rglob("*") if storage.is_unfinished_write(p.name)
                  or p.name.endswith(".tmp")]
     assert leftovers == []
 

@@ -195,7 +195,7 @@ def test_worker_logs_are_on_storage_as_the_run_goes_and_compacted_per_worker(
 
 
 def test_unfinished_writes_of_a_killed_process_are_removed(tmp_path):
-    from pipelines.batch.unfinished_writes import remove_unfinished_writes
+    from storymem_model.storage import remove_unfinished_writes
 
     story = tmp_path / "out" / "kite" / "abc"
     (story / "shots").mkdir(parents=True)

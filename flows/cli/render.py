@@ -96,7 +96,6 @@ def _render_locked(args, spec, scripts, results: list, failures: list) -> int | 
     from tqdm.auto import tqdm
 
     from storymem_model.output_lock import OutputLock, OutputLockedError
-    from pipelines.batch.unfinished_writes import remove_unfinished_writes
     from storymem_model import output_layout, storage
     from storymem_model.runner import RenderError
 
@@ -131,7 +130,7 @@ def _render_locked(args, spec, scripts, results: list, failures: list) -> int | 
             finally:
                 progress.close()
                 # we hold the lock: temporary files of a killed earlier render are leftovers
-                remove_unfinished_writes(output_layout.story_uri(
+                storage.remove_unfinished_writes(output_layout.story_uri(
                     args.out, script.story_id, spec.config_hash))
             results.append(result)
             log.info("story %s %s: %s and %s", script.story_id, result.status,

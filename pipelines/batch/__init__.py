@@ -3,8 +3,7 @@
 Pieces, one job each: `spec` (what to run), `driver` (composes the rest), `story_feed`
 (the next story: retries, then the script planner's items), `worker_pool` and `slots`
 (the supervised story worker actors), `recorder` (rows on storage as the run goes),
-`progress` and `worker_logs` (what a person sees), `summary` (the result), `output_lock`
-(one writer per output), `unfinished_writes` (leftovers of killed writes).
+`progress` and `worker_logs` (what a person sees), `summary` (the result).
 """
 from __future__ import annotations
 

@@ -48,7 +48,6 @@ from pipelines.batch.spec import BatchSpec
 from pipelines.batch.story_feed import StoryFeed
 from pipelines.batch.summary import (BatchSummary, SummaryTables, scorer_request_counts,
                                      shot_costs)
-from pipelines.batch.unfinished_writes import remove_unfinished_writes
 from pipelines.batch.worker_logs import WorkerLogs
 from pipelines.batch.worker_pool import (StoryRaised, StoryReturned, WorkerDiedUnderStory,
                                          WorkerPool, WorkerStarted, WorkerStartFailed)
@@ -296,7 +295,7 @@ class BatchDriver:
         shots = max(outcome.shots_rendered, self.shot_events[story.story_id])
         self.shots_now += shots
         self.story_wall_s += outcome.wall_s
-        remove_unfinished_writes(story.story_uri)  # of attempts whose worker was killed
+        storage.remove_unfinished_writes(story.story_uri)  # of attempts whose worker was killed
         consistency = outcome.consistency
         self._logs_up_to_now()  # a recorded story always has its log lines on storage
         self.recorder.record_story(StoryRow(
@@ -328,7 +327,7 @@ class BatchDriver:
                   error_type, message)
         shots = self.shot_events[story.story_id]
         self.shots_now += shots
-        remove_unfinished_writes(story.story_uri)
+        storage.remove_unfinished_writes(story.story_uri)
         # The error part first: a failed story row always has its error row on storage.
         self._logs_up_to_now()
         self.recorder.record_error(ErrorRow(

@@ -10,7 +10,7 @@ stories.parquet / errors.parquet (and shots.parquet, `pipelines.run_tables`); th
 stay, small, as the run's journal.
 
 Continuing: `RunRecorder.open(out, run_id)` removes what writes of a killed invocation
-left unfinished (`unfinished_writes`) and reads the parts it recorded (each part is
+left unfinished (`storage.remove_unfinished_writes`) and reads the parts it recorded (each part is
 size-checked before it is read: a part over `MAX_PART_BYTES` is a StorageError naming it); the driver does not render again a story whose outcome is recorded
 (`recorded_story`), and rows recorded again (an invalid script listed again) replace
 their earlier part. A run id therefore names one listing: continue it with the same
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import posixpath
 
-from pipelines.batch.unfinished_writes import remove_unfinished_writes
 from pipelines.run_tables import (ErrorRow, RunTableUris, StoryRow, count_statuses, run_uri,
                                   write_run_tables)
 from storymem_model import storage
@@ -47,7 +46,7 @@ class RunRecorder:
     def open(cls, out: str, run_id: str) -> "RunRecorder":
         """A recorder holding every part already on storage for this run id."""
         recorder = cls(out, run_id)
-        remove_unfinished_writes(recorder.uri)  # we hold the output lock: they are leftovers
+        storage.remove_unfinished_writes(recorder.uri)  # we hold the output lock: they are leftovers
         for key, row in read_parts(recorder.parts_uri, STORY_PARTS, StoryRow).items():
             recorder._stories[key] = row
         for key, row in read_parts(recorder.parts_uri, ERROR_PARTS, ErrorRow).items():

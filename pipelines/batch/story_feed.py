@@ -16,7 +16,6 @@ from actors.batch_events import (BatchEvent, ScriptInvalid, StoryRecordedBefore,
                                  StorySkipped)
 from pipelines.batch.recorder import RunRecorder
 from pipelines.batch.slots import StoryTask
-from pipelines.batch.unfinished_writes import remove_unfinished_writes
 from pipelines.run_tables import ErrorRow, ErrorStage, StoryRow, StoryStatus
 from pipelines.story_planner import InvalidScript, PlannedStory, PlanStatus
 from storymem_model import storage
@@ -84,7 +83,7 @@ class StoryFeed:
                                  message=item.message))
 
     def _skipped(self, item: PlannedStory) -> None:
-        remove_unfinished_writes(item.story_uri)  # a killed attempt's, before the commit
+        storage.remove_unfinished_writes(item.story_uri)  # a killed attempt's, before the commit
         self._recorder.record_story(StoryRow(
             run_id=self._recorder.run_id, position=item.position, source=item.source,
             story_id=item.story_id, story_name=item.story_name,
