@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 DIFFUSERS_EXPERTS = ("transformer", "transformer_2")
 ORIGINAL_EXPERTS = ("high_noise_model", "low_noise_model")
+EXPERTS = ("high", "low")  # the order of the two tuples above
+M2V_ROLE = "I2V-A14B (M2V)"
 
 
 class ModelLoadError(ValueError):
@@ -185,6 +187,29 @@ def _folder_identity(folder, components, t2v) -> ModelIdentity:
 
 def _load_folder_components(folder: Path, components, t2v, dtype) -> tuple[dict, dict | None]:
     """Components of a StoryMemPipeline from real model folders (see the module docstring)."""
+    base = components_folder(folder, components)
+    high, low = load_expert_pair(folder, dtype, in_channels=36, role=M2V_ROLE)
+    parts = {
+        **load_shared_components(base, dtype),
+        "transformer": high,
+        "transformer_2": low,
+        "t2v_transformer": None,
+        "t2v_transformer_2": None,
+    }
+    if t2v is not None:
+        parts["t2v_transformer"], parts["t2v_transformer_2"] = load_expert_pair(
+            Path(t2v), dtype, in_channels=16, role="T2V-A14B")
+    scheduler_config = None
+    scheduler_file = base / "scheduler" / "scheduler_config.json"
+    if scheduler_file.is_file():
+        scheduler_config = _read_json(scheduler_file)
+    return parts, scheduler_config
+
+
+def components_folder(folder: Path, components) -> Path:
+    """The diffusers-layout folder that supplies the VAE, text encoder and tokenizer of the
+    model in `folder`: `components`, else `folder` itself when it has the diffusers layout."""
+    folder = Path(folder)
     layout = detect_layout(folder)
     if components is None and layout == "diffusers":
         base = folder
@@ -199,26 +224,18 @@ def _load_folder_components(folder: Path, components, t2v, dtype) -> tuple[dict,
     for sub in ("vae", "text_encoder", "tokenizer"):
         if not (base / sub).is_dir():
             raise ModelLoadError(f"{base}: missing {sub}/ (expected the Wan2.2 diffusers layout)")
-    high, low = load_expert_pair(folder, dtype, in_channels=36, role="I2V-A14B (M2V)")
-    parts = {
-        "tokenizer": _load(base / "tokenizer", "tokenizer", lambda p: _auto_tokenizer(p)),
+    return base
+
+
+def load_shared_components(base: Path, dtype: torch.dtype) -> dict:
+    """tokenizer, text_encoder (UMT5 in `dtype`) and vae (fp32) of a `components_folder`."""
+    return {
+        "tokenizer": _load(base / "tokenizer", "tokenizer", _auto_tokenizer),
         "text_encoder": _load(base / "text_encoder", "UMT5 text encoder",
                               lambda p: _umt5().from_pretrained(p, dtype=dtype)),
         "vae": _load(base / "vae", "Wan VAE", lambda p: _diffusers().AutoencoderKLWan.from_pretrained(
             p, torch_dtype=torch.float32)),
-        "transformer": high,
-        "transformer_2": low,
-        "t2v_transformer": None,
-        "t2v_transformer_2": None,
     }
-    if t2v is not None:
-        parts["t2v_transformer"], parts["t2v_transformer_2"] = load_expert_pair(
-            Path(t2v), dtype, in_channels=16, role="T2V-A14B")
-    scheduler_config = None
-    scheduler_file = base / "scheduler" / "scheduler_config.json"
-    if scheduler_file.is_file():
-        scheduler_config = _read_json(scheduler_file)
-    return parts, scheduler_config
 
 
 def _diffusers():
@@ -255,24 +272,29 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"{path}: unreadable JSON ({error})") from error
 
 
-def load_expert_pair(folder: Path, dtype: torch.dtype, in_channels: int, role: str):
-    """(high-noise, low-noise) experts from a diffusers or original-layout Wan2.2 folder."""
+def load_expert(folder: Path, which: str, dtype: torch.dtype, in_channels: int, role: str):
+    """The `which` ("high" or "low") noise expert of a diffusers or original-layout Wan2.2
+    folder, checked to take `in_channels` (`role` names the model kind in messages)."""
+    if which not in EXPERTS:
+        raise ValueError(f"expert must be 'high' or 'low', got {which!r}")
     folder = Path(folder)
     layout = detect_layout(folder)
+    name = (DIFFUSERS_EXPERTS if layout == "diffusers" else ORIGINAL_EXPERTS)[EXPERTS.index(which)]
     if layout == "diffusers":
-        experts = tuple(
-            _load(folder / name, f"{role} {name}", lambda p: _diffusers().WanTransformer3DModel.from_pretrained(
-                p, torch_dtype=dtype)) for name in DIFFUSERS_EXPERTS)
-        names = DIFFUSERS_EXPERTS
+        expert = _load(folder / name, f"{role} {name}", lambda p: _diffusers().WanTransformer3DModel.from_pretrained(
+            p, torch_dtype=dtype))
     else:
-        experts = tuple(load_original_expert(folder / name, dtype) for name in ORIGINAL_EXPERTS)
-        names = ORIGINAL_EXPERTS
-    for name, expert in zip(names, experts):
-        if expert.config.in_channels != in_channels:
-            raise ModelLoadError(
-                f"{folder / name}: this expert takes {expert.config.in_channels} input channels, a Wan2.2 {role} "
-                f"expert takes {in_channels} (I2V/M2V: 36, T2V: 16); check which folder goes where")
-    return experts
+        expert = load_original_expert(folder / name, dtype)
+    if expert.config.in_channels != in_channels:
+        raise ModelLoadError(
+            f"{folder / name}: this expert takes {expert.config.in_channels} input channels, a Wan2.2 {role} "
+            f"expert takes {in_channels} (I2V/M2V: 36, T2V: 16); check which folder goes where")
+    return expert
+
+
+def load_expert_pair(folder: Path, dtype: torch.dtype, in_channels: int, role: str):
+    """(high-noise, low-noise) experts from a diffusers or original-layout Wan2.2 folder."""
+    return tuple(load_expert(folder, which, dtype, in_channels, role) for which in EXPERTS)
 
 
 ORIGINAL_CONFIG_KEYS = {  # original Wan config.json -> diffusers WanTransformer3DModel config

@@ -148,6 +148,33 @@ def test_folder_errors_name_the_problem(diffusers_folder, tmp_path):
         storymem_model.load_pipeline(broken, device="cpu")
 
 
+def test_training_reads_one_expert_and_the_encoders_from_the_same_folders(tiny, diffusers_folder, tmp_path):
+    """Training loads one expert (`training.experts.load_expert`) and only the encoders
+    (`training.encoding.build_encoding_pipeline`) through the loaders inference uses."""
+    from storymem_model.training.encoding import build_encoding_pipeline
+    from storymem_model.training.experts import load_expert
+
+    root, t2v = diffusers_folder
+    original = tmp_path / "Wan2.2-I2V-A14B"
+    save_original_expert(tiny.transformer, original / "high_noise_model")
+    save_original_expert(tiny.transformer_2, original / "low_noise_model")
+    for folder in (root, original):
+        spec = ModelSpec(model_dir=str(folder))
+        assert_same_weights(load_expert(spec, "high", torch.float32), tiny.transformer)
+        assert_same_weights(load_expert(spec, "low", torch.float32), tiny.transformer_2)
+    with pytest.raises(ModelLoadError, match="takes 16 input channels"):
+        load_expert(ModelSpec(model_dir=str(t2v)), "low", torch.float32)
+    with pytest.raises(ValueError, match="expert must be 'high' or 'low'"):
+        load_expert(ModelSpec(model_dir=str(root)), "middle", torch.float32)
+    for spec in (ModelSpec(model_dir=str(root), device="cpu", dtype="float32"),
+                 ModelSpec(model_dir=str(original), components_dir=str(root), device="cpu", dtype="float32")):
+        encoder = build_encoding_pipeline(spec)
+        for name in ("vae", "text_encoder"):
+            assert_same_weights(getattr(encoder, name), getattr(tiny, name))
+    with pytest.raises(ModelLoadError, match="components="):
+        build_encoding_pipeline(ModelSpec(model_dir=str(original), device="cpu", dtype="float32"))
+
+
 def test_device_dtype_and_offload_arguments_are_checked():
     with pytest.raises(ValueError, match="dtype"):
         storymem_model.load_pipeline("tiny", dtype="int8")

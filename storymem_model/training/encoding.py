@@ -55,24 +55,12 @@ def _components_pipeline(model: ModelSpec):
     from storymem_model.shot_pipeline import StoryMemPipeline
     from storymem_model.tiny_models import build_tiny_transformer
 
-    folder = Path(model.model_dir)
-    base = Path(model.components_dir) if model.components_dir else folder
-    if model.components_dir is None and ml.detect_layout(folder) != "diffusers":
-        raise ml.ModelLoadError(f"{folder}: original Wan2.2 layout holds the experts only; give "
-                                "components_dir (a diffusers-layout folder) for the VAE and text encoder")
-    for sub in ("vae", "text_encoder", "tokenizer"):
-        if not (base / sub).is_dir():
-            raise ml.ModelLoadError(f"{base}: missing {sub}/ (expected the Wan2.2 diffusers layout)")
+    base = ml.components_folder(Path(model.model_dir), model.components_dir)
     dtype = ml._resolve_dtype(model.dtype) or ml.default_dtype(torch.device(model.device or "cpu"))
-    tokenizer = ml._load(base / "tokenizer", "tokenizer", ml._auto_tokenizer)
-    text_encoder = ml._load(base / "text_encoder", "UMT5 text encoder",
-                            lambda p: ml._umt5().from_pretrained(p, dtype=dtype))
-    vae = ml._load(base / "vae", "Wan VAE",
-                   lambda p: ml._diffusers().AutoencoderKLWan.from_pretrained(p, torch_dtype=torch.float32))
-    ml.cast_keeping_fp32_modules(text_encoder, dtype)
+    parts = ml.load_shared_components(base, dtype)
+    ml.cast_keeping_fp32_modules(parts["text_encoder"], dtype)
     placeholders = [build_tiny_transformer(36, TINY).eval() for _ in range(2)]  # never run
-    pipeline = StoryMemPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                                transformer=placeholders[0], transformer_2=placeholders[1])
+    pipeline = StoryMemPipeline(**parts, transformer=placeholders[0], transformer_2=placeholders[1])
     pipeline.to(torch.device(model.device or "cpu"))
     pipeline.configure(shot=REAL_SHOT, text_length=REAL_TEXT_LENGTH)
     return pipeline

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from storymem_model.model_loading import default_dtype
 from storymem_model.rope import frame_positions
 from storymem_model.specs import ModelSpec
 from storymem_model.training.experts import load_expert
@@ -78,9 +79,8 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def compute_dtype_for(device) -> torch.dtype:
-    """bf16 on a GPU, fp32 on the CPU."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+# bf16 on a GPU, fp32 on the CPU (the inference default); bench/bench_train.py imports this name
+compute_dtype_for = default_dtype
 
 
 class ExpertTrainer:
@@ -89,13 +89,13 @@ class ExpertTrainer:
 
     @classmethod
     def load(cls, model: ModelSpec, expert: str, *, device: torch.device, **kwargs) -> "ExpertTrainer":
-        return cls(load_expert(model, expert, compute_dtype_for(device)), device=device, **kwargs)
+        return cls(load_expert(model, expert, default_dtype(device)), device=device, **kwargs)
 
     def __init__(self, module, *, rank: int, alpha: float, seed: int, optim: OptimSettings,
                  device: torch.device, parallel: str = "fsdp", gradient_checkpointing: bool = True):
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
-        self.compute_dtype = compute_dtype_for(self.device)
+        self.compute_dtype = default_dtype(self.device)
         self.optim = optim
         self.parallel = parallel
         add_lora(module, rank, alpha, seed)
