@@ -26,16 +26,17 @@ which changes nothing), `{out}/metrics.parquet`, `{out}/validation.parquet` (wit
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipelines.run_tables import table_bytes
 from storymem_model import storage
 from storymem_model.training import lora as lora_files
 from storymem_model.training.records import MetricRow, ValidationRow
@@ -181,12 +182,11 @@ def _publish(spec: FitSpec, manifest: dict, checkpoint, seconds: float) -> FitRe
     from storymem_model.training.prepared import manifest_sha256
 
     with checkpoint.as_directory() as folder:
-        state = json.loads(open(os.path.join(folder, STATE_FILE)).read())
+        state = json.loads(Path(folder, STATE_FILE).read_text())
         missing = [e for e in spec.experts if e not in state["completed"]]
         if missing:
             raise FitError(f"the last checkpoint has not finished expert(s) {missing}")
-        released = {e: open(os.path.join(folder, lora_files.EXPERT_FILES[e]), "rb").read()
-                    for e in state["completed"]}
+        released = {e: Path(folder, lora_files.EXPERT_FILES[e]).read_bytes() for e in state["completed"]}
         metrics = _read_rows(os.path.join(folder, METRICS_FILE))
         validation = _read_rows(os.path.join(folder, VALIDATION_FILE))
     lora_dir = storage.join(spec.out, LORA_DIR)
@@ -204,9 +204,9 @@ def _publish(spec: FitSpec, manifest: dict, checkpoint, seconds: float) -> FitRe
             written[expert] = "zero"
         else:
             written[expert] = "kept"
-    storage.write_bytes(storage.join(spec.out, METRICS_FILE), _table_bytes(MetricRow, metrics))
+    storage.write_bytes(storage.join(spec.out, METRICS_FILE), table_bytes(MetricRow.table(metrics)))
     if validation or spec.validate_every:
-        storage.write_bytes(storage.join(spec.out, VALIDATION_FILE), _table_bytes(ValidationRow, validation))
+        storage.write_bytes(storage.join(spec.out, VALIDATION_FILE), table_bytes(ValidationRow.table(validation)))
     card = training_card(spec, manifest=manifest, manifest_sha256=manifest_sha256(spec.data),
                          lora_dir=lora_dir, experts=written, state=state, metrics=metrics,
                          validation=validation, run_name=run_name(spec), seconds=seconds)
@@ -219,12 +219,6 @@ def _read_rows(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     return pq.read_table(path).to_pylist()
-
-
-def _table_bytes(record_type, rows) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(record_type.table(rows), sink)
-    return sink.getvalue()
 
 
 # ---------------------------------------------------------------------------------------

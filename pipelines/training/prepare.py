@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
+from pipelines.run_tables import table_bytes
 from storymem_model import storage
 from storymem_model.training import prepared
 from storymem_model.training.clip_manifest import ClipError, ClipInput, inputs_fingerprint, read_clip_inputs
@@ -115,11 +116,10 @@ def run_prepare(spec: PrepareSpec) -> PrepareResult:
 
 
 def _committed_manifest(out: str) -> dict | None:
-    if not storage.is_committed(out):
-        return None
+    """The manifest of the prepared data committed at `out` (of any settings), else None."""
     try:
-        return json.loads(storage.read_bytes(storage.join(out, prepared.MANIFEST_FILE)))
-    except (FileNotFoundError, ValueError):
+        return prepared.read_manifest(out, require_clips=False)
+    except (FileNotFoundError, ValueError):  # PreparedDataError included
         return None
 
 
@@ -296,8 +296,8 @@ def _write_outputs(spec: PrepareSpec, fingerprint: str, analyses: list[ClipAnaly
     from storymem_model.model_identity import model_identity, scorer_identity
 
     out = spec.out
-    storage.write_bytes(storage.join(out, prepared.CLIPS_FILE), _table_bytes(ClipAnalysis, analyses))
-    storage.write_bytes(storage.join(out, prepared.ERRORS_FILE), _table_bytes(ClipError, errors))
+    storage.write_bytes(storage.join(out, prepared.CLIPS_FILE), table_bytes(ClipAnalysis.table(analyses)))
+    storage.write_bytes(storage.join(out, prepared.ERRORS_FILE), table_bytes(ClipError.table(errors)))
     keep = {s["key"] for s in shards}
     for rel in storage.list_files(storage.join(out, prepared.SHARDS_DIR)):
         if f"{prepared.SHARDS_DIR}/{rel}" not in keep:  # shards of other settings or clips
@@ -336,9 +336,3 @@ def _write_outputs(spec: PrepareSpec, fingerprint: str, analyses: list[ClipAnaly
     storage.write_commit_marker(out, files, {"prepared_format": prepared.PREPARED_FORMAT,
                                              "clips": len(analyses)})
     return manifest
-
-
-def _table_bytes(record_type, records) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(record_type.table(records), sink)
-    return sink.getvalue()

@@ -138,8 +138,9 @@ def load_tensor_file(uri: str) -> dict[str, torch.Tensor]:
     return load(storage.read_bytes(uri))
 
 
-def read_manifest(uri: str) -> dict:
-    """The manifest of committed prepared data at `uri`."""
+def read_manifest(uri: str, *, require_clips: bool = True) -> dict:
+    """The manifest of committed prepared data at `uri`; with `require_clips=False` also
+    that of data whose every clip was refused."""
     try:
         committed = storage.is_committed(uri)
     except (storage.StorageError, OSError) as exc:
@@ -151,7 +152,7 @@ def read_manifest(uri: str) -> dict:
     if manifest.get("format") != PREPARED_FORMAT:
         raise PreparedDataError(f"{uri}: prepared data format {manifest.get('format')!r}, this code reads "
                                 f"{PREPARED_FORMAT}; prepare it again")
-    if not manifest.get("shards"):
+    if require_clips and not manifest.get("shards"):
         raise PreparedDataError(f"{uri}: the prepared data holds no clips (see its {ERRORS_FILE})")
     return manifest
 
