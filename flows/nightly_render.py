@@ -79,7 +79,7 @@ def nightly_render(
     runtime_env: Ray runtime_env for the cluster job (env vars, ...).
     retries, retry_backoff_s: retries of storage/cluster steps, exponential backoff base.
     lock_ttl_s, lock_wait_s: the output lock's lease length and how long to wait for it
-        (the flow holds it, then the batch it hands it to).
+        (the flow holds it, then the batch it hands it to, with the same lease length).
     job_poll_s, job_timeout_s: polling of the cluster job; a job still running after
         `job_timeout_s` is stopped (finished shots are kept; the next run resumes).
     """

@@ -18,7 +18,8 @@ Each step is a Prefect task with the run's retry options (`flows.retry_policy`).
 The output lock: the caller takes `OutputLock(out, "render")` before the stage (so a
 second run is refused before it plans anything) and passes it in. When stories are
 pending, the stage hands the lease over to the batch right before starting it: the
-BatchSpec carries the lease's token and the batch driver - here in this process, or the
+BatchSpec carries the lease's token and TTL (the lock's settings are the caller's alone;
+`BatchOptions` has none) and the batch driver - here in this process, or the
 Ray job's driver on the cluster - takes the lease with it and holds it for as long as it
 runs. There is never a second lock to deadlock on, and a flow that stops waiting for its
 Ray job (or dies) does not leave the output unguarded while the job runs. After the batch
@@ -160,10 +161,9 @@ def render_stage(kind: str, source: str, out: str, run_id: str, render_spec: Ren
         run_folder = storage.join(out, "runs", run_id)
         manifest = manifest_task.with_options(**opts)(
             plan, storage.join(run_folder, "flow", "manifest.jsonl"))
-        spec = BatchSpec(scripts=manifest, out=out, render=render_spec,
-                         options=options.replace(lock_ttl_s=lock.ttl_s, lock_wait_s=lock.wait_s),
+        spec = BatchSpec(scripts=manifest, out=out, render=render_spec, options=options,
                          run_id=run_id, ray_address=JOB_RAY_ADDRESS if ray_address else None,
-                         lock_token=lock.token)
+                         lock_ttl_s=lock.ttl_s, lock_wait_s=lock.wait_s, lock_token=lock.token)
         uri = batch_spec_task.with_options(**opts)(spec, spec_uri(out, run_id))
         submission_id = ray_job.submission_id_for(
             kind, out, run_id, attempt=int(flow_run.run_count or 1))

@@ -31,9 +31,10 @@ from storymem_model.leases import Lease, LeaseHeldError, LeaseLostError, default
 
 LOCK_FOLDER = "_locks"
 DEFAULT_TTL_S = 900.0
+POLL_S = 1.0  # how often a run waiting for the output lock looks again
 
 __all__ = ["DEFAULT_TTL_S", "LOCK_FOLDER", "LockLostError", "OutputLock", "OutputLockedError",
-           "default_owner", "holder_is_gone", "lock_uri", "process_identity", "read_lock"]
+           "POLL_S", "default_owner", "holder_is_gone", "lock_uri", "process_identity", "read_lock"]
 
 
 class OutputLockedError(LeaseHeldError):
@@ -59,7 +60,7 @@ class OutputLock(Lease):
     what = "output is locked by another run"
 
     def __init__(self, out_uri: str, name: str = "render", owner: str | None = None,
-                 ttl_s: float = DEFAULT_TTL_S, wait_s: float = 0.0, poll_s: float = 5.0,
+                 ttl_s: float = DEFAULT_TTL_S, wait_s: float = 0.0, poll_s: float = POLL_S,
                  on_lost=None, token: str | None = None):
         super().__init__(lock_uri(out_uri, name), owner=owner, ttl_s=ttl_s, wait_s=wait_s,
                          poll_s=poll_s, on_lost=on_lost, token=token)

@@ -245,9 +245,9 @@ def test_a_batch_that_loses_the_lock_stops_and_kills_its_workers(ray_cluster, tm
             storage.write_bytes(lock_uri(out) + ".x", b"")  # once
             storage.write_bytes(lock_uri(out), json.dumps(foreign).encode())
 
-    options = BatchOptions(workers=1, cpus_per_worker=0.25, progress="log", lock_ttl_s=0.6)
+    options = BatchOptions(workers=1, cpus_per_worker=0.25, progress="log")
     spec = BatchSpec(scripts=str(scripts), out=out, render=small_tiny_render, options=options,
-                     run_id="lost-lock")
+                     run_id="lost-lock", lock_ttl_s=0.6)
     started = time.monotonic()
     with pytest.raises(OutputLockLost) as info:
         run_batch(spec, on_event=take_over)

@@ -6,7 +6,7 @@ weights, so every unusable setting fails in seconds with exit status 2 before Ra
 submits that as the Ray job's entrypoint.
 
 The batch driver holds the output lock (`OUT/_locks/render.json`) for the whole run:
-`--wait-lock` / `--lock-ttl` (`lock_flags`) become `BatchOptions.lock_wait_s` /
+`--wait-lock` / `--lock-ttl` (`lock_flags`) become `BatchSpec.lock_wait_s` /
 `lock_ttl_s`. SIGTERM (a stopped Ray job) exits through the driver's cleanup, so the
 workers are killed and the lock released.
 """
@@ -124,8 +124,7 @@ def batch_options_from_args(args: argparse.Namespace):
                 clip_actors=args.clip_actors, gate_actors=args.gate_actors,
                 max_batch_size=args.scorer_batch_size, max_wait_s=args.scorer_max_wait,
                 gpus_per_actor=args.scorer_gpus, max_restarts=args.scorer_restarts),
-            consistency=args.consistency, progress=args.progress,
-            lock_ttl_s=args.lock_ttl, lock_wait_s=args.wait_lock, log_flush_s=args.log_flush)
+            consistency=args.consistency, progress=args.progress, log_flush_s=args.log_flush)
     except SpecError as exc:
         raise ArgumentsError(str(exc)) from None
 
@@ -141,7 +140,8 @@ def batch_spec_from_args(args: argparse.Namespace):
     try:
         render = render_spec_from_args(args, accelerator=args.gpus_per_worker > 0)
         return BatchSpec(scripts=args.scripts, out=args.out, render=render, options=options,
-                         run_id=args.run_id, ray_address=args.ray_address)
+                         run_id=args.run_id, ray_address=args.ray_address,
+                         lock_ttl_s=args.lock_ttl, lock_wait_s=args.wait_lock)
     except SpecError as exc:
         raise ArgumentsError(str(exc)) from None
 

@@ -104,20 +104,28 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                           "the batch it hands the lock to)")
 
 
-# The flow holds the output lock and hands it to its batch: its own --lock-wait/--lock-ttl
-# set the lock, so `storymem batch`'s lock flags are refused inside --batch-args.
-LOCK_FLAGS = ("--wait-lock", "--lock-ttl")
-
-
 def flow_batch_options(args: argparse.Namespace):
     """BatchOptions from --workers, --gpus-per-worker and --batch-args, read by the
     `storymem batch` parser and mapped by its `batch_options_from_args` (no render spec is
     resolved here: the flow resolves it once, in its first task). ArgumentsError names a
-    bad or misplaced flag."""
+    bad or misplaced flag: the model, render and lock flags of `storymem batch` are the
+    flow's own (the flow holds the output lock and hands it to its batch), refused inside
+    --batch-args."""
     from flows.cli.batch import add_batch_command, batch_options_from_args
+    from flows.cli.lock_flags import add_lock_arguments
 
     parser = argparse.ArgumentParser(prog="storymem", exit_on_error=False)
-    add_batch_command(parser.add_subparsers(dest="command", required=True))
+    batch = add_batch_command(parser.add_subparsers(dest="command", required=True))
+    flow_flags: dict[str, str] = {}  # dest -> flag, of the flags that are the flow's own
+    for add_arguments in (add_model_arguments, add_lock_arguments):
+        probe = argparse.ArgumentParser(add_help=False)
+        add_arguments(probe)
+        for action in probe._actions:
+            if action.option_strings:
+                flow_flags.setdefault(action.dest, action.option_strings[0])
+    for action in batch._actions:
+        if action.dest in flow_flags:
+            action.default = argparse.SUPPRESS  # set only when given
     batch_args = shlex.split(args.batch_args or "")
     argv = ["batch", "--scripts", args.source, "--out", args.out,
             "--workers", str(args.workers), "--gpus-per-worker", str(args.gpus_per_worker),
@@ -129,22 +137,12 @@ def flow_batch_options(args: argparse.Namespace):
     except (argparse.ArgumentError, SystemExit) as exc:
         message = stderr.getvalue().strip() or str(exc)
         raise ArgumentsError(f"--batch-args {batch_args}: {message}") from None
-    misplaced = [a.option_strings[0] for a in _model_flag_actions()
-                 if getattr(parsed, a.dest) != a.default]
-    misplaced += [flag for flag in LOCK_FLAGS
-                  if any(arg == flag or arg.startswith(flag + "=") for arg in batch_args)]
+    misplaced = [flag for dest, flag in flow_flags.items() if hasattr(parsed, dest)]
     if misplaced or parsed.spec:
         raise ArgumentsError(f"--batch-args takes `storymem batch` run options only; give "
                              f"{', '.join(misplaced or ['--spec'])} to `storymem flow` "
                              "itself (--lock-wait/--lock-ttl for the lock)")
     return batch_options_from_args(parsed)
-
-
-def _model_flag_actions() -> list[argparse.Action]:
-    """The model/render flags (`add_model_arguments`), as argparse actions."""
-    probe = argparse.ArgumentParser(add_help=False)
-    add_model_arguments(probe)
-    return [action for action in probe._actions if action.option_strings]
 
 
 def flow_kwargs(args: argparse.Namespace) -> dict:

@@ -17,8 +17,6 @@ import signal
 
 from storymem_model.output_lock import DEFAULT_TTL_S
 
-LOCK_POLL_S = 1.0  # how often a waiting run looks again
-
 
 def add_lock_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(

@@ -21,7 +21,7 @@ import sys
 import time
 
 from flows.cli.cli_logging import setup_cli_logging
-from flows.cli.lock_flags import LOCK_POLL_S, add_lock_arguments, sigterm_exits
+from flows.cli.lock_flags import add_lock_arguments, sigterm_exits
 from flows.cli.model_flags import (ArgumentsError, accelerator_from_args, add_model_arguments,
                                    render_spec_from_args)
 
@@ -95,13 +95,12 @@ def _render_locked(args, spec, scripts, results: list, failures: list) -> int | 
     (output locked, lock lost, model unusable), else None."""
     from tqdm.auto import tqdm
 
-    from storymem_model.output_lock import OutputLock, OutputLockedError
+    from storymem_model.output_lock import OutputLock, OutputLockedError, default_owner
     from storymem_model import output_layout, storage
     from storymem_model.runner import RenderError
 
-    lock = OutputLock(args.out, "render", owner=f"storymem render ({_process()})",
-                      ttl_s=args.lock_ttl, wait_s=args.wait_lock,
-                      poll_s=min(LOCK_POLL_S, max(args.wait_lock, 0.01)))
+    lock = OutputLock(args.out, "render", owner=f"storymem render ({default_owner()})",
+                      ttl_s=args.lock_ttl, wait_s=args.wait_lock)
     try:
         lock.acquire()
     except (OutputLockedError, ValueError, storage.StorageError) as exc:
@@ -138,13 +137,6 @@ def _render_locked(args, spec, scripts, results: list, failures: list) -> int | 
     finally:
         lock.release()
     return None
-
-
-def _process() -> str:
-    import os
-    import socket
-
-    return f"pid {os.getpid()} on {socket.gethostname()}"
 
 
 class _LockLost(RuntimeError):

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.batch.spec import BatchOptions, BatchSpec, ScorerPoolOptions
+from pipelines.batch.spec import BatchOptions, BatchSpec, ScorerPoolOptions, new_run_id
 
 _LAZY = {
     "run_batch": "pipelines.batch.driver",
     "BatchError": "pipelines.batch.driver",
     "OutputLockLost": "pipelines.batch.driver",
-    "new_run_id": "pipelines.batch.driver",
     "BatchSummary": "pipelines.batch.summary",
 }
 
-__all__ = ["BatchOptions", "BatchSpec", "ScorerPoolOptions", *_LAZY]
+__all__ = ["BatchOptions", "BatchSpec", "ScorerPoolOptions", "new_run_id", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@
    (`output_lock.OutputLock(out, "render")`, the lock `storymem render` takes) is taken -
    or, with `spec.lock_token`, the lease a flow handed over. It is held until the run
    ends; a second run on the same output fails here naming the holder (after
-   `lock_wait_s`). A lost lease (another run took it over) stops the run: nothing more is
+   `spec.lock_wait_s`). A lost lease (another run took it over) stops the run: nothing more is
    submitted, the workers are killed, `OutputLockLost` is raised.
 2. Connect to Ray (`pipelines.ray_runtime`), check its resources, start the shared scorer
    pools (none when memory is off) and the story workers (`worker_pool`); scorer models
@@ -30,21 +30,18 @@ import collections
 import datetime as _dt
 import itertools
 import logging
-import os
-import socket
 import time
-import uuid
 from typing import Any, Callable, Iterator
 
 from actors.batch_events import (BatchEvent, ScorerReplaced, ShotRendered, StoryDone,
                                  StoryFailed, StoryRetry, StorySubmitted, WorkerDied,
                                  WorkerLost, WorkerReady)
 from actors.story_outcome import RunnerStatus, StoryOutcome
-from storymem_model.output_lock import OutputLock
+from storymem_model.output_lock import OutputLock, default_owner
 from pipelines.batch.progress import ProgressView
 from pipelines.batch.recorder import RunRecorder
 from pipelines.batch.slots import StoryTask, WorkerSlot
-from pipelines.batch.spec import BatchSpec
+from pipelines.batch.spec import BatchSpec, new_run_id
 from pipelines.batch.story_feed import StoryFeed
 from pipelines.batch.summary import (BatchSummary, SummaryTables, scorer_request_counts,
                                      shot_costs)
@@ -61,7 +58,6 @@ log = logging.getLogger("storymem.batch")
 EventCallback = Callable[[BatchEvent], None]
 POLL_S = 0.2
 PROGRESS_DRAIN_TIMEOUT_S = 30
-LOCK_POLL_S = 1.0  # how often a run waiting for the output lock looks again
 
 
 class BatchError(RuntimeError):
@@ -70,11 +66,6 @@ class BatchError(RuntimeError):
 
 class OutputLockLost(BatchError):
     """Another run took the output lock over: the batch stopped (its rows are kept)."""
-
-
-def new_run_id() -> str:
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{uuid.uuid4().hex[:6]}"
 
 
 def run_batch(spec: BatchSpec, *, on_event: EventCallback | None = None,
@@ -93,11 +84,9 @@ def run_batch(spec: BatchSpec, *, on_event: EventCallback | None = None,
     storage.filesystem(spec.out)  # an unusable out fails here, before any actor starts
     items = _started(plan_items(spec.scripts, spec.out, spec.render.config_hash,
                                 exclude=spec.out))  # so does an unusable source
-    lock = OutputLock(spec.out, "render", owner=f"storymem batch run {spec.run_id} "
-                      f"(pid {os.getpid()} on {socket.gethostname()})",
-                      ttl_s=spec.options.lock_ttl_s, wait_s=spec.options.lock_wait_s,
-                      poll_s=min(LOCK_POLL_S, max(spec.options.lock_wait_s, 0.01)),
-                      token=spec.lock_token)
+    lock = OutputLock(spec.out, "render",
+                      owner=f"storymem batch run {spec.run_id} ({default_owner()})",
+                      ttl_s=spec.lock_ttl_s, wait_s=spec.lock_wait_s, token=spec.lock_token)
     lock.acquire()  # OutputLockedError naming the holder
     try:
         with ray_session(spec.ray_address):

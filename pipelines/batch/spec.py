@@ -1,23 +1,35 @@
 """`BatchSpec`: one batch run, fully described; built at the edge, read by the driver.
 
-    BatchSpec(scripts, out, render: RenderSpec, options: BatchOptions, run_id, ray_address)
+    BatchSpec(scripts, out, render: RenderSpec, options: BatchOptions, run_id, ray_address,
+              lock_ttl_s, lock_wait_s, lock_token)
 
 `render` is the resolved `storymem_model.render_spec.RenderSpec` (model, scorers, config:
 the config hash is known before any worker starts); `options` say how the run uses Ray
-(workers, GPUs, retries, timeouts, scorer pools) and change no pixel. A BatchSpec is
-frozen and JSON-serialisable, so the cluster path hands it to a Ray job as a file.
+(workers, GPUs, retries, timeouts, scorer pools) and change no pixel; the `lock_*` fields
+are the output lock the driver holds (`storymem_model.output_lock`): its lease, how long
+to wait for it, and the token of a lease a flow handed over. A BatchSpec is frozen and
+JSON-serialisable, so the cluster path hands it to a Ray job as a file.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import re
+import uuid
 from dataclasses import dataclass, field
 
+from storymem_model.output_lock import DEFAULT_TTL_S
 from storymem_model.render_spec import RenderSpec
 from storymem_model.spec_json import Spec, check_choice, check_number
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # always fullmatch()
 PROGRESS_MODES = ("auto", "bar", "log")
 MAX_SPEC_BYTES = 16 * 1024 * 1024  # a BatchSpec file is read with this limit
+
+
+def new_run_id() -> str:
+    """A run id sortable by start time: `20261130T014500Z-1a2b3c` (UTC, random suffix)."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{uuid.uuid4().hex[:6]}"
 
 
 def run_id_problem(run_id) -> str | None:
@@ -79,8 +91,6 @@ class BatchOptions(Spec):
     consistency: bool = False  # per-story consistency columns in stories.parquet
     torch_threads: int | None = 1  # per worker process
     progress: str = "auto"  # auto: a bar on a terminal, log lines otherwise
-    lock_ttl_s: float = 900.0  # the output lock's lease (renewed every ttl/3)
-    lock_wait_s: float = 0.0  # how long to wait for another run holding the output
     log_flush_s: float = 10.0  # worker logs reach storage at least this often
 
     def problems(self) -> list[str]:
@@ -97,8 +107,6 @@ class BatchOptions(Spec):
         check_number(out, "torch_threads", self.torch_threads, minimum=1, integer=True,
                      optional=True)
         check_choice(out, "progress", self.progress, PROGRESS_MODES)
-        check_number(out, "lock_ttl_s", self.lock_ttl_s, above=0)
-        check_number(out, "lock_wait_s", self.lock_wait_s, minimum=0)
         check_number(out, "log_flush_s", self.log_flush_s, above=0)
         return out
 
@@ -110,7 +118,8 @@ class BatchOptions(Spec):
 
 @dataclass(frozen=True)
 class BatchSpec(Spec):
-    """One batch run: which scripts, where to, rendered how, on which Ray."""
+    """One batch run: which scripts, where to, rendered how, on which Ray, under which
+    output lock."""
 
     scripts: str
     out: str
@@ -118,6 +127,8 @@ class BatchSpec(Spec):
     options: BatchOptions = field(default_factory=BatchOptions)
     run_id: str | None = None  # default: UTC time + random suffix
     ray_address: str | None = None  # None: an embedded local Ray on 127.0.0.1
+    lock_ttl_s: float = DEFAULT_TTL_S  # the output lock's lease (renewed every ttl/3)
+    lock_wait_s: float = 0.0  # how long to wait for another run holding the output
     # The output lock a flow took and handed over (`OutputLock.hand_over()`): the batch
     # takes that lease by its token. None: the batch takes the output lock itself.
     lock_token: str | None = None
@@ -130,6 +141,8 @@ class BatchSpec(Spec):
                 out.append(f"{name} must be a path or URI, got {value!r}")
         if self.run_id is not None and run_id_problem(self.run_id):
             out.append(run_id_problem(self.run_id))
+        check_number(out, "lock_ttl_s", self.lock_ttl_s, above=0)
+        check_number(out, "lock_wait_s", self.lock_wait_s, minimum=0)
         if self.lock_token is not None and (not isinstance(self.lock_token, str)
                                             or not self.lock_token.strip()):
             out.append(f"lock_token must be a non-empty string, got {self.lock_token!r}")

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-import uuid
 
 from actors.batch_events import BatchEvent, WorkerLog
+from pipelines.batch.spec import new_run_id
 from storymem_model import storage
 
 DRIVER_LOG = "driver"
@@ -34,17 +34,12 @@ MAX_SEGMENT_READ_BYTES = 4 * SEGMENT_BYTES  # segments are read back with this l
 INVOCATION_MARK = "=== invocation "
 
 
-def new_invocation_id() -> str:
-    """Sortable by start time: `20261130T014500Z-1a2b3c`."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{uuid.uuid4().hex[:6]}"
-
-
 class WorkerLogs:
     def __init__(self, run_uri: str, flush_s: float = 10.0, invocation: str | None = None):
         self.run_uri = run_uri
         self.flush_s = flush_s
-        self.invocation = invocation or new_invocation_id()
+        # an invocation id has a run id's form: sortable by start time
+        self.invocation = invocation or new_run_id()
         self._lines: dict[str, list[str]] = {}  # the open segment of each log
         self._sizes: dict[str, int] = {}
         self._segments: dict[str, int] = {}
