@@ -27,7 +27,7 @@ SMALL = ["--preset", "tiny", "--no-memory", "--num-frames", "9", "--height", "32
          "--width", "32", "--steps", "2"]
 
 
-def _serve_settings(monkeypatch, root, argv=()):
+def _serve_settings(monkeypatch, root, argv=(), flags=SMALL):
     import argparse
 
     from flows.cli.serve import add_serve_command, settings_from_args
@@ -35,7 +35,7 @@ def _serve_settings(monkeypatch, root, argv=()):
     monkeypatch.setenv("STORYMEM_API_KEYS", KEY)
     parser = argparse.ArgumentParser(prog="storymem")
     add_serve_command(parser.add_subparsers(dest="command"))
-    return settings_from_args(parser.parse_args(["serve", *SMALL, "--storage", str(root),
+    return settings_from_args(parser.parse_args(["serve", *flags, "--storage", str(root),
                                                  *argv]))
 
 
@@ -323,21 +323,78 @@ def test_one_shot_at_a_time_per_session_across_replicas(pipe, monkeypatch, tmp_p
     second = SessionShotRequest(prompt="A ship passes the rocks.", return_video="uri")
     results = {}
     thread = threading.Thread(target=lambda: results.setdefault("a", exclusive_session_shot(
-        store, usage, model, None, on_a, first, "replica-a", 30.0)))
+        store, usage, settings.limits, model, None, on_a, first, "replica-a", 30.0)))
     thread.start()
     _wait(lambda: storage.exists(store.shot_lease_uri("scopeA", sid)), 60, "a's shot lease")
     before = storage.list_files(store.session_uri("scopeA", sid))
     with pytest.raises(ServeRequestError) as info:
-        exclusive_session_shot(store, usage, model, None, on_b, second, "replica-b", 30.0)
+        exclusive_session_shot(store, usage, settings.limits, model, None, on_b, second,
+                               "replica-b", 30.0)
     assert (info.value.status_code, info.value.code) == (409, "session_busy")
     assert set(storage.list_files(store.session_uri("scopeA", sid))) >= set(before)
     thread.join(120)
     assert [s.prompt for s in store.get("scopeA", sid).shots] == [first.prompt]
     # Once the shot is done, b (stale) reopens from storage and renders the next shot.
-    after = exclusive_session_shot(store, usage, model, None, on_b, second, "replica-b", 30.0)
+    after = exclusive_session_shot(store, usage, settings.limits, model, None, on_b, second,
+                               "replica-b", 30.0)
     assert [s.prompt for s in after.record.shots] == [first.prompt, second.prompt]
     assert [(s.scene, s.shot) for s in after.record.shots] == [(1, 1), (1, 2)]
     assert usage.read("scopeA").stored_bytes == after.record.stored_bytes > 0
+
+
+def test_session_shot_limit_holds_for_shots_queued_behind_each_other(pipe, monkeypatch,
+                                                                     tmp_path):
+    """Two shot requests for a session one shot short of `max_session_shots`, queued on one
+    replica behind each other (its session lock): one renders, the other is refused with
+    422 and writes nothing. The session's stored bytes, counted from what each request
+    wrote (reference, shots, memory checkpoints, record), are its folder's exact size."""
+    import numpy as np
+
+    from pipelines.serve.pipeline_lock import SerializedPipeline
+    from pipelines.serve.schemas import SessionCreate, SessionShotRequest
+    from pipelines.serve.session_state import (PresetConfigs, create_session,
+                                               exclusive_session_shot, open_session)
+    from pipelines.serve.sessions import SessionStore
+    from pipelines.serve.usage import folder_bytes
+    from storymem_model.scorers import build_scorers
+
+    memory_on = [flag for flag in SMALL if flag != "--no-memory"]
+    settings = _serve_settings(monkeypatch, tmp_path, ["--limit", "max_session_shots=2"],
+                               flags=memory_on)
+    store, usage = SessionStore(settings.storage_root), UsageIndex(settings.storage_root, "x")
+    model, scorers = SerializedPipeline(pipe), build_scorers(settings.render.scorers)
+    reference = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    record = create_session(store, usage, settings.limits, model, scorers,
+                            PresetConfigs(settings.render), "scopeA", SessionCreate(seed=5),
+                            [reference])
+    sid = record.session_id
+    folder = store.session_uri("scopeA", sid)
+    assert record.stored_bytes == folder_bytes(folder) == usage.read("scopeA").stored_bytes
+    live = open_session(store, model, scorers, "scopeA", sid)
+    session_lock = threading.Lock()
+
+    def shot(prompt):
+        with session_lock:
+            return exclusive_session_shot(
+                store, usage, settings.limits, model, scorers, live,
+                SessionShotRequest(prompt=prompt, return_video="uri"), "replica-a", 30.0)
+
+    shot("A keeper lights the lamp.")
+    assert store.get("scopeA", sid).stored_bytes == folder_bytes(folder)
+    prompts = ["A ship passes the rocks.", "Gulls circle the tower."]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(shot, prompt) for prompt in prompts]
+    rendered = [f.result() for f in futures if f.exception() is None]
+    refused = [f.exception() for f in futures if f.exception() is not None]
+    assert len(rendered) == 1 and len(refused) == 1, refused
+    assert isinstance(refused[0], LimitExceeded)
+    assert (refused[0].status_code, refused[0].limit, refused[0].got) == (
+        422, "max_session_shots", 3)
+    stored = store.get("scopeA", sid)
+    assert [s.prompt for s in stored.shots] == [
+        "A keeper lights the lamp.", rendered[0].shot.prompt]
+    assert len(live.story.rows) == 2
+    assert stored.stored_bytes == folder_bytes(folder) == usage.read("scopeA").stored_bytes
 
 
 # -- retention ------------------------------------------------------------------------------

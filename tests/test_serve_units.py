@@ -151,13 +151,20 @@ def test_job_and_session_records_are_scoped_and_ids_checked(tmp_path):
     store = SessionStore(str(tmp_path))
     session_id = new_session_id()
     store.save(SessionRecord(session_id=session_id, scope="scopeA",
-                             config=RenderConfig(model_id="m")))
-    assert store.get("scopeA", session_id).session_id == session_id
+                             config=RenderConfig(model_id="m")), other_bytes=100)
+    record = store.get("scopeA", session_id)
+    assert record.session_id == session_id and store.exists("scopeA", session_id)
+    # stored_bytes counts the record's own JSON besides the other files
+    record_file = tmp_path / "sessions" / "scopeA" / session_id / "session.json"
+    assert record.stored_bytes == 100 + record_file.stat().st_size
+    assert record.bytes_besides_record() == 100
     for scope, sid in (("scopeB", session_id), ("scopeA", "x" * 32), ("scopeA", "../" * 11)):
         with pytest.raises(ServeRequestError) as info:
             store.get(scope, sid)
         assert info.value.status_code == 404
+        assert not store.exists(scope, sid)
     assert store.delete("scopeA", session_id).session_id == session_id
+    assert not store.exists("scopeA", session_id)
     with pytest.raises(ServeRequestError):
         store.get("scopeA", session_id)
 

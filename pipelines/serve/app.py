@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.serve.auth import ApiKeyChecker
 from pipelines.serve.errors import (ServeRequestError, current_request_id, internal_error,
-                                    log_failure, unknown_job)
+                                    log_failure, unknown_job, unknown_session)
 from pipelines.serve.generation import ShotGenerator
 from pipelines.serve.images import PixelBudget, load_images, parse_prefixes
 from pipelines.serve.jobs import JobRegistry, UnknownJob
@@ -248,8 +248,11 @@ class StorymemIngress:
         scope = _caller(request).scope
         self.limits.check_prompt(body.prompt)
         self.limits.check_prompt(body.first_frame_prompt, "first_frame_prompt length")
-        record = await asyncio.to_thread(self.sessions.get, scope, session_id)
-        self.limits.check("max_session_shots", len(record.shots) + 1, "shots in this session")
+        # Unknown sessions stop here, before routing: a generator replica would make room
+        # for them among its open sessions. The shot count is checked by the generator,
+        # under the session's shot lease (`exclusive_session_shot`).
+        if not await asyncio.to_thread(self.sessions.exists, scope, session_id):
+            raise unknown_session(session_id)
         result = await answer(self.generator.options(
             multiplexed_model_id=f"{scope}/{session_id}").session_shot.remote(
             scope, session_id, body))

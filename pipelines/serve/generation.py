@@ -162,8 +162,9 @@ class ShotGenerator:
         live = await self._live_session(model_id)
         async with live.lock:  # shots of one session on this replica queue here
             result = await asyncio.to_thread(
-                exclusive_session_shot, self.sessions, self.usage, self.pipeline,
-                self.scorers, live, body, self.worker_id, self.settings.job_stale_after_s)
+                exclusive_session_shot, self.sessions, self.usage, self.limits,
+                self.pipeline, self.scorers, live, body, self.worker_id,
+                self.settings.job_stale_after_s)
         self.metrics.shot(ShotKind.SESSION, result.shot.shot_seconds)
         return result
 

@@ -13,8 +13,12 @@ One shot at a time per session, across replicas: a shot is rendered only while i
 holds the session's shot lease (`shot_lease`, a storage lease renewed while the shot
 renders). A second shot request meeting a held lease - another replica, or this one after
 its cached session was evicted - is refused with 409 `session_busy` before it renders or
-writes anything. Sessions count against the key's `max_sessions_per_key` quota and their
-bytes against `max_stored_bytes_per_key` (`usage`).
+writes anything. The session's shot count (`max_session_shots`) is checked while the lease
+is held, on the record read under it, so shots queued behind each other can never pass it.
+Sessions count against the key's `max_sessions_per_key` quota and their bytes against
+`max_stored_bytes_per_key` (`usage`): a session's `stored_bytes` grows by the size of what
+each request wrote (a shot's own files, its memory checkpoint replacing the previous one,
+the rewritten `session.json`), never by listing the session's folder.
 """
 from __future__ import annotations
 
@@ -24,12 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.serve.errors import ServeRequestError
+from pipelines.serve.errors import ServeRequestError, unknown_session
 from pipelines.serve.limits import MAX_STORED_IMAGE_BYTES, MAX_STORED_VIDEO_BYTES, ServeLimits
 from pipelines.serve.schemas import SessionCreate, SessionShotRequest
 from pipelines.serve.sessions import (MemoryEntry, SessionRecord, SessionStore,
                                       new_session_id)
-from pipelines.serve.usage import UsageIndex, folder_bytes
+from pipelines.serve.usage import UsageIndex, files_bytes, folder_bytes
+from storymem_model import output_layout as layout
 from storymem_model import storage
 from storymem_model.leases import Lease
 from storymem_model.images import image_png, images_sha256, png_image
@@ -123,16 +128,17 @@ def create_session(store: SessionStore, usage: UsageIndex, limits: ServeLimits, 
         raise ServeRequestError(422, "invalid_session_settings", str(exc)) from None
     usage.admit_session(scope, session_id, limits)  # 429 quota_exceeded
     try:
+        written = 0
         for index, image in enumerate(references):
-            storage.write_bytes(store.reference_uri(scope, session_id, index), image_png(image))
+            png = image_png(image)
+            storage.write_bytes(store.reference_uri(scope, session_id, index), png)
+            written += len(png)
         # The PNG round trip is lossless, so these are the pixels a reopened session sees.
         story = _open_story(store, pipeline, scorers, config, scope, session_id, references)
         record = SessionRecord(session_id=session_id, scope=scope, config=config,
                                name=body.name, references=len(references),
                                memory=memory_of(story))
-        store.save(record)
-        record.stored_bytes = folder_bytes(store.session_uri(scope, session_id))
-        store.save(record)
+        store.save(record, other_bytes=written)
     except BaseException:
         storage.remove(store.session_uri(scope, session_id))
         usage.end_session(scope, session_id)
@@ -151,6 +157,13 @@ def _open_story(store, pipeline, scorers, config, scope, session_id, references)
 def open_session(store: SessionStore, pipeline, scorers, scope: str, session_id: str) -> LiveSession:
     """Reopen a stored session from its config, references and runner checkpoint."""
     record = store.get(scope, session_id)
+    return LiveSession.of(scope, session_id, reopen_story(store, pipeline, scorers, record))
+
+
+def reopen_story(store: SessionStore, pipeline, scorers, record: SessionRecord) -> StorySession:
+    """The session's story from its config, references and runner checkpoint; `record` is
+    brought up to the checkpoint (and saved) when they disagree."""
+    scope, session_id = record.scope, record.session_id
     references = [png_image(storage.read_bytes(store.reference_uri(scope, session_id, i),
                                                max_bytes=MAX_STORED_IMAGE_BYTES))
                   for i in range(record.references)]
@@ -161,10 +174,12 @@ def open_session(store: SessionStore, pipeline, scorers, scope: str, session_id:
         raise ServeRequestError(409, "session_incompatible",
                                 f"session {session_id} cannot continue on this server: {exc}") from None
     if len(record.shots) != len(story.rows):
-        # A replica died between a shot's checkpoint and its record: the checkpoint wins.
+        # A replica died between a shot's checkpoint and its record: the checkpoint wins
+        # (that shot's files are counted by the next retention sweep).
+        other = record.bytes_besides_record()
         record.shots, record.memory = list(story.rows), memory_of(story)
-        store.save(record)
-    return LiveSession.of(scope, session_id, story)
+        store.save(record, other_bytes=other)
+    return story
 
 
 def next_spec(story: StorySession, body: SessionShotRequest) -> ShotSpec:
@@ -183,24 +198,36 @@ def next_spec(story: StorySession, body: SessionShotRequest) -> ShotSpec:
                     cut=body.cut, first_frame_prompt=body.first_frame_prompt)
 
 
+def shot_files(row: ShotRecord) -> list[str]:
+    """The story-folder keys a session shot wrote besides its memory checkpoint: its video,
+    keyframes and record, and with the first shot the story's config."""
+    keys = [row.video_key, *(layout.keyframe_key(k) for k in row.keyframe_ids),
+            layout.shot_record_key(row.scene, row.shot)]
+    if row.shot_index == 0:
+        keys.append(layout.CONFIG_FILE)
+    return keys
+
+
 def render_next_shot(store: SessionStore, usage: UsageIndex, live: LiveSession,
-                     body: SessionShotRequest, lease: Lease) -> SessionShotResult:
+                     record: SessionRecord, body: SessionShotRequest,
+                     lease: Lease) -> SessionShotResult:
     """Render, checkpoint and record the session's next shot, holding the session's shot
-    lease (`lease`). Runs in a thread."""
+    lease (`lease`); `record` is the session as read under that lease. Runs in a thread."""
     story = live.story
+    memory_uri = storage.join(story.story_uri, layout.MEMORY_DIR)
+    memory_before = folder_bytes(memory_uri)  # the latest checkpoint: bounded in size
     shot = story.render_shot(next_spec(story, body))
     if lease.lost:  # this replica stalled past the lease: another may be rendering now
         raise session_busy(live.session_id)
-    try:
-        record = store.get(live.scope, live.session_id)
-    except ServeRequestError:
+    if not store.exists(live.scope, live.session_id):
         # Deleted while the shot rendered: leave nothing behind.
         storage.remove(store.session_uri(live.scope, live.session_id))
-        raise
-    before = record.stored_bytes
+        raise unknown_session(live.session_id)
+    written = files_bytes([storage.join(story.story_uri, key) for key in shot_files(shot)])
+    written += folder_bytes(memory_uri) - memory_before  # its checkpoint less the one replaced
+    before, other = record.stored_bytes, record.bytes_besides_record()
     record.shots, record.memory = list(story.rows), memory_of(story)
-    record.stored_bytes = folder_bytes(store.session_uri(live.scope, live.session_id))
-    store.save(record)
+    store.save(record, other_bytes=other + written)
     usage.add_bytes(live.scope, record.stored_bytes - before)
     video = None
     if body.return_video in ("base64", "both"):
@@ -209,22 +236,26 @@ def render_next_shot(store: SessionStore, usage: UsageIndex, live: LiveSession,
     return SessionShotResult(record, shot, video)
 
 
-def exclusive_session_shot(store: SessionStore, usage: UsageIndex, pipeline, scorers,
-                           live: LiveSession, body: SessionShotRequest, owner: str,
-                           lease_ttl_s: float) -> SessionShotResult:
+def exclusive_session_shot(store: SessionStore, usage: UsageIndex, limits: ServeLimits,
+                           pipeline, scorers, live: LiveSession, body: SessionShotRequest,
+                           owner: str, lease_ttl_s: float) -> SessionShotResult:
     """The session's next shot, rendered only while holding its shot lease: 409
     `session_busy`, with nothing rendered or written, when another shot of the session is
-    rendering anywhere. Reopens the session from storage first when storage has moved on
-    (another replica rendered shots) or the last shot here failed. Runs in a thread."""
+    rendering anywhere. The session's record is read once, under the lease: 404 once the
+    session is gone, 422 `max_session_shots` when the shot would be one too many.
+    Reopens the session from storage first when storage has moved on (another replica
+    rendered shots) or the last shot here failed. Runs in a thread."""
     lease = shot_lease(store, live.scope, live.session_id, owner, lease_ttl_s)
     if not lease.try_acquire():
         raise session_busy(live.session_id)
     try:
-        if live.broken or not is_current(store, live):
-            fresh = open_session(store, pipeline, scorers, live.scope, live.session_id)
-            live.story, live.broken = fresh.story, False
+        record = store.get(live.scope, live.session_id)
+        if live.broken or len(record.shots) != len(live.story.rows):
+            live.story = reopen_story(store, pipeline, scorers, record)
+            live.broken = False
+        limits.check("max_session_shots", len(record.shots) + 1, "shots in this session")
         try:
-            return render_next_shot(store, usage, live, body, lease)
+            return render_next_shot(store, usage, live, record, body, lease)
         except ServeRequestError as exc:
             if exc.code == "session_busy":
                 live.broken = True  # lost the lease mid-shot: reload before the next one
@@ -234,12 +265,3 @@ def exclusive_session_shot(store: SessionStore, usage: UsageIndex, pipeline, sco
             raise
     finally:
         lease.release()
-
-
-def is_current(store: SessionStore, live: LiveSession) -> bool:
-    """False when storage has moved on (another replica added shots) or the session is gone."""
-    try:
-        record = store.get(live.scope, live.session_id)
-    except ServeRequestError:
-        return False
-    return len(record.shots) == len(live.story.rows)

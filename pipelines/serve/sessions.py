@@ -71,7 +71,12 @@ class SessionRecord:
     memory: list[MemoryEntry] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     updated_at: float = 0.0
-    stored_bytes: int = 0  # bytes under the session's folder after its last change
+    stored_bytes: int = 0  # bytes of the session's files, this record's JSON included
+
+    def bytes_besides_record(self) -> int:
+        """Bytes of the session's files other than `session.json`; for the record as it
+        was read (`stored_bytes` counts the record's own JSON too)."""
+        return self.stored_bytes - len(self.to_json())
 
     @property
     def config_hash(self) -> str:
@@ -123,10 +128,25 @@ class SessionStore:
     def _record_uri(self, scope: str, session_id: str) -> str:
         return storage.join(self.session_uri(scope, session_id), "session.json")
 
-    def save(self, record: SessionRecord) -> None:
+    def save(self, record: SessionRecord, other_bytes: int) -> None:
+        """Write `record`, its `stored_bytes` set to `other_bytes` (the session's other
+        files) plus the size of the JSON written, which holds that count itself."""
         record.updated_at = time.time()
-        storage.write_bytes(self._record_uri(record.scope, record.session_id),
-                            record.to_json())
+        record.stored_bytes = other_bytes
+        data = record.to_json()
+        while record.stored_bytes != other_bytes + len(data):  # settles in a step or two
+            record.stored_bytes = other_bytes + len(data)
+            data = record.to_json()
+        storage.write_bytes(self._record_uri(record.scope, record.session_id), data)
+
+    def exists(self, scope: str, session_id: str) -> bool:
+        """Whether this key has such a session (its record is there), without reading it."""
+        if not is_session_id(session_id):
+            return False
+        fs, path = storage.filesystem(self._record_uri(scope, session_id))
+        if hasattr(fs, "invalidate_cache"):  # another replica may have deleted it
+            fs.invalidate_cache(path)
+        return fs.exists(path)
 
     def get(self, scope: str, session_id: str) -> SessionRecord:
         """The session's record; `ServeRequestError` 404 when this key has no such session."""

@@ -61,6 +61,20 @@ def folder_bytes(uri: str) -> int:
                    if info.get("type", "file") == "file"))
 
 
+def files_bytes(uris: list[str]) -> int:
+    """Bytes of the files at `uris` (a missing one counts 0); one lookup each."""
+    total = 0
+    for uri in uris:
+        fs, path = storage.filesystem(uri)
+        if hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache(path)
+        try:
+            total += int(fs.size(path) or 0)
+        except FileNotFoundError:
+            pass
+    return total
+
+
 class UsageIndex:
     """The usage records under `{root}/usage/`."""
 
