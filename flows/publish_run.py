@@ -18,35 +18,20 @@ import json
 import logging
 import time
 
-from pipelines.run_tables import (ErrorRow, ErrorStage, StoryRow, StoryStatus, read_run_table,
-                                  run_uri, table_bytes, write_run_tables, write_summary)
-from storymem_model import output_layout, storage
+from pipelines.run_tables import (ErrorRow, ErrorStage, StoryRow, StoryStatus, count_statuses,
+                                  read_run_table, run_uri, table_bytes, write_run_tables,
+                                  write_summary)
+from storymem_model import storage
 
 log = logging.getLogger("storymem.flows")
 
 MAX_LISTED_ERRORS = 100
 
 
-
-
-def plan_error_row(run_id: str, bad) -> ErrorRow:
-    """The errors.parquet row of a script the plan found invalid."""
-    return ErrorRow(run_id=run_id, position=bad.position, stage=ErrorStage.LISTING.value,
-                    source=bad.source, story_id=bad.story_id, error_type=bad.error_type,
-                    message=bad.message, attempts=0)
-
-
 def write_tables_without_batch(plan, run_id: str, out: str) -> None:
     """Run tables for a run where the batch was not needed (nothing pending)."""
-    stories = [StoryRow(run_id=run_id, position=story.position, source=story.source,
-                        story_id=story.story_id, story_name=story.story_name,
-                        status=StoryStatus.SKIPPED.value, num_shots=story.num_shots,
-                        shots_rendered=0, attempts=0, config_hash=plan.config_hash,
-                        story_uri=story.story_uri,
-                        video_uri=storage.join(story.story_uri,
-                                               output_layout.story_video_key(story.story_id)))
-               for story in plan.committed]
-    errors = [plan_error_row(run_id, bad) for bad in plan.invalid]
+    stories = [StoryRow.skipped(run_id, story, plan.config_hash) for story in plan.committed]
+    errors = [ErrorRow.listing(run_id, bad) for bad in plan.invalid]
     folder = run_uri(out, run_id)
     write_run_tables(folder, run_id, stories, errors)
     write_summary(folder, {"run_id": run_id, "out": out, "scripts": plan.source,
@@ -61,23 +46,20 @@ def publish_run(kind: str, plan, outcome, run_id: str, extra: dict) -> dict:
     folder = run_uri(out, run_id)
     if outcome is None:
         write_tables_without_batch(plan, run_id, out)
-    stories = read_run_table(storage.join(folder, "stories.parquet"))
+    stories = [StoryRow.from_row(r)
+               for r in read_run_table(storage.join(folder, "stories.parquet"))]
     errors_uri = storage.join(folder, "errors.parquet")
-    errors = read_run_table(errors_uri)
+    errors = [ErrorRow.from_row(e) for e in read_run_table(errors_uri)]
     # Invalid scripts the flow kept out of the batch are part of this run's errors too.
-    listing = ErrorStage.LISTING.value
-    known = {(e.get("source"), e.get("stage")) for e in errors}
-    flow_errors = [plan_error_row(run_id, bad) for bad in plan.invalid
-                   if (bad.source, listing) not in known]
+    known = {(e.source, e.stage) for e in errors}
+    flow_errors = [ErrorRow.listing(run_id, bad) for bad in plan.invalid
+                   if (bad.source, ErrorStage.LISTING.value) not in known]
     if flow_errors:
-        rows = sorted([ErrorRow.from_row(e) for e in errors] + flow_errors,
-                      key=lambda r: (r.position, r.stage))
-        storage.write_bytes(errors_uri, table_bytes(ErrorRow.table(rows)))
-        errors = [r.to_row() for r in rows]
-    status_counts = {s.value: sum(1 for r in stories if r.get("status") == s.value)
-                     for s in StoryStatus}
+        errors = sorted(errors + flow_errors, key=lambda r: (r.position, r.stage))
+        storage.write_bytes(errors_uri, table_bytes(ErrorRow.table(errors)))
+    status_counts = count_statuses(stories, errors)
     failed = status_counts[StoryStatus.FAILED.value]
-    invalid = sum(1 for e in errors if e.get("stage") == listing)
+    invalid = status_counts["invalid"]
     failures = failed + invalid
     summary = {
         "flow": kind, "run_id": run_id, "run_uri": folder,
@@ -96,9 +78,9 @@ def publish_run(kind: str, plan, outcome, run_id: str, extra: dict) -> dict:
         "batch_mode": getattr(outcome, "mode", None),
         "ray_submission_id": getattr(outcome, "submission_id", None),
         "batch_summary": getattr(outcome, "summary", None),
-        "errors": [{"source": e.get("source"), "story_id": e.get("story_id"),
-                    "stage": e.get("stage"), "error_type": e.get("error_type"),
-                    "message": (e.get("message") or "").splitlines()[0][:500]}
+        "errors": [{"source": e.source, "story_id": e.story_id, "stage": e.stage,
+                    "error_type": e.error_type,
+                    "message": (e.message or "").splitlines()[0][:500]}
                    for e in errors[:MAX_LISTED_ERRORS]],
         "started_at": extra.get("started_at"), "finished_at": time.time(),
         "ray_address": extra.get("ray_address"),

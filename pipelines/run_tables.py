@@ -24,7 +24,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storymem_model import storage
+from storymem_model import output_layout, storage
 from storymem_model.records import Record, arrow_field
 
 # Objects of our own, read back with a limit all the same (storage is shared, a file can
@@ -75,6 +75,17 @@ class StoryRow(Record):
     def __post_init__(self) -> None:
         StoryStatus(self.status)  # ValueError naming a status that is none
 
+    @classmethod
+    def skipped(cls, run_id: str, story, config_hash: str) -> "StoryRow":
+        """The row of a planned story (`story_planner.PlannedStory`) committed before the run."""
+        return cls(run_id=run_id, position=story.position, source=story.source,
+                   story_id=story.story_id, story_name=story.story_name,
+                   status=StoryStatus.SKIPPED.value, num_shots=story.num_shots,
+                   shots_rendered=0, attempts=0, config_hash=config_hash,
+                   story_uri=story.story_uri,
+                   video_uri=storage.join(story.story_uri,
+                                          output_layout.story_video_key(story.story_id)))
+
 
 @dataclass(frozen=True, kw_only=True)
 class ErrorRow(Record):
@@ -91,6 +102,13 @@ class ErrorRow(Record):
 
     def __post_init__(self) -> None:
         ErrorStage(self.stage)
+
+    @classmethod
+    def listing(cls, run_id: str, invalid) -> "ErrorRow":
+        """The row of a listed item that is no story (`story_planner.InvalidScript`)."""
+        return cls(run_id=run_id, position=invalid.position, stage=ErrorStage.LISTING.value,
+                   source=invalid.source, story_id=invalid.story_id,
+                   error_type=invalid.error_type, message=invalid.message, attempts=0)
 
 
 @dataclass(frozen=True)

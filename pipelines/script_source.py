@@ -10,7 +10,11 @@
     an ST-Bench object or a list of prompts, optional `"name"`);
   - Parquet (`.parquet`): a `uri` column and/or a `script` column (inline script as JSON
     text), optional `name`.
-  Relative URIs in a manifest are relative to the manifest's folder.
+  Relative URIs in a manifest are relative to the manifest's folder. An object row (a
+  Parquet row) may give its `position`: its place in the listing it was planned from (the
+  flows' manifest of pending stories keeps each story's place in the source, so the run
+  tables number rows the same whether or not a batch ran). Positions must grow from row
+  to row; a row without one takes the next after the previous row's.
 
 Nothing here holds all scripts at once: folders are walked directory by directory, JSONL
 is streamed line by line and Parquet row batch by row batch, and a script is only read when
@@ -60,7 +64,7 @@ class ScriptSourceError(ValueError):
 class ListedScript:
     """One script found by the listing; its content is read later by `read_script`."""
 
-    position: int  # 0-based order in the listing
+    position: int  # 0-based place in the listing (or the one its manifest row gives)
     origin: str  # where it came from, for messages: a URI or "manifest.jsonl line 3"
     uri: str | None = None  # a script file to read ...
     inline: Any = None  # ... or the script itself (dict or list) from a manifest row
@@ -134,6 +138,18 @@ class _Counter:
         self.value += 1
         return self.value
 
+    def row_position(self, value: Any, origin: str) -> tuple[int, str | None]:
+        """(position, problem) of a manifest row: the `position` an object row gives, when
+        it comes after every earlier one, else the next; a problem names a bad one."""
+        given = value.get("position") if isinstance(value, dict) else None
+        if given is None:
+            return self.next(), None
+        if isinstance(given, bool) or not isinstance(given, int) or given <= self.value:
+            return self.next(), (f"{origin}: 'position' must be an integer greater than the "
+                                 f"previous row's ({self.value}), got {given!r}")
+        self.value = given
+        return given, None
+
 
 def _protocol_prefix(uri: str) -> str:
     return uri.split("://", 1)[0] + "://" if "://" in uri else ""
@@ -167,8 +183,11 @@ def _resolve(manifest_uri: str, ref: str) -> str:
         base + "/" + posixpath.normpath(ref)
 
 
-def _row(manifest_uri: str, origin: str, position: int, value: Any):
+def _row(manifest_uri: str, origin: str, counter: _Counter, value: Any):
     """One manifest row (already parsed) -> ListedScript or ListingProblem."""
+    position, problem = counter.row_position(value, origin)
+    if problem is not None:
+        return ListingProblem(position, origin, problem)
     if isinstance(value, str):
         if not value.strip():
             return ListingProblem(position, origin, f"{origin}: empty script URI")
@@ -291,10 +310,11 @@ def _read_jsonl(fs, path: str, uri: str, counter: _Counter):
             except (ValueError, RecursionError) as exc:
                 yield ListingProblem(counter.next(), origin, f"{origin}: not valid JSON: {exc}")
                 continue
-            yield _row(uri, origin, counter.next(), value)
+            yield _row(uri, origin, counter, value)
 
 
-CELL_LIMITS = {"script": MAX_SCRIPT_BYTES, "uri": MAX_URI_CHARS, "name": MAX_URI_CHARS}
+CELL_LIMITS = {"script": MAX_SCRIPT_BYTES, "uri": MAX_URI_CHARS, "name": MAX_URI_CHARS,
+               "position": MAX_URI_CHARS}
 
 
 def _read_parquet(fs, path: str, uri: str, counter: _Counter):
@@ -306,7 +326,7 @@ def _read_parquet(fs, path: str, uri: str, counter: _Counter):
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise ScriptSourceError(f"--scripts {uri}: not a readable Parquet file: {exc}") from exc
         names = parquet.schema_arrow.names
-        columns = [c for c in ("uri", "script", "name") if c in names]
+        columns = [c for c in ("uri", "script", "name", "position") if c in names]
         if "uri" not in columns and "script" not in columns:
             raise ScriptSourceError(
                 f"--scripts {uri}: a Parquet manifest needs a 'uri' or 'script' column, "
@@ -341,7 +361,7 @@ def _read_parquet(fs, path: str, uri: str, counter: _Counter):
                         continue
                     row = {c: batch.column(c)[i].as_py() for c in columns}
                     value = {k: v for k, v in row.items() if v is not None}
-                    yield _row(uri, origin, counter.next(), value)
+                    yield _row(uri, origin, counter, value)
 
 
 def _row_group_bytes(row_group, columns: list[str]) -> int:

@@ -67,10 +67,15 @@ class PlannedStory(Record):
                 "story_uri": self.story_uri, "status": self.status}
 
     def manifest_row(self) -> dict:
-        """The JSONL manifest row `pipelines.script_source` reads back."""
+        """The JSONL manifest row `pipelines.script_source` reads back as this same story:
+        its place in the source (the batch numbers its rows as the plan does) and, for an
+        inline script, the name it was read with (its origin when the row gave none: a
+        story without a story_name takes its id from it)."""
         row: dict = {"uri": self.uri} if self.uri is not None else {"script": self.inline}
-        if self.name is not None:
-            row["name"] = self.name
+        name = self.name if self.name is not None or self.uri is not None else self.source
+        if name is not None:
+            row["name"] = name
+        row["position"] = self.position
         return row
 
 
@@ -179,6 +184,7 @@ class StoryPlan:
                 **self.counts(), "stories": stories}
 
     def manifest_bytes(self) -> bytes:
-        """The pending stories as a JSONL manifest (`pipelines.script_source` format)."""
+        """The pending stories as a JSONL manifest (`pipelines.script_source` format),
+        each row keeping its source position."""
         lines = [json.dumps(s.manifest_row(), ensure_ascii=False) for s in self.pending]
         return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""

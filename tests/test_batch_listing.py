@@ -263,3 +263,23 @@ def test_a_script_the_reader_chokes_on_is_an_invalid_row_and_the_listing_goes_on
     assert [type(i).__name__ for i in items] == ["InvalidScript", "PlannedStory"]
     assert items[0].error_type == "ScriptError"
     assert "a.json cannot be read: RecursionError" in items[0].message
+
+
+def test_manifest_rows_may_give_their_position_and_positions_only_grow(tmp_path):
+    lines = [json.dumps({"script": ["one"], "position": 3}),
+             json.dumps({"script": ["two"]}),  # the next after the previous row's
+             json.dumps({"script": ["three"], "position": 4}),  # not after 4
+             json.dumps({"script": ["four"], "position": True}),
+             json.dumps({"script": ["five"], "position": "9"}),
+             json.dumps({"script": ["six"], "position": 10})]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    items = list(list_scripts(str(manifest)))
+    assert [(type(i).__name__, i.position) for i in items] == [
+        ("ListedScript", 3), ("ListedScript", 4), ("ListingProblem", 5),
+        ("ListingProblem", 6), ("ListingProblem", 7), ("ListedScript", 10)]
+    assert all("'position' must be an integer greater than the previous row's" in i.message
+               for i in items[2:5])
+    table = pa.table({"script": [json.dumps(["a"]), json.dumps(["b"])], "position": [2, 7]})
+    pq.write_table(table, str(tmp_path / "manifest.parquet"))
+    assert [i.position for i in list_scripts(str(tmp_path / "manifest.parquet"))] == [2, 7]

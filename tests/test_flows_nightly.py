@@ -54,6 +54,9 @@ def test_nightly_commits_three_and_reports_the_malformed_script(nightly):
     assert len(errors) == 1 and errors[0]["source"].endswith("broken.json")
     assert errors[0]["stage"] == "listing" and "broken.json" in errors[0]["message"]
     assert summary["errors"][0]["source"].endswith("broken.json")
+    # One numbering: every row at its script's place in the source (broken.json first).
+    assert sorted((r["position"], r["source"].rsplit("/", 1)[-1]) for r in stories + errors) \
+        == list(enumerate(sorted(support.SCRIPTS)))
     # The published summary is the returned one, and the batch left its own summary too.
     published = json.loads(storage.read_bytes(summary["summary_uri"]))
     assert published["message"] == state.message
@@ -84,7 +87,10 @@ def test_rerun_renders_nothing_new(nightly):
     assert _markers(nightly["out"]) == before  # nothing rewritten
     stories = _table(summary["stories_uri"])
     assert sorted(r["status"] for r in stories) == ["skipped"] * 3
-    assert len(_table(summary["errors_uri"])) == 1
+    errors = _table(summary["errors_uri"])
+    assert len(errors) == 1
+    assert sorted((r["position"], r["source"].rsplit("/", 1)[-1]) for r in stories + errors) \
+        == list(enumerate(sorted(support.SCRIPTS)))  # numbered as the night the batch ran
 
 
 def test_transient_storage_failure_is_retried_and_the_run_succeeds(nightly, monkeypatch):

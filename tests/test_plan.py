@@ -236,3 +236,24 @@ def test_unusable_flags_and_sources_exit_2(tmp_path, capsys):
     assert "height must be a positive multiple of 16, got 40" in capsys.readouterr().err
     assert main(["plan", str(script), "--out", "foo://bucket/x", *TINY_FLAGS]) == 2
     assert "foo://bucket/x" in capsys.readouterr().err
+
+
+def test_a_plans_manifest_lists_the_same_stories_at_their_source_positions(tmp_path):
+    """The flows hand the batch the plan's pending stories as a manifest: read back, each
+    row is the same story (same id, also for an unnamed inline script) at its place in the
+    source, so the batch's rows and the plan's invalid rows share one numbering."""
+    from pipelines.story_planner import StoryPlan, plan_items
+
+    source = tmp_path / "source.jsonl"
+    rows = [{"script": {"scenes": [{"video_prompts": ["", ""], "cut": [True]}]}},  # invalid
+            {"uri": str(_write(tmp_path / "kite.json", STORY))},
+            {"script": ["A red comet crosses a starry sky"]},  # inline, unnamed
+            {"script": ["A lighthouse at night"], "name": "lighthouse"}]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plan = StoryPlan.build(str(source), str(tmp_path / "out"), "cfg")
+    assert [e.position for e in plan.invalid] == [0]
+    manifest = _write(tmp_path / "manifest.jsonl", plan.manifest_bytes().decode())
+    listed = list(plan_items(str(manifest), str(tmp_path / "out"), "cfg"))
+    assert [(s.position, s.story_id, s.story_uri) for s in listed] == \
+        [(s.position, s.story_id, s.story_uri) for s in plan.pending]
+    assert [s.position for s in listed] == [1, 2, 3]

@@ -16,10 +16,9 @@ from actors.batch_events import (BatchEvent, ScriptInvalid, StoryRecordedBefore,
                                  StorySkipped)
 from pipelines.batch.recorder import RunRecorder
 from pipelines.batch.slots import StoryTask
-from pipelines.run_tables import ErrorRow, ErrorStage, StoryRow, StoryStatus
+from pipelines.run_tables import ErrorRow, StoryRow
 from pipelines.story_planner import InvalidScript, PlannedStory, PlanStatus
 from storymem_model import storage
-from storymem_model.output_layout import story_video_key
 
 log = logging.getLogger("storymem.batch")
 
@@ -36,10 +35,6 @@ class StoryFeed:
         self._retries: collections.deque[StoryTask] = collections.deque()
         self.listed = 0
         self.listing_done = False
-
-    @property
-    def has_retries(self) -> bool:
-        return bool(self._retries)
 
     @property
     def exhausted(self) -> bool:
@@ -75,21 +70,14 @@ class StoryFeed:
 
     def _invalid(self, item: InvalidScript) -> None:
         log.error("%s", item.message)
-        self._recorder.record_error(ErrorRow(
-            run_id=self._recorder.run_id, position=item.position,
-            stage=ErrorStage.LISTING.value, source=item.source, story_id=item.story_id,
-            error_type=item.error_type, message=item.message, attempts=0))
+        self._recorder.record_error(ErrorRow.listing(self._recorder.run_id, item))
         self._emit(ScriptInvalid(source=item.source, error_type=item.error_type,
                                  message=item.message))
 
     def _skipped(self, item: PlannedStory) -> None:
         storage.remove_unfinished_writes(item.story_uri)  # a killed attempt's, before the commit
-        self._recorder.record_story(StoryRow(
-            run_id=self._recorder.run_id, position=item.position, source=item.source,
-            story_id=item.story_id, story_name=item.story_name,
-            status=StoryStatus.SKIPPED.value, num_shots=item.num_shots, shots_rendered=0,
-            attempts=0, config_hash=self._config_hash, story_uri=item.story_uri,
-            video_uri=storage.join(item.story_uri, story_video_key(item.story_id))))
+        self._recorder.record_story(StoryRow.skipped(self._recorder.run_id, item,
+                                                     self._config_hash))
         if self._consistency:
             log.info("story %s is already committed: no consistency computed", item.story_id)
         self._emit(StorySkipped(story_id=item.story_id))
