@@ -208,7 +208,14 @@ def test_serve_settings_replicas_gpus_limits_and_deployment_options(monkeypatch,
     # Default GPUs: one per replica when Ray sees a GPU, none on a CPU-only cluster.
     default = _serve_args(["--preset", "tiny"])
     assert settings_from_args(default, gpus_available=0).gpus_per_replica == 0
-    assert settings_from_args(default, gpus_available=2).gpus_per_replica == 1
+    on_gpu = settings_from_args(default, gpus_available=2)
+    assert on_gpu.gpus_per_replica == 1 and on_gpu.render.model.device == "cuda"
+    # What start_serve does once Ray shows a GPU: the same settings, only the render spec
+    # resolved again for it.
+    from flows.cli.serve import serve_render_spec
+
+    assert settings_from_args(default).replace(
+        gpus_per_replica=1.0, render=serve_render_spec(default, 1.0)) == on_gpu
 
 
 @pytest.mark.parametrize("argv, environ, message", [
@@ -216,7 +223,8 @@ def test_serve_settings_replicas_gpus_limits_and_deployment_options(monkeypatch,
     ([], {"STORYMEM_API_KEYS": KEY}, "--preset tiny or --model-dir"),
     (["--preset", "tiny", "--limit", "max_stepz=3"], {"STORYMEM_API_KEYS": KEY},
      "unknown serve limit"),
-    (["--preset", "tiny", "--replicas", "0"], {"STORYMEM_API_KEYS": KEY}, "at least 1"),
+    (["--preset", "tiny", "--replicas", "0"], {"STORYMEM_API_KEYS": KEY},
+     "replicas must be >= 1"),
     (["--preset", "tiny", "--references", "a.png"], {"STORYMEM_API_KEYS": KEY},
      "reference_images"),
     (["--preset", "tiny", "--height", "50"], {"STORYMEM_API_KEYS": KEY},
@@ -377,7 +385,10 @@ def test_retention_job_and_quota_flags_become_settings(monkeypatch):
     (["--ttl", "videos=2d"], "KIND=DURATION"),
     (["--ttl", "shots=-1"], "positive duration"),
     (["--cleanup-every", "soon"], "positive duration"),
-    (["--job-workers", "0"], "--job-workers"),
+    (["--job-workers", "0"], "job_workers must be >= 1"),
+    (["--job-stale-after-s", "1"], "job_stale_after_s must be >= 2"),
+    (["--torch-threads", "0"], "torch_threads must be >= 1"),
+    (["--port", "70000"], "--port 70000 is not a TCP port"),
     (["--image-uri-prefix", "s3://assets/../x"], "image URI prefix"),
     (["--limit", "max_request_pixels=0"], "positive"),
 ])

@@ -1,11 +1,12 @@
 """`storymem serve`: the HTTP endpoint (Ray Serve) with the model flags of `render`.
 
-The flags become one `ServeSettings` spec here, before Ray starts: the Serve flags are
-checked, the API keys are read (only their digests are kept), and the model flags are
-resolved into the `RenderSpec` `storymem render` would build from them
-(`model_flags.render_spec_from_args`, with an accelerator when the generation replicas get
-GPUs) - so a story job or a session renders with the same RenderConfig, hence the same
-config hash and bytes, as `render` with the same flags. Every replica receives that spec.
+The flags become one `ServeSettings` spec here, before Ray starts: the spec checks its own
+bounds (only `--port` and `--references` are checked here), the API keys are read (only
+their digests are kept), and the model flags are resolved into the `RenderSpec` `storymem
+render` would build from them (`model_flags.render_spec_from_args`, with an accelerator
+when the generation replicas get GPUs) - so a story job or a session renders with the same
+RenderConfig, hence the same config hash and bytes, as `render` with the same flags. Every
+replica receives that spec.
 """
 from __future__ import annotations
 
@@ -134,30 +135,36 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
 
 
 def check_serve_flags(args: argparse.Namespace) -> None:
-    """ArgumentsError naming a Serve flag that cannot work (before anything is resolved)."""
+    """ArgumentsError naming a flag that cannot work on a server (before anything is
+    resolved); every setting's own bounds are `ServeSettings.problems`."""
     if args.references:
         raise ArgumentsError("--references is not a server setting: send reference_images "
                              "with POST /v1/sessions")
-    if args.replicas < 1 or args.scorer_replicas < 1:
-        raise ArgumentsError("--replicas and --scorer-replicas must be at least 1")
     if not 0 < args.port < 65536:
         raise ArgumentsError(f"--port {args.port} is not a TCP port")
-    if args.job_stale_after_s < 2:
-        raise ArgumentsError("--job-stale-after-s must be at least 2 seconds")
-    if (args.gpus_per_replica or 0) < 0 or args.cpus_per_replica < 0 \
-            or args.scorer_gpus < 0 or args.scorer_cpus < 0:
-        raise ArgumentsError("--gpus-per-replica, --cpus-per-replica, --scorer-gpus and "
-                             "--scorer-cpus must be >= 0")
-    if args.torch_threads is not None and args.torch_threads < 1:
-        raise ArgumentsError("--torch-threads must be at least 1")
-    if args.job_workers < 1 or args.max_job_attempts < 1:
-        raise ArgumentsError("--job-workers and --max-job-attempts must be at least 1")
+
+
+def default_gpus_per_replica(args: argparse.Namespace, gpus_available: float) -> float:
+    """`--gpus-per-replica`, else one GPU per replica when Ray sees one, else none."""
+    if args.gpus_per_replica is not None:
+        return args.gpus_per_replica
+    return 1.0 if gpus_available >= 1 else 0.0
+
+
+def serve_render_spec(args: argparse.Namespace, gpus_per_replica: float):
+    """The RenderSpec `storymem render` builds from the model flags, for generation
+    replicas with `gpus_per_replica` GPUs; the scorers run where --scorer-gpus says."""
+    render = render_spec_from_args(args, accelerator=gpus_per_replica > 0)
+    if render.scorers is not None:
+        render = render.replace(scorers=render.scorers.replace(
+            device="cuda" if args.scorer_gpus > 0 else "cpu"))
+    return render
 
 
 def settings_from_args(args: argparse.Namespace, gpus_available: float = 0.0):
     """The `ServeSettings` for these flags; ArgumentsError / ApiKeyConfigError (both
-    ValueErrors) naming the problem. `gpus_available`: GPUs Ray sees (for the default
-    --gpus-per-replica)."""
+    ValueErrors) naming the problem (a setting out of bounds: `ServeSettings.problems`).
+    `gpus_available`: GPUs Ray sees (for the default --gpus-per-replica)."""
     from pipelines.serve.auth import load_key_digests
     from pipelines.serve.limits import ServeLimits
     from pipelines.serve.retention import RetentionPolicy
@@ -170,13 +177,8 @@ def settings_from_args(args: argparse.Namespace, gpus_available: float = 0.0):
         limits = ServeLimits.from_overrides(dict(args.limit))
     except SpecError as exc:
         raise ArgumentsError(str(exc)) from None
-    gpus = args.gpus_per_replica
-    if gpus is None:
-        gpus = 1.0 if gpus_available >= 1 else 0.0
-    render = render_spec_from_args(args, accelerator=gpus > 0)
-    if render.scorers is not None:  # the scorer deployments run where --scorer-gpus says
-        render = render.replace(scorers=render.scorers.replace(
-            device="cuda" if args.scorer_gpus > 0 else "cpu"))
+    gpus = default_gpus_per_replica(args, gpus_available)
+    render = serve_render_spec(args, gpus)
     storage_root = args.storage
     if "://" not in storage_root:  # replicas do not share the driver's working directory
         storage_root = os.path.abspath(storage_root)
@@ -217,9 +219,11 @@ def start_serve(args: argparse.Namespace) -> str:
             ray.init(address=args.ray_address)
         else:
             ray.init(include_dashboard=False)
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    if args.gpus_per_replica is None and gpus >= 1:  # the default: a GPU per replica
-        settings = settings_from_args(args, gpus)
+    gpus = default_gpus_per_replica(args, ray.cluster_resources().get("GPU", 0.0))
+    if gpus != settings.gpus_per_replica:  # the default: a GPU per replica Ray can give
+        # Only the render spec depends on it (the model's device and dtype).
+        settings = settings.replace(gpus_per_replica=gpus,
+                                    render=serve_render_spec(args, gpus))
     # Serve's proxies inherit the controller's environment: it makes them run the request
     # guard before they buffer a body (pipelines/serve/proxy_guard.py).
     serve.start(http_options={"host": args.host, "port": args.port,
