@@ -159,3 +159,28 @@ def test_unusable_inputs_are_named(tmp_path, ray_cluster):
     (tmp_path / "folder").mkdir()
     with pytest.raises(ManifestError, match="dataset flow's committed output"):
         run_prepare(support.prepare_spec(str(tmp_path / "folder"), str(tmp_path / "out")))
+
+
+def test_new_settings_in_the_same_folder_get_their_own_zero_condition(tmp_path, ray_cluster):
+    """The zero-condition latents belong to the settings (geometry, model) like the shards:
+    preparing other settings into the same folder replaces them, and a lost one is remade."""
+    from pipelines.training.prepare import run_prepare
+
+    clips = support.write_clips(str(tmp_path / "clips"), GOOD[:2])
+    out = str(tmp_path / "prepared")
+    for num_frames, latent_frames in ((9, 3), (13, 4)):
+        result = run_prepare(support.prepare_spec(clips, out, num_frames=num_frames, workers=1))
+        assert not result.skipped and result.shards_encoded == result.shards == 1
+        data = PreparedData(out)
+        shape = [16, latent_frames, 4, 4]
+        assert data.geometry["latent_shape"] == shape and list(data.zero_condition.shape) == shape
+        assert list(data.row(0).clip_latent.shape) == shape
+    # lost while every shard is there: the first shard is encoded again (bit-identical) to remake it
+    shard = data.shards[0]
+    kept = storage.read_bytes(storage.join(out, shard))
+    storage.remove(storage.join(out, storage.COMMIT_MARKER))
+    storage.remove(storage.join(out, "zero_condition.safetensors"))
+    result = run_prepare(support.prepare_spec(clips, out, num_frames=13, workers=1))
+    assert not result.skipped and result.shards_encoded == 1
+    assert list(PreparedData(out).zero_condition.shape) == shape
+    assert storage.read_bytes(storage.join(out, shard)) == kept and storage.verify_commit(out) == []

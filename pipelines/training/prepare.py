@@ -11,7 +11,9 @@
    and of every setting, so a shard that exists is finished and right.
 4. Encoding (Ray Data, an actor pool holding the VAE and text encoder, one GPU each when
    `gpus_per_worker` > 0): each missing shard is encoded (`preparation.encode_shard`) and
-   written whole by its actor.
+   written whole by its actor; the actor with the first one also makes the zero-condition
+   latents when the folder holds none stamped with these settings (when every shard
+   exists, the first shard is encoded again for it).
 5. `clips.parquet`, `errors.parquet`, `manifest.json`, then `_COMMITTED.json` last.
 
 Re-running: committed data with the same content id returns at once without starting Ray;
@@ -101,8 +103,11 @@ def run_prepare(spec: PrepareSpec) -> PrepareResult:
         analyses = _grouped(analyses, spec)
         plans = _shard_plans(analyses, spec, fingerprint)
         existing = set(storage.list_files(storage.join(spec.out, prepared.SHARDS_DIR)))
-        missing = [p for p in plans if p["key"].split("/", 1)[1] not in existing]
-        summaries = _encode(missing, spec) if missing else []
+        to_encode = [p for p in plans if p["key"].split("/", 1)[1] not in existing]
+        zero_condition_missing = bool(plans) and prepared.zero_condition_fingerprint(spec.out) != fingerprint
+        if zero_condition_missing and not to_encode:
+            to_encode = plans[:1]  # the zero condition is made along with a shard
+        summaries = _encode(to_encode, spec, fingerprint if zero_condition_missing else "") if to_encode else []
     by_key = {s["key"]: s for s in summaries}
     shards = []
     for plan in plans:
@@ -111,7 +116,7 @@ def run_prepare(spec: PrepareSpec) -> PrepareResult:
     manifest = _write_outputs(spec, fingerprint, analyses, errors, shards)
     return PrepareResult(out=spec.out, skipped=False, clips=len(analyses), errors=len(errors),
                          groups=manifest["counts"]["groups"], shards=len(shards),
-                         shards_encoded=len(missing), seconds=time.perf_counter() - started,
+                         shards_encoded=len(to_encode), seconds=time.perf_counter() - started,
                          manifest=manifest)
 
 
@@ -239,28 +244,28 @@ def _shard_plans(analyses: list[ClipAnalysis], spec: PrepareSpec, fingerprint: s
 
 class ShardEncoder:
     """Ray Data actor: the VAE and text encoder (on a GPU when it has one); encodes and
-    writes one shard per call."""
+    writes one shard per call, and the zero condition when the call carries its stamp."""
 
     def __init__(self, spec: dict):
         import torch
 
-        from storymem_model.training.encoding import build_encoding_pipeline, zero_condition
+        from storymem_model.training.encoding import build_encoding_pipeline
 
         self.spec = PrepareSpec.from_dict(spec)
         torch.set_num_threads(max(1, int(self.spec.cpus_per_worker)))
         model = self.spec.model.resolved(accelerator=self.spec.gpus_per_worker > 0)
         self.pipeline = build_encoding_pipeline(model)
-        zero_uri = storage.join(self.spec.out, prepared.ZERO_CONDITION_FILE)
-        if not storage.exists(zero_uri):
-            prepared.save_tensor_file(zero_uri, {
-                "latents": zero_condition(self.pipeline, self.spec.num_frames, self.spec.height, self.spec.width),
-                "text_length": torch.tensor(self.pipeline.prompt_encoder.text_length)})
 
     def __call__(self, batch: dict) -> dict:
+        from storymem_model.training.encoding import zero_condition
         from storymem_model.training.preparation import encode_shard
 
         out: dict[str, list] = {"key": [], "rows": [], "bytes": [], "sha256": []}
-        for plan in (json.loads(p) for p in batch["plan"]):
+        for plan, stamp in zip((json.loads(p) for p in batch["plan"]), batch["zero_condition"]):
+            if stamp:
+                latents = zero_condition(self.pipeline, self.spec.num_frames, self.spec.height, self.spec.width)
+                prepared.write_zero_condition(self.spec.out, latents, self.pipeline.prompt_encoder.text_length,
+                                              str(stamp))
             rows = encode_shard([ClipAnalysis.from_row(c) for c in plan["clips"]], self.spec, self.pipeline)
             data = prepared.shard_bytes(rows)
             storage.write_bytes(storage.join(self.spec.out, plan["key"]), data)
@@ -271,10 +276,13 @@ class ShardEncoder:
         return out
 
 
-def _encode(plans: list[dict], spec: PrepareSpec) -> list[dict]:
+def _encode(plans: list[dict], spec: PrepareSpec, zero_condition_stamp: str) -> list[dict]:
+    """Encode and write `plans`, one actor call each; with a stamp (the settings' content id),
+    the call of the first plan also makes the zero condition, so one actor makes it once."""
     import ray
 
-    dataset = ray.data.from_items([{"plan": json.dumps(p)} for p in plans])
+    dataset = ray.data.from_items([{"plan": json.dumps(p), "zero_condition": zero_condition_stamp if i == 0 else ""}
+                                   for i, p in enumerate(plans)])
     dataset = dataset.map_batches(
         ShardEncoder, fn_constructor_kwargs={"spec": spec.to_dict()}, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(spec.workers, len(plans))),

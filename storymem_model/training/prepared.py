@@ -3,7 +3,8 @@
 Layout under the prepare's `out` (local or s3://):
 
     shards/shard-{i:05d}-{id}.parquet   one row per clip, one row group per row
-    zero_condition.safetensors         the M2V conditioning latents (all-zero video)
+    zero_condition.safetensors         the M2V conditioning latents (all-zero video), stamped
+                                       with the settings' content id
     clips.parquet                      every usable clip: group, order, keyframes, CLIP mean
     errors.parquet                     refused clips and why (`clip_manifest.ClipError`)
     manifest.json                      geometry, model and scorer ids, shards, counts
@@ -126,10 +127,22 @@ def shard_bytes(rows: list[dict]) -> bytes:
     return sink.getvalue()
 
 
-def save_tensor_file(uri: str, tensors: dict[str, torch.Tensor]) -> None:
+def write_zero_condition(out: str, latents: torch.Tensor, text_length: int, fingerprint: str) -> None:
+    """`out`'s zero-condition file, stamped with the content id of the settings it was made for."""
     from safetensors.torch import save
 
-    storage.write_bytes(uri, save({k: v.contiguous() for k, v in tensors.items()}))
+    tensors = {"latents": latents.contiguous(), "text_length": torch.tensor(text_length)}
+    storage.write_bytes(storage.join(out, ZERO_CONDITION_FILE), save(tensors, metadata={"fingerprint": fingerprint}))
+
+
+def zero_condition_fingerprint(out: str) -> str | None:
+    """The content id stamped on `out`'s zero-condition file; None when there is no readable one."""
+    try:
+        data = storage.read_bytes(storage.join(out, ZERO_CONDITION_FILE))
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # the safetensors header
+    except (FileNotFoundError, ValueError):
+        return None
+    return (header.get("__metadata__") or {}).get("fingerprint")
 
 
 def load_tensor_file(uri: str) -> dict[str, torch.Tensor]:
