@@ -9,7 +9,7 @@
     with `"uri"` (a script URI, optional `"name"`) or `"script"` (the script itself, inline:
     an ST-Bench object or a list of prompts, optional `"name"`);
   - Parquet (`.parquet`): a `uri` column and/or a `script` column (inline script as JSON
-    text), optional `name`.
+    or JSON5 text), optional `name`.
   Relative URIs in a manifest are relative to the manifest's folder. An object row (a
   Parquet row) may give its `position`: its place in the listing it was planned from (the
   flows' manifest of pending stories keeps each story's place in the source, so the run
@@ -29,7 +29,8 @@ Bounds (a manifest is input like a script, so nothing in it is read unbounded):
   row group whose columns hold more than `MAX_PARQUET_ROW_GROUP_BYTES` (uncompressed, from
   the file's metadata) is not read at all: each of its rows is a problem row;
 - an inline script (a JSONL row, a `script` cell) nested deeper than a script may be is a
-  problem row, found before any JSON parser recurses into it;
+  problem row, found before any JSON parser recurses into it; one given as text is parsed
+  as a script file is (`story_script.parse_script_text`: size, UTF-8, nesting, JSON/JSON5);
 - a listed script file is read with the script limit (`story_script.load_script`): a
   multi-GB object or /dev/zero is refused after reading at most that many bytes.
 """
@@ -41,7 +42,8 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from storymem_model import storage
-from storymem_model.story_script import MAX_NESTING, MAX_SCRIPT_BYTES, text_nesting_depth
+from storymem_model.story_script import (MAX_NESTING, MAX_SCRIPT_BYTES, ScriptError,
+                                         parse_script_text, text_nesting_depth)
 
 SCRIPT_SUFFIXES = (".json", ".json5")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -219,14 +221,11 @@ def _row(manifest_uri: str, origin: str, counter: _Counter, value: Any):
         if has_script:
             script = value["script"]
             if isinstance(script, str):  # Parquet/JSONL may carry the script as JSON text
-                problem = _script_text_problem(script, origin)
-                if problem is not None:
-                    return ListingProblem(position, origin, problem)
                 try:
-                    script = json.loads(script)
-                except (ValueError, RecursionError) as exc:
-                    return ListingProblem(position, origin,
-                                          f"{origin}: 'script' is not valid JSON: {exc}")
+                    script = parse_script_text(script.encode("utf-8", "surrogatepass"),
+                                               f"{origin}: the inline 'script'")
+                except ScriptError as exc:
+                    return ListingProblem(position, origin, "; ".join(exc.problems))
             if not isinstance(script, (dict, list)):
                 return ListingProblem(position, origin,
                                       f"{origin}: 'script' must be an object or a list of prompts")
@@ -235,19 +234,6 @@ def _row(manifest_uri: str, origin: str, counter: _Counter, value: Any):
     return ListingProblem(position, origin,
                           f"{origin}: a row must be a URI string or an object with "
                           f"'uri' or 'script', got {type(value).__name__}")
-
-
-def _script_text_problem(text: str, origin: str) -> str | None:
-    """Why an inline script given as JSON text cannot be taken (too long, too deep), or
-    None; checked before any parser sees it."""
-    if len(text) > MAX_SCRIPT_BYTES:
-        return (f"{origin}: the inline 'script' has {len(text)} characters, more than the "
-                f"limit of {MAX_SCRIPT_BYTES}")
-    depth = text_nesting_depth(text)
-    if depth > MAX_NESTING:
-        return (f"{origin}: the inline 'script' is nested {depth} levels deep, more than the "
-                f"limit of {MAX_NESTING}")
-    return None
 
 
 def bounded_lines(handle, limit: int, chunk_bytes: int = READ_CHUNK_BYTES):

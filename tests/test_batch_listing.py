@@ -208,7 +208,7 @@ def test_oversized_parquet_cells_and_row_groups_are_problem_rows(tmp_path, monke
                                                  "ListingProblem", "ListingProblem"]
     assert "row 2: the 'script' cell has" in items[1].message and "not read" in items[1].message
     assert "row 3: the 'uri' cell has 6006 bytes" in items[2].message
-    assert "row 4: the inline 'script' is nested 100 levels deep" in items[3].message
+    assert "row 4: the inline 'script': nested 100 levels deep" in items[3].message
     # a row group bigger than the limit is not read at all: each of its rows is named
     monkeypatch.setattr(script_source, "MAX_PARQUET_ROW_GROUP_BYTES", 100)
     pq.write_table(pa.table({"script": [json.dumps(_story("a")), json.dumps(_story("b"))]}),
