@@ -53,9 +53,13 @@ def test_fit_flags_become_a_fit_spec():
 
 def test_validation_flags_use_the_training_settings(tmp_path):
     from flows.cli.train import fit_spec_from_args
+    from storymem_model import storage
+    from storymem_model.training.prepared import MANIFEST_FILE, PREPARED_FORMAT
 
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"geometry": {"height": 32, "width": 48, "num_frames": 9}}))
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({
+        "format": PREPARED_FORMAT, "shards": [{"key": "shards/00000.parquet", "rows": 1}],
+        "geometry": {"height": 32, "width": 48, "num_frames": 9}}))
+    storage.write_commit_marker(str(tmp_path), [MANIFEST_FILE])  # committed prepared data
     args = _parse(["train", "fit", "--data", str(tmp_path), "--out", "o", "--preset", "tiny", "--steps", "4",
                    "--validate-every", "2", "--validation-script", "story.json", "--validation-steps", "3",
                    "--mm2v-prob", "0.6", "--mi2v-prob", "0.1", "--fix-mem", "2"])

@@ -152,11 +152,9 @@ def flow_kwargs(args: argparse.Namespace) -> dict:
     if args.run_id is not None and run_id_problem(args.run_id):
         raise ArgumentsError(f"--run-id: {run_id_problem(args.run_id)}")
     model = model_spec_from_args(args)
-    scorers = scorer_spec_from_args(args)
-    if args.flow_kind == "dataset" and scorers is None:
-        # The dataset embeds keyframes and prompts with the scorer flags' CLIP even when
-        # the render itself selects no keyframes (--no-memory).
-        scorers = scorer_spec_from_args(argparse.Namespace(**{**vars(args), "memory": True}))
+    # The dataset embeds keyframes and prompts with the scorer flags' CLIP even when the
+    # render itself selects no keyframes (--no-memory).
+    scorers = scorer_spec_from_args(args, required=args.flow_kind == "dataset")
     kwargs = dict(
         source=args.source, out=args.out, model=model, scorers=scorers,
         render=render_settings_from_args(args), batch=flow_batch_options(args),
@@ -169,10 +167,19 @@ def flow_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def run_flow_command(args: argparse.Namespace) -> int:
+def run_flow_now(flow_fn, **kwargs):
+    """Run a Prefect flow once, now; its final state. Without PREFECT_API_URL Prefect
+    starts a temporary local server for it, given EPHEMERAL_STARTUP_TIMEOUT_S to start."""
     from prefect.settings import (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
                                   temporary_settings)
 
+    timeout = max(EPHEMERAL_STARTUP_TIMEOUT_S,
+                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: timeout}):
+        return flow_fn(**kwargs, return_state=True)
+
+
+def run_flow_command(args: argparse.Namespace) -> int:
     try:
         kwargs = flow_kwargs(args)
     except ArgumentsError as exc:
@@ -182,10 +189,7 @@ def run_flow_command(args: argparse.Namespace) -> int:
         from flows.nightly_render import nightly_render as flow_fn
     else:
         from flows.generate_dataset import generate_dataset as flow_fn
-    timeout = max(EPHEMERAL_STARTUP_TIMEOUT_S,
-                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
-    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: timeout}):
-        state = flow_fn(**kwargs, return_state=True)
+    state = run_flow_now(flow_fn, **kwargs)
     if not state.is_completed():
         print(f"storymem flow {args.flow_kind}: {state.type.value}: {state.message}",
               file=sys.stderr)

@@ -198,9 +198,11 @@ def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
                  compile=args.compile)
 
 
-def scorer_spec_from_args(args: argparse.Namespace) -> ScorerSpec | None:
-    """The keyframe scorers the flags name; None without memory (nothing is selected)."""
-    if not args.memory:
+def scorer_spec_from_args(args: argparse.Namespace, *, required: bool = False
+                          ) -> ScorerSpec | None:
+    """The keyframe scorers the flags name; None without memory (nothing is selected)
+    unless `required` (the CLIP also embeds a dataset's keyframes, training's clips)."""
+    if not args.memory and not required:
         return None
     if not args.clip_checkpoint and args.preset != "tiny":
         raise ArgumentsError("real models need real keyframe scorers: give --clip-checkpoint "

@@ -11,7 +11,6 @@ training uses.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from flows.cli.model_flags import ArgumentsError, model_spec_from_args, scorer_spec_from_args
@@ -218,10 +217,6 @@ def _model(args: argparse.Namespace):
     return model_spec_from_args(args)
 
 
-def _scorers(args: argparse.Namespace):
-    return scorer_spec_from_args(argparse.Namespace(**{**vars(args), "memory": True}))
-
-
 def _default_geometry(model) -> tuple[int, int, int]:
     from storymem_model.presets import REAL_SHOT, TINY
 
@@ -236,7 +231,7 @@ def prepare_spec_from_args(args: argparse.Namespace, *, clips: str | None = None
     height, width, frames = _default_geometry(model)
     try:
         return PrepareSpec(
-            clips=clips or args.clips, out=out or args.out, model=model, scorers=_scorers(args),
+            clips=clips or args.clips, out=out or args.out, model=model, scorers=scorer_spec_from_args(args, required=True),
             height=args.height or height, width=args.width or width, num_frames=args.num_frames or frames,
             fps=args.fps, group_threshold=args.group_threshold, max_group_size=args.max_group_size,
             memory_candidates=args.memory_candidates, memory_sink=args.memory_sink,
@@ -271,7 +266,7 @@ def validation_spec_from_args(args: argparse.Namespace, geometry: dict | None):
             fix_mem=args.fix_mem, height=geometry.get("height"), width=geometry.get("width"),
             num_frames=geometry.get("num_frames"),
             sampling=SamplingOverrides(num_inference_steps=args.validation_steps))
-        return ValidationSpec(script=args.validation_script, settings=settings, scorers=_scorers(args),
+        return ValidationSpec(script=args.validation_script, settings=settings, scorers=scorer_spec_from_args(args, required=True),
                               video_encoder=encoder)
     except SpecError as exc:
         raise ArgumentsError(str(exc)) from None
@@ -301,14 +296,15 @@ def fit_spec_from_args(args: argparse.Namespace, *, data: str | None = None, geo
 
 
 def _prepared_geometry(data: str) -> dict | None:
-    """The training geometry of prepared data (validation renders at that size), if readable."""
+    """The training geometry of committed prepared data (validation renders at that size),
+    if readable (else the fit itself names what is wrong with the data)."""
     from storymem_model import storage
-    from storymem_model.training.prepared import MANIFEST_FILE
+    from storymem_model.training.prepared import read_manifest
 
     try:
-        return json.loads(storage.read_bytes(storage.join(data, MANIFEST_FILE)))["geometry"]
+        return read_manifest(data)["geometry"]
     except (FileNotFoundError, ValueError, KeyError, storage.StorageError, OSError):
-        return None
+        return None  # PreparedDataError is a ValueError
 
 
 # ---------------------------------------------------------------------------------------
@@ -362,7 +358,7 @@ def run_fit_command(args: argparse.Namespace) -> int:
 
 
 def run_flow_command(args: argparse.Namespace) -> int:
-    from flows.cli.flow import EPHEMERAL_STARTUP_TIMEOUT_S
+    from flows.cli.flow import run_flow_now
     from storymem_model import storage
 
     try:
@@ -373,13 +369,9 @@ def run_flow_command(args: argparse.Namespace) -> int:
                                  geometry=geometry)
     except ArgumentsError as exc:
         return _error("flow", exc)
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
     from flows.train_lora import train_lora
 
-    timeout = max(EPHEMERAL_STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
-    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: timeout}):
-        state = train_lora(prepare=prepare, fit=fit, publish_to=args.publish_to, return_state=True)
+    state = run_flow_now(train_lora, prepare=prepare, fit=fit, publish_to=args.publish_to)
     if not state.is_completed():
         print(f"storymem train flow: {state.type.value}: {state.message}", file=sys.stderr)
         return 1
