@@ -17,7 +17,6 @@ needed: `scorers` is None and the config's scorer ids are empty.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 from storymem_model.model_identity import model_identity, scorer_identity
@@ -119,7 +118,7 @@ def resolve_render_spec(model: ModelSpec, scorers: ScorerSpec | None,
         scorer_values = {"embedder_id": identity.embedder_id, "gate_id": identity.gate_id,
                          "gate_threshold": identity.gate_threshold,
                          "keyframe_preprocess": scorers.keyframe_preprocess}
-    from storymem_model.runner import images_sha256
+    from storymem_model.images import images_sha256
 
     config = RenderConfig.assemble(
         model_defaults(model, settings.sampling_preset), settings.sampling.given(),
@@ -140,16 +139,15 @@ def resolve_render_spec(model: ModelSpec, scorers: ScorerSpec | None,
 
 def load_references(uris) -> list:
     """The reference images at `uris` as (H, W, 3) uint8 arrays, in order."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     from storymem_model import storage
+    from storymem_model.images import png_image
 
     images = []
     for uri in uris:
         try:
-            with Image.open(io.BytesIO(storage.read_bytes(uri))) as img:
-                images.append(np.asarray(img.convert("RGB")).copy())
+            images.append(png_image(storage.read_bytes(uri)))
         except FileNotFoundError:
             raise ReferenceImageError(f"reference image {uri} not found") from None
         except (UnidentifiedImageError, OSError, storage.StorageError) as exc:
