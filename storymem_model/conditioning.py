@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from .rope import memory_rope_positions
+from .shot_modes import MOTION_FRAMES
 
 VAE_TEMPORAL_STRIDE = 4
 VAE_SPATIAL_STRIDE = 8
 LATENT_CHANNELS = 16
 MASK_CHANNELS = VAE_TEMPORAL_STRIDE
-MOTION_FRAMES = 5
 
 
 def num_latent_frames(num_frames: int) -> int:

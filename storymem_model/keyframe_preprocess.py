@@ -12,13 +12,16 @@ Two modes, a `ScorerSpec` / `RenderConfig` setting (`keyframe_preprocess`):
   squash; the aesthetic predictor's CLIP: its own centre crop).
 
 The resize runs on uint8 frames with torchvision (its rounding to uint8 included), as a
-video decoder's frames would be.
+video decoder's frames would be. Importing this module loads no numpy or torch: the specs
+and the config take their list of modes (`MODES`) from here.
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 PATCH_FACTOR = 28  # Qwen2-VL: 14-pixel patches merged 2 x 2
 MIN_PIXELS = 56 * 56
@@ -51,6 +54,7 @@ def smart_resize_size(height: int, width: int, factor: int = PATCH_FACTOR,
 def reference_frames(frames: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) uint8 frames resized to the smart-resize size, bilinear with
     antialias, still uint8."""
+    import numpy as np
     import torch
     from torchvision.transforms import functional as TF
 

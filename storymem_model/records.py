@@ -7,7 +7,8 @@ class, so a table's columns are always the record's fields, in order; `to_row()`
 `from_row()` convert to and from plain dicts (JSON files, Parquet rows).
 
 `ShotRecord` is one rendered shot: the row of a story's `shots.parquet` and the content of
-its `shots/{scene}_{shot}.json` checkpoint. `ShotDone` is the progress event a story runner
+its `shots/{scene}_{shot}.json` checkpoint. `ShotStats` is what the pipeline fills with a
+shot's cost (its record's cost columns). `ShotDone` is the progress event a story runner
 emits per finished shot.
 """
 from __future__ import annotations
@@ -131,6 +132,14 @@ class ShotRecord(Record):
     def matches(self, spec) -> bool:
         return (self.scene, self.shot, self.prompt, self.cut) == (
             spec.scene, spec.shot, spec.prompt, spec.cut)
+
+
+@dataclass
+class ShotStats:
+    """Filled by the pipeline (`generate_shot(..., stats=)`): what the shot cost."""
+
+    model_evaluations: int = 0  # transformer evaluations x batch (40-step CFG: 80)
+    denoise_seconds: float = 0.0
 
 
 TIMING_COLUMNS = ("generate_seconds", "select_seconds", "write_seconds", "shot_seconds",

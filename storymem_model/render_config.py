@@ -15,17 +15,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from storymem_model.spec_json import Spec, SpecError
+from storymem_model.keyframe_preprocess import MODES as KEYFRAME_PREPROCESS
+from storymem_model.sampling import (SAMPLING_KEYS, SAMPLING_PRESETS, SamplingConfig,
+                                     preset_sampling, with_implied_steps)
+from storymem_model.shot_modes import TRANSITIONS, ShotMode
+from storymem_model.spec_json import Spec, SpecError, check_choice
 
-TRANSITIONS = ("mi2v", "mm2v", "none")
 CONFIG_HASH_CHARS = 12
 # bump when the meaning of a field changes (2: T2V shots use t2v_sampling; 3: content ids,
 # T2V guidance 3.5/3.5, keyframe preprocessing, fix_mem, sampling presets, kernels)
 CONFIG_FORMAT = 3
-SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "guidance_scale_2", "shift",
-                 "boundary_ratio", "reference_sigmas", "cfg_mode", "solver", "step_list")
-SAMPLING_PRESETS = ("standard", "fast")
-KEYFRAME_PREPROCESS = ("reference", "direct")
 # User sampling overrides that also apply to T2V shots. Shift, boundary and guidance are
 # tuned per expert pair (M2V: 4.0 / 0.9, T2V: 12.0 / 0.875), so M2V overrides of those
 # never leak into T2V shots; give them through `t2v_sampling=` instead.
@@ -94,9 +93,7 @@ class RenderConfig(Spec):
         out = []
         if not isinstance(self.model_id, str) or not self.model_id:
             out.append("model_id must be a non-empty string")
-        if self.transition not in TRANSITIONS:
-            out.append(f"transition must be one of {', '.join(TRANSITIONS)}, "
-                       f"got {self.transition!r}")
+        check_choice(out, "transition", self.transition, TRANSITIONS)
         if not isinstance(self.seed, int) or self.seed < 0:
             out.append(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.max_memory < 1:
@@ -113,9 +110,11 @@ class RenderConfig(Spec):
         if self.num_frames < 5 or (self.num_frames - 1) % 4:
             out.append(f"num_frames must be 4k+1 and at least 5 (e.g. 17, 81), "
                        f"got {self.num_frames}")
-        elif self.transition == "mm2v" and self.num_frames <= 5:
-            out.append(f"transition mm2v drops 5 conditioned frames; num_frames "
-                       f"{self.num_frames} leaves nothing")
+        elif self.transition in (ShotMode.MI2V, ShotMode.MM2V) and \
+                self.frames_for_mode(self.transition) < 1:
+            out.append(f"transition {self.transition} drops "
+                       f"{ShotMode(self.transition).given_frames} conditioned frames; "
+                       f"num_frames {self.num_frames} leaves nothing")
         if self.fps < 1:
             out.append(f"fps must be positive, got {self.fps}")
         for name in ("sampling", "t2v_sampling"):
@@ -127,8 +126,6 @@ class RenderConfig(Spec):
             if unknown:
                 out.append(f"unknown {name} keys {unknown}; known: {', '.join(SAMPLING_KEYS)}")
                 continue
-            from storymem_model.sampling import SamplingConfig
-
             try:  # the values together must make a usable schedule
                 SamplingConfig().updated(**value)
             except (TypeError, ValueError) as exc:
@@ -141,12 +138,8 @@ class RenderConfig(Spec):
         if self.fix_mem is not None and (isinstance(self.fix_mem, bool)
                                          or not isinstance(self.fix_mem, int) or self.fix_mem < 0):
             out.append(f"fix_mem must be None or an integer >= 0, got {self.fix_mem!r}")
-        if self.sampling_preset not in SAMPLING_PRESETS:
-            out.append(f"sampling_preset must be one of {', '.join(SAMPLING_PRESETS)}, "
-                       f"got {self.sampling_preset!r}")
-        if self.keyframe_preprocess not in KEYFRAME_PREPROCESS:
-            out.append(f"keyframe_preprocess must be one of {', '.join(KEYFRAME_PREPROCESS)}, "
-                       f"got {self.keyframe_preprocess!r}")
+        check_choice(out, "sampling_preset", self.sampling_preset, SAMPLING_PRESETS)
+        check_choice(out, "keyframe_preprocess", self.keyframe_preprocess, KEYFRAME_PREPROCESS)
         if not 0.0 < self.keyframe_threshold <= 1.0:
             out.append(f"keyframe_threshold must be in (0, 1], got {self.keyframe_threshold}")
         if not self.keyframe_step > 0:
@@ -171,16 +164,9 @@ class RenderConfig(Spec):
                           separators=(",", ":"), default=str).encode("utf-8")
         return hashlib.sha256(blob).hexdigest()[:CONFIG_HASH_CHARS]
 
-    def frames_for_mode(self, mode: str) -> int:
-        """Frames a shot of this mode saves (the 1 or 5 conditioned frames are dropped)."""
-        given = {"mi2v": 1, "mm2v": 5}.get(str(getattr(mode, "value", mode)), 0)
-        return self.num_frames - given
-
-    @property
-    def frames_per_shot(self) -> dict[str, int]:
-        """Saved frame count per generation mode."""
-        return {mode: self.frames_for_mode(mode) for mode in ("t2v", "m2v", "mr2v", "mi2v",
-                                                               "mm2v")}
+    def frames_for_mode(self, mode: ShotMode | str) -> int:
+        """Frames a shot of this mode saves (its given frames are dropped)."""
+        return self.num_frames - ShotMode(mode).given_frames
 
     @classmethod
     def for_pipeline(cls, pipeline, scorers=None, **choices) -> "RenderConfig":
@@ -194,8 +180,6 @@ class RenderConfig(Spec):
         sampling_defaults = dict(getattr(pipeline, "default_sampling", {}) or {})
         preset = choices.get("sampling_preset") or "standard"
         if preset != "standard":
-            from storymem_model.sampling import preset_sampling
-
             steps = sampling_defaults.get("num_inference_steps", 40)
             sampling_defaults = preset_sampling(preset, steps).as_dict()
         defaults = ModelDefaults(
@@ -230,9 +214,7 @@ class RenderConfig(Spec):
         (None keeps the default)."""
         overrides = {k: v for k, v in (sampling or {}).items() if v is not None}
         merged = {k: v for k, v in defaults.sampling.items() if k in SAMPLING_KEYS}
-        merged.update(overrides)
-        if overrides.get("step_list") is not None and "num_inference_steps" not in overrides:
-            merged["num_inference_steps"] = len(overrides["step_list"])  # a list names its steps
+        merged.update(with_implied_steps(overrides))
         t2v_choices = {k: v for k, v in (t2v_sampling or {}).items() if v is not None}
         t2v_merged: dict[str, Any] = {}
         if defaults.t2v_sampling is not None:

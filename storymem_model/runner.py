@@ -41,9 +41,10 @@ from storymem_model import storage
 from storymem_model.images import image_png, images_sha256, png_image
 from storymem_model.records import TIMING_COLUMNS, ShotDone, ShotRecord
 from storymem_model.render_config import RenderConfig
-from storymem_model.shot_step import (MOTION_FRAMES, NO_KEYFRAMES, RenderError, ShotMode,
-                                      ShotStats, ShotStep, Stopwatch, story_shot_mode,
-                                      write_record)
+from storymem_model.records import ShotStats
+from storymem_model.shot_modes import MOTION_FRAMES, ShotMode
+from storymem_model.shot_step import (NO_KEYFRAMES, RenderError, ShotStep, Stopwatch,
+                                      story_shot_mode, write_record)
 from storymem_model.story_script import ShotSpec, StoryScript
 from storymem_model.video_io import stitch_mp4
 

@@ -12,11 +12,30 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from storymem_model.spec_json import check_choice, check_number, is_int
+
 CFG_MODES = ("batched", "sequential")
+SOLVERS = ("unipc", "euler")
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-SOLVERS = ("unipc", "euler")
+def uses_cfg(guidance_scale: float) -> bool:
+    """Whether a step at this guidance scale runs classifier-free guidance (scale > 1)."""
+    return float(guidance_scale) > 1.0
+
+
+def evaluations_per_step(guidance_scale: float) -> int:
+    """Transformer evaluations (times batch) of one step: 2 with CFG, 1 without."""
+    return 2 if uses_cfg(guidance_scale) else 1
+
+
+def with_implied_steps(overrides: dict) -> dict:
+    """Sampling overrides (None values dropped) with the step count they imply: a step list
+    names its steps, unless num_inference_steps is given too."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("step_list") is not None and "num_inference_steps" not in given:
+        given["num_inference_steps"] = len(given["step_list"])
+    return given
 
 
 @dataclass(frozen=True)
@@ -43,44 +62,40 @@ class SamplingConfig:
         unknown = sorted(set(overrides) - set(SAMPLING_KEYS))
         if unknown:
             raise TypeError(f"unknown sampling option(s) {unknown}; allowed: {sorted(SAMPLING_KEYS)}")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if given.get("step_list") is not None and "num_inference_steps" not in given:
-            given["num_inference_steps"] = len(given["step_list"])  # a list names its steps
-        config = replace(self, **given)
+        config = replace(self, **with_implied_steps(overrides))
         config.check()
         return config
 
     def check(self) -> None:
-        if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int) \
-                or self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an int >= 1, got {self.num_inference_steps!r}")
+        """Raise ValueError naming every value that makes no usable schedule."""
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        check_number(out, "num_inference_steps", self.num_inference_steps, minimum=1,
+                     integer=True)
         for name in ("guidance_scale", "guidance_scale_2"):
-            if not float(getattr(self, name)) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not float(self.shift) > 0:
-            raise ValueError(f"shift must be > 0, got {self.shift!r}")
-        if not 0.0 <= float(self.boundary_ratio) <= 1.0:
-            raise ValueError(f"boundary_ratio must be in [0, 1], got {self.boundary_ratio!r}")
-        if self.cfg_mode not in CFG_MODES:
-            raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {self.cfg_mode!r}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+            check_number(out, name, getattr(self, name), minimum=0)
+        check_number(out, "shift", self.shift, above=0)
+        check_number(out, "boundary_ratio", self.boundary_ratio, minimum=0, maximum=1)
+        if not isinstance(self.reference_sigmas, bool):
+            out.append(f"reference_sigmas must be true or false, got {self.reference_sigmas!r}")
+        check_choice(out, "cfg_mode", self.cfg_mode, CFG_MODES)
+        check_choice(out, "solver", self.solver, SOLVERS)
         if self.step_list is not None:
             steps = list(self.step_list)
-            if not steps or any(isinstance(t, bool) or not isinstance(t, int) for t in steps):
-                raise ValueError(f"step_list must be a non-empty list of integers, got {steps!r}")
-            if any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in steps) or any(
+            if not steps or not all(is_int(t) for t in steps):
+                out.append(f"step_list must be a non-empty list of integers, got {steps!r}")
+            elif any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in steps) or any(
                     a <= b for a, b in zip(steps, steps[1:])):
-                raise ValueError(f"step_list must be strictly decreasing timesteps in "
-                                 f"1..{NUM_TRAIN_TIMESTEPS}, got {steps}")
-            if len(steps) != self.num_inference_steps:
-                raise ValueError(f"step_list has {len(steps)} steps but num_inference_steps is "
-                                 f"{self.num_inference_steps}")
-
-    @property
-    def evaluations_per_step(self) -> int:
-        """Transformer evaluations (times batch) per step: 2 with CFG, 1 without."""
-        return 1 if max(float(self.guidance_scale), float(self.guidance_scale_2)) <= 1.0 else 2
+                out.append(f"step_list must be strictly decreasing timesteps in "
+                           f"1..{NUM_TRAIN_TIMESTEPS}, got {steps}")
+            elif len(steps) != self.num_inference_steps:
+                out.append(f"step_list has {len(steps)} steps but num_inference_steps is "
+                           f"{self.num_inference_steps}")
+        return out
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -97,7 +112,8 @@ T2V_SAMPLING = SamplingConfig(guidance_scale=3.5, guidance_scale_2=3.5, shift=12
 FAST_SAMPLING = SamplingConfig(num_inference_steps=4, guidance_scale=1.0, guidance_scale_2=1.0,
                                shift=5.0, boundary_ratio=0.9, reference_sigmas=False,
                                solver="euler", step_list=(1000, 750, 500, 250))
-SAMPLING_PRESETS = {"standard": M2V_SAMPLING, "fast": FAST_SAMPLING}
+PRESET_SAMPLING = {"standard": M2V_SAMPLING, "fast": FAST_SAMPLING}
+SAMPLING_PRESETS = tuple(PRESET_SAMPLING)  # the names RenderSettings.sampling_preset takes
 
 
 def preset_sampling(name: str, default_steps: int) -> SamplingConfig:
@@ -106,7 +122,7 @@ def preset_sampling(name: str, default_steps: int) -> SamplingConfig:
     if name not in SAMPLING_PRESETS:
         raise ValueError(f"sampling preset must be one of {', '.join(SAMPLING_PRESETS)}, "
                          f"got {name!r}")
-    preset = SAMPLING_PRESETS[name]
+    preset = PRESET_SAMPLING[name]
     return preset if preset.step_list else preset.updated(num_inference_steps=default_steps)
 
 

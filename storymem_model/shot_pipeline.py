@@ -23,8 +23,10 @@ from diffusers import AutoencoderKLWan, DiffusionPipeline, WanTransformer3DModel
 from . import conditioning as cond
 from .presets import REAL_SHOT, ShotDefaults
 from .rope import DEFAULT_ROPE_SHIFT, frame_positions, install_frame_position_rope
-from .sampling import M2V_SAMPLING, T2V_SAMPLING, SamplingConfig, expert_for_timestep, make_scheduler
-from .shot_step import ShotStats
+from .records import ShotStats
+from .sampling import (M2V_SAMPLING, T2V_SAMPLING, SamplingConfig, evaluations_per_step,
+                       expert_for_timestep, make_scheduler, uses_cfg)
+from .shot_modes import ShotMode
 from .text_encoding import WAN_NEGATIVE_PROMPT, PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ class ShotLatents:
 
     latents: torch.Tensor
     num_given_frames: int
-    mode: str
+    mode: str  # the ShotMode name: T2V, M2V, MI2V or MM2V
     model_evaluations: int = 0  # transformer evaluations x batch (40-step CFG: 80)
     denoise_seconds: float = 0.0
 
@@ -275,7 +277,7 @@ class StoryMemPipeline(DiffusionPipeline):
             mem = torch.zeros(0, cond.LATENT_CHANNELS, 1, h, w, device=device)
             y = None
             positions = None
-            mode = "T2V"
+            mode = ShotMode.T2V.name
         else:
             mem = self._memory_latents(memory, memory_latents, height, width)
             given = None
@@ -289,7 +291,7 @@ class StoryMemPipeline(DiffusionPipeline):
             inputs = cond.m2v_inputs(mem, shot_latents, num_frames, num_given, rope_shift, fix_mem=fix_mem)
             y = inputs.y[None].to(device, self.dtype)
             positions = inputs.positions
-            mode = {0: "M2V", 1: "MI2V", cond.MOTION_FRAMES: "MM2V"}[num_given]
+            mode = ShotMode.given(num_given).name
         num_memory = len(mem)
 
         generator = torch.Generator("cpu").manual_seed(int(seed))
@@ -312,7 +314,7 @@ class StoryMemPipeline(DiffusionPipeline):
             with frame_positions(model, positions):
                 noise_pred = self._guided_prediction(model, model_input, t, embeddings, guidance[which],
                                                      config.cfg_mode)
-            evaluations += 1 if guidance[which] <= 1.0 else 2
+            evaluations += evaluations_per_step(guidance[which])
             latents = scheduler.step(noise_pred.float(), t, latents, return_dict=False)[0]
             if progress is not None:
                 progress(index + 1, len(timesteps))
@@ -330,7 +332,7 @@ class StoryMemPipeline(DiffusionPipeline):
                            guidance_scale: float, cfg_mode: str) -> torch.Tensor:
         """Flow prediction with classifier-free guidance (embeddings: [prompt, negative])."""
         timestep = t.to(model_input.device).expand(1)
-        if guidance_scale <= 1.0:
+        if not uses_cfg(guidance_scale):
             return model(model_input, timestep, embeddings[:1], return_dict=False)[0]
         if cfg_mode == "batched":
             both = model(model_input.expand(2, *model_input.shape[1:]), timestep.expand(2), embeddings,

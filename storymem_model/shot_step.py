@@ -14,10 +14,11 @@ same code everywhere:
 * `write(folder, ...)`: the shot's video and keyframe PNGs in the story layout
   (`output_layout`), returning its `ShotRecord` (the caller writes the record last, as
   the shot's checkpoint).
+
+The modes themselves (`ShotMode`, the frames each is given) are in `shot_modes`.
 """
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -27,34 +28,17 @@ import numpy as np
 from storymem_model import output_layout as layout
 from storymem_model import storage
 from storymem_model.images import image_png
-from storymem_model.records import ShotRecord
+from storymem_model.records import ShotRecord, ShotStats
 from storymem_model.render_config import RenderConfig
+from storymem_model.shot_modes import MOTION_FRAMES, ShotMode
 
-MOTION_FRAMES = 5  # MM2V continues from the last 5 frames; MI2V from the last one
+__all__ = ["MOTION_FRAMES", "NO_KEYFRAMES", "RenderError", "SelectedKeyframes", "ShotMode",
+           "ShotPlan", "ShotStats", "ShotStep", "Stopwatch", "given_frames_of",
+           "story_shot_mode", "write_record"]
 
 
 class RenderError(RuntimeError):
     """A story or shot that could not be rendered, naming the story, the shot and why."""
-
-
-class ShotMode(enum.StrEnum):
-    """How a shot is conditioned (the values are what records and APIs carry)."""
-
-    T2V = "t2v"  # text only (Wan2.2 T2V experts)
-    MR2V = "mr2v"  # first shot of a story with reference images as memory
-    M2V = "m2v"  # memory-conditioned
-    MI2V = "mi2v"  # memory + the previous shot's last frame
-    MM2V = "mm2v"  # memory + the previous shot's last 5 frames
-    M2V_NO_MEMORY = "m2v-no-memory"  # memory off and no T2V experts: M2V with no memory
-
-    @property
-    def given_frames(self) -> int:
-        """Leading frames given as conditioning (dropped from the saved shot)."""
-        return {ShotMode.MI2V: 1, ShotMode.MM2V: MOTION_FRAMES}.get(self, 0)
-
-    @property
-    def uses_memory(self) -> bool:
-        return self in (ShotMode.MR2V, ShotMode.M2V, ShotMode.MI2V, ShotMode.MM2V)
 
 
 def story_shot_mode(config: RenderConfig, shot_index: int, cut: bool, *,
@@ -97,14 +81,6 @@ class SelectedKeyframes:
 
 
 NO_KEYFRAMES = SelectedKeyframes([], [], [])
-
-
-@dataclass
-class ShotStats:
-    """Filled by the pipeline (`generate_shot(..., stats=)`): what the shot cost."""
-
-    model_evaluations: int = 0  # transformer evaluations x batch (40-step CFG: 80)
-    denoise_seconds: float = 0.0
 
 
 class ShotStep:

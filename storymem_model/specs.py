@@ -19,6 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from storymem_model.keyframe_preprocess import MODES as KEYFRAME_PREPROCESS
+from storymem_model.sampling import SAMPLING_PRESETS, SamplingConfig
+from storymem_model.shot_modes import TRANSITIONS
 from storymem_model.spec_json import Spec, check_choice, check_number
 
 PRESETS = ("tiny",)
@@ -28,11 +31,6 @@ OFFLOAD_MODES = ("model", "sequential", "group")
 STORAGE_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 STORAGE_DTYPE_ALIASES = {"fp8": "float8_e4m3fn"}
 ATTENTION_BACKENDS = ("native", "flash", "sage")
-SAMPLING_PRESETS = ("standard", "fast")
-KEYFRAME_PREPROCESS = ("reference", "direct")
-SOLVERS = ("unipc", "euler")
-TRANSITIONS = ("mi2v", "mm2v", "none")
-CFG_MODES = ("batched", "sequential")
 REFERENCE_CLIP_MODEL = "ViT-B-32-quickgelu"  # OpenAI CLIP ViT-B/32, as the reference uses
 AESTHETIC_CLIP_MODEL = "ViT-L-14-quickgelu"  # the LAION predictor's CLIP
 
@@ -219,27 +217,13 @@ class SamplingOverrides(Spec):
         super().__post_init__()
 
     def problems(self) -> list[str]:
-        out: list[str] = []
-        check_number(out, "num_inference_steps", self.num_inference_steps, minimum=1,
-                     integer=True, optional=True)
-        if self.solver is not None:
-            check_choice(out, "solver", self.solver, SOLVERS)
-        if self.step_list is not None:
-            steps = list(self.step_list)
-            if not steps or any(not isinstance(t, int) or isinstance(t, bool) or not 0 < t <= 1000
-                                for t in steps) or any(a <= b for a, b in zip(steps, steps[1:])):
-                out.append(f"step_list must be strictly decreasing timesteps in 1..1000, "
-                           f"got {steps}")
-        for name in ("guidance_scale", "guidance_scale_2"):
-            check_number(out, name, getattr(self, name), minimum=0, optional=True)
-        check_number(out, "shift", self.shift, above=0, optional=True)
-        check_number(out, "boundary_ratio", self.boundary_ratio, minimum=0, maximum=1,
-                     optional=True)
-        if self.reference_sigmas is not None and not isinstance(self.reference_sigmas, bool):
-            out.append(f"reference_sigmas must be true or false, got {self.reference_sigmas!r}")
-        if self.cfg_mode is not None:
-            check_choice(out, "cfg_mode", self.cfg_mode, CFG_MODES)
-        return out
+        """The overrides over the standard sampling must make a usable schedule (the one
+        check of sampling values, `SamplingConfig.problems`)."""
+        try:
+            SamplingConfig().updated(**self.given())
+        except ValueError as exc:
+            return [str(exc)]
+        return []
 
     def given(self) -> dict:
         """Only the values that were set (a step list as a list, as configs store it)."""

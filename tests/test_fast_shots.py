@@ -19,8 +19,9 @@ from storymem_model.lora_loading import LoraLoadError
 from storymem_model.presets import TINY
 from storymem_model.render_spec import resolve_render_spec
 from storymem_model.runner import open_runner
-from storymem_model.sampling import FAST_SAMPLING, M2V_SAMPLING, make_scheduler
-from storymem_model.shot_step import ShotStats
+from storymem_model.records import ShotStats
+from storymem_model.sampling import (FAST_SAMPLING, M2V_SAMPLING, evaluations_per_step,
+                                     make_scheduler)
 from storymem_model.specs import ModelSpec, RenderSettings, SamplingOverrides, ScorerSpec
 from storymem_model.story_script import load_script
 
@@ -62,7 +63,9 @@ def test_fast_schedule_is_the_published_distilled_one():
                                rtol=1e-6)
     # boundary 0.9: the first two steps on the high-noise expert, the last two on the low
     assert [float(t) >= 900 for t in scheduler.timesteps] == [True, True, False, False]
-    assert FAST_SAMPLING.evaluations_per_step == 1 and M2V_SAMPLING.evaluations_per_step == 2
+    for sampling, evaluations in ((FAST_SAMPLING, 1), (M2V_SAMPLING, 2)):  # both experts
+        assert evaluations_per_step(sampling.guidance_scale) == evaluations
+        assert evaluations_per_step(sampling.guidance_scale_2) == evaluations
 
 
 @pytest.mark.parametrize("cfg_mode", ["batched", "sequential"])

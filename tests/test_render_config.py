@@ -39,8 +39,9 @@ def test_every_field_is_in_the_hash():
     assert reordered.config_hash() == BASE.config_hash()
 
 
-def test_frames_per_shot():
-    assert BASE.frames_per_shot == {"t2v": 17, "m2v": 17, "mr2v": 17, "mi2v": 16, "mm2v": 12}
+def test_frames_for_mode():
+    assert {mode: BASE.frames_for_mode(mode) for mode in ("t2v", "m2v", "mr2v", "mi2v", "mm2v")
+            } == {"t2v": 17, "m2v": 17, "mr2v": 17, "mi2v": 16, "mm2v": 12}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -51,6 +52,11 @@ def test_frames_per_shot():
     ({"num_frames": 18}, "num_frames must be 4k+1"),
     ({"seed": -1}, "seed must be a non-negative integer"),
     ({"sampling": {"steps": 3}}, "unknown sampling keys ['steps']"),
+    # one check of sampling values (SamplingConfig.problems): types too, not only bounds
+    ({"sampling": {"reference_sigmas": "no"}}, "reference_sigmas must be true or false"),
+    ({"sampling": {"guidance_scale": "3.5"}}, "guidance_scale must be a number"),
+    ({"t2v_sampling": {"shift": float("inf")}}, "shift must be a number"),
+    ({"transition": "mm2v", "num_frames": 5}, "transition mm2v drops 5 conditioned frames"),
     ({"keyframe_threshold": 1.5}, "keyframe_threshold must be in (0, 1]"),
     ({"t2v_sampling": {"steps": 3}}, "unknown t2v_sampling keys ['steps']"),
     ({"memory": "no"}, "memory must be True or False"),
