@@ -23,8 +23,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from storymem_model.output_lock import OutputLock
-from flows.render_stage import (absolute_uri, checked_run_id, render_stage,
-                                resolve_stage_spec, run_logger)
+from flows.render_stage import checked_run_id, render_stage, resolve_stage_spec, run_logger
 from flows.retry_policy import retry_options
 from pipelines.batch.spec import BatchOptions
 from pipelines.run_tables import read_run_table
@@ -102,8 +101,8 @@ def generate_dataset(
     handed to the batch as there; the dataset folder has its own lock, `dataset`).
     """
     run_id = checked_run_id(run_id, "dataset")
-    source, out = absolute_uri(source), absolute_uri(out)
-    render_out = absolute_uri(render_out) if render_out else storage.join(out, "renders")
+    source, out = storage.absolute_uri(source), storage.absolute_uri(out)
+    render_out = storage.absolute_uri(render_out) if render_out else storage.join(out, "renders")
     if not 0 <= validation_percent <= 100:
         raise ValueError(f"validation_percent must be within 0..100, got {validation_percent}")
     render_spec = resolve_stage_spec(model, scorers, render, batch, retries=retries,

@@ -27,9 +27,9 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from storymem_model.output_lock import OutputLock
-from flows.render_stage import (absolute_uri, checked_run_id, render_stage,
-                                resolve_stage_spec, run_logger)
+from flows.render_stage import checked_run_id, render_stage, resolve_stage_spec, run_logger
 from pipelines.batch.spec import BatchOptions
+from storymem_model import storage
 from storymem_model.specs import ModelSpec, RenderSettings, ScorerSpec
 
 FLOW_NAME = "storymem-nightly-render"
@@ -84,7 +84,7 @@ def nightly_render(
         `job_timeout_s` is stopped (finished shots are kept; the next run resumes).
     """
     run_id = checked_run_id(run_id, "nightly")
-    source, out = absolute_uri(source), absolute_uri(out)
+    source, out = storage.absolute_uri(source), storage.absolute_uri(out)
     render_spec = resolve_stage_spec(model, scorers, render, batch, retries=retries,
                                      retry_backoff_s=retry_backoff_s)
     owner = f"{FLOW_NAME} run {run_id} (flow run {flow_run.id or '-'})"

@@ -41,6 +41,7 @@ from flows.publish_run import publish_run
 from flows.retry_policy import retry_options
 from storymem_model.output_lock import OutputLock
 from pipelines.batch.spec import BatchOptions, BatchSpec, run_id_problem
+from pipelines.run_tables import run_uri
 from pipelines.story_planner import StoryPlan
 from storymem_model import storage
 from storymem_model.render_spec import RenderSpec, resolve_render_spec
@@ -75,16 +76,9 @@ def checked_run_id(run_id: str | None, prefix: str) -> str:
     return run_id
 
 
-def absolute_uri(uri: str) -> str:
-    """Local paths become absolute (the manifest and the Ray job need them so)."""
-    if not isinstance(uri, str) or not uri.strip():
-        raise ValueError(f"expected a path or URI, got {uri!r}")
-    return uri if "://" in uri else os.path.abspath(uri)
-
-
 def spec_uri(out: str, run_id: str) -> str:
     """Where a run's BatchSpec is written (the cluster job reads it from there)."""
-    return storage.join(out, "runs", run_id, "flow", "batch_spec.json")
+    return storage.join(run_uri(out, run_id), "flow", "batch_spec.json")
 
 
 # -- tasks -------------------------------------------------------------------------------
@@ -158,9 +152,8 @@ def render_stage(kind: str, source: str, out: str, run_id: str, render_spec: Ren
     plan = plan_task.with_options(**opts)(source, out, render_spec.config_hash)
     outcome = None
     if plan.pending:
-        run_folder = storage.join(out, "runs", run_id)
         manifest = manifest_task.with_options(**opts)(
-            plan, storage.join(run_folder, "flow", "manifest.jsonl"))
+            plan, storage.join(run_uri(out, run_id), "flow", "manifest.jsonl"))
         spec = BatchSpec(scripts=manifest, out=out, render=render_spec, options=options,
                          run_id=run_id, ray_address=JOB_RAY_ADDRESS if ray_address else None,
                          lock_ttl_s=lock.ttl_s, lock_wait_s=lock.wait_s, lock_token=lock.token)

@@ -28,7 +28,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from storymem_model.output_lock import OutputLock
-from flows.render_stage import absolute_uri, run_logger
+from flows.render_stage import run_logger
 from flows.retry_policy import retry_options
 from storymem_model import storage
 from storymem_model.training.specs import FitSpec, PrepareSpec
@@ -99,9 +99,9 @@ def publish_task(spec: FitSpec, publish_to: str) -> dict:
 
 
 def _absolute(prepare: PrepareSpec, fit: FitSpec) -> tuple[PrepareSpec, FitSpec]:
-    prepare = prepare.replace(clips=absolute_uri(prepare.clips), out=absolute_uri(prepare.out))
-    fit = fit.replace(data=absolute_uri(fit.data), out=absolute_uri(fit.out),
-                      checkpoints=None if fit.checkpoints is None else absolute_uri(fit.checkpoints))
+    prepare = prepare.replace(clips=storage.absolute_uri(prepare.clips), out=storage.absolute_uri(prepare.out))
+    fit = fit.replace(data=storage.absolute_uri(fit.data), out=storage.absolute_uri(fit.out),
+                      checkpoints=None if fit.checkpoints is None else storage.absolute_uri(fit.checkpoints))
     return prepare, fit
 
 
@@ -128,7 +128,7 @@ def train_lora(prepare: PrepareSpec, fit: FitSpec, publish_to: str | None = None
         prepared = prepare_task.with_options(**options)(prepare)
         fitted = fit_task.with_options(**options)(fit)
         validation = validate_task.with_options(**options)(fit)
-        published = publish_task.with_options(**options)(fit, absolute_uri(publish_to)) if publish_to else None
+        published = publish_task.with_options(**options)(fit, storage.absolute_uri(publish_to)) if publish_to else None
     message = f"{prepared['message']}; {fitted['message']}"
     if validation is not None:
         message += (f"; validation consistency {validation['consistency_all_pairs']:.4f} (all pairs), "

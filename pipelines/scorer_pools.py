@@ -34,7 +34,7 @@ from typing import Any, Iterable
 from actors.scorer_actor import ScorerActor, ScorerRole
 from actors.scorer_proxies import ScorerPoolHandles, keyframe_scorers_from_pools
 from pipelines.batch.spec import ScorerPoolOptions
-from storymem_model.model_identity import scorer_identity
+from storymem_model.model_identity import ScorerIdentity
 from storymem_model.specs import ScorerSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +54,8 @@ def hps_python(spec: ScorerSpec) -> Path:
 
 @dataclass
 class ScorerPools:
-    """Both pools' actors and the scorer ids they must serve (from the spec)."""
+    """Both pools' actors and the scorer ids they must serve (the render config's)."""
 
-    spec: ScorerSpec
     clip: list
     gate: list
     embedder_id: str
@@ -71,14 +70,6 @@ class ScorerPools:
     _pings: dict = field(default_factory=dict)  # ObjectRef -> (role, index)
     _next_ping: dict = field(default_factory=dict)  # (role, index) -> monotonic time
     _clients: Any = None  # the live workers' indices (None: unknown)
-
-    @property
-    def clip_name(self) -> str:
-        return self.embedder_id
-
-    @property
-    def gate_name(self) -> str:
-        return self.gate_id
 
     def handles(self, client_index: int | None = None) -> ScorerPoolHandles:
         """What story worker `client_index` gets (sticky routing, see the module text)."""
@@ -216,14 +207,15 @@ def clients_per_actor(clients: int | Iterable[int] | None, actors: int) -> list[
     return [max(1, sum(1 for i in indices if i % actors == j)) for j in range(actors)]
 
 
-def start_scorer_pools(spec: ScorerSpec, options: ScorerPoolOptions,
+def start_scorer_pools(spec: ScorerSpec, identity: ScorerIdentity, options: ScorerPoolOptions,
                        name_prefix: str = "storymem", wait: bool = True,
                        clients: int | None = None) -> ScorerPools:
-    """Create both pools for `spec`; with `wait`, block until every actor has loaded its
-    model (else call `wait_ready()` later: the models load while the caller does other
-    work). `clients`: the number of story workers, which pass `client_index`
-    0..clients-1 to their proxies (None: callers unknown, batches wait for size or max
-    wait)."""
+    """Create both pools for `spec`, whose actors must serve the scorer ids of `identity`
+    (the resolved render config's: `model_identity.scorer_identity(spec)`); with `wait`,
+    block until every actor has loaded its model (else call `wait_ready()` later: the
+    models load while the caller does other work). `clients`: the number of story
+    workers, which pass `client_index` 0..clients-1 to their proxies (None: callers
+    unknown, batches wait for size or max wait)."""
     import ray
 
     problems = spec.problems_for_keyframes()
@@ -238,7 +230,6 @@ def start_scorer_pools(spec: ScorerSpec, options: ScorerPoolOptions,
                 f"`make hps-env` (or pass its path)")
         runtime_env = {"py_executable": str(python),
                        "env_vars": {"PYTHONPATH": _pythonpath()}}
-    identity = scorer_identity(spec)  # the ids the actors must report (file headers only)
     spec = spec.replace(device="cuda" if options.gpus_per_actor > 0 else "cpu")
     remote = ray.remote(ScorerActor)
     common = dict(num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor,
@@ -263,7 +254,7 @@ def start_scorer_pools(spec: ScorerSpec, options: ScorerPoolOptions,
 
     clip = pool(ScorerRole.CLIP, options.clip_actors)
     gate = pool(ScorerRole.GATE, options.gate_actors)
-    pools = ScorerPools(spec=spec, clip=clip, gate=gate, embedder_id=identity.embedder_id,
+    pools = ScorerPools(clip=clip, gate=gate, embedder_id=identity.embedder_id,
                         gate_id=identity.gate_id, gate_threshold=identity.gate_threshold,
                         clip_names=[actor_name(ScorerRole.CLIP, i) for i in range(len(clip))],
                         gate_names=[actor_name(ScorerRole.GATE, i) for i in range(len(gate))],

@@ -63,7 +63,9 @@ def join(uri: str, *parts: str) -> str:
 
 def absolute_uri(uri: str) -> str:
     """A local path made absolute (so a stored URI still works from another folder);
-    URLs are returned unchanged."""
+    URLs are returned unchanged. StorageError for what is no path or URI at all."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise StorageError(f"not a storage URI: {uri!r}")
     if "://" in uri:
         return uri
     return os.path.abspath(uri)

@@ -6,15 +6,18 @@ import pytest
 
 from pipelines.batch import ScorerPoolOptions
 from pipelines.scorer_pools import start_scorer_pools
+from storymem_model.model_identity import scorer_identity
 from storymem_model.specs import ScorerSpec
 
 pytestmark = pytest.mark.ray
+TINY_IDENTITY = scorer_identity(ScorerSpec(preset="tiny"))  # what a tiny render config names
 
 
 @pytest.fixture(scope="module")
 def pools(ray_cluster):
     options = ScorerPoolOptions(max_batch_size=8, max_wait_s=1.0, cpus_per_actor=0.25)
-    pools = start_scorer_pools(ScorerSpec(preset="tiny"), options, name_prefix="test-scorers")
+    pools = start_scorer_pools(ScorerSpec(preset="tiny"), TINY_IDENTITY, options,
+                               name_prefix="test-scorers")
     yield pools
     pools.kill()
 
@@ -48,7 +51,7 @@ def test_requests_from_several_callers_are_batched_and_results_are_exact(pools, 
     np.testing.assert_array_equal(together[:3], gate.score_images(frames[:3]))
     assert together.shape == (6,) and together.dtype == np.float32
     assert pools.gate_threshold == pytest.approx(TINY_GATE_THRESHOLD)
-    assert (pools.clip_name, pools.gate_name) == (TINY_EMBEDDER_ID, TINY_GATE_ID)
+    assert (pools.embedder_id, pools.gate_id) == (TINY_EMBEDDER_ID, TINY_GATE_ID)
     assert [i.name for i in pools.info["clip"]] == [TINY_EMBEDDER_ID]  # what the actors load
     assert [i.name for i in pools.info["gate"]] == [TINY_GATE_ID]
 
@@ -185,8 +188,8 @@ def test_a_scorer_actor_dead_past_its_restarts_is_replaced_and_calls_go_on(ray_c
     ray = ray_cluster
     options = ScorerPoolOptions(max_batch_size=8, max_wait_s=0.05, cpus_per_actor=0.25,
                                 max_restarts=0, max_replacements=1)
-    pools = start_scorer_pools(ScorerSpec(preset="tiny"), options, name_prefix="test-replace",
-                               clients=1)
+    pools = start_scorer_pools(ScorerSpec(preset="tiny"), TINY_IDENTITY, options,
+                               name_prefix="test-replace", clients=1)
     try:
         scorers = pools.keyframe_scorers(client_index=0)  # the proxies a worker holds
         frames = _frames(21, 2)

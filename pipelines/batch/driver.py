@@ -158,8 +158,11 @@ class BatchDriver:
         if self.spec.render.scorers is None:  # memory off: nothing is scored
             return None
         from pipelines.scorer_pools import start_scorer_pools
+        from storymem_model.model_identity import ScorerIdentity
 
-        return start_scorer_pools(self.spec.render.scorers, self.options.scorers,
+        config = self.spec.render.config  # the scorer ids the config hash names
+        identity = ScorerIdentity(config.embedder_id, config.gate_id, config.gate_threshold)
+        return start_scorer_pools(self.spec.render.scorers, identity, self.options.scorers,
                                   name_prefix=prefix, wait=False, clients=self.options.workers)
 
     def _check_resources(self) -> None:
@@ -303,7 +306,6 @@ class BatchDriver:
                              shots_rendered=outcome.shots_rendered))
 
     def _story_failed(self, task: StoryTask, error_type: str, message: str) -> None:
-        task.last_error = (error_type, message)
         story = task.story
         if task.can_retry(self.options.max_attempts):
             log.warning("story %s: attempt %d failed (%s: %s); retrying", story.story_id,

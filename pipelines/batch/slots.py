@@ -31,7 +31,6 @@ class StoryTask:
     story: PlannedStory  # with its script
     attempts: int = 0
     started: float = 0.0  # clock reading when the current attempt was submitted
-    last_error: tuple[str, str] | None = None  # (type, message)
 
     @property
     def story_id(self) -> str:
