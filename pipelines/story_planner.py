@@ -51,8 +51,8 @@ class PlannedStory(Record):
     story_id: str
     story_name: str
     num_shots: int
-    story_uri: str
-    status: str  # PlanStatus value: pending or committed
+    story_uri: str | None  # None when planned without a config hash
+    status: str | None  # PlanStatus value: pending or committed; None without a config hash
     uri: str | None = None  # the script file, or None for an inline manifest row
     name: str | None = None  # the manifest row's name
     inline: Any = field(default=None, compare=False, repr=False,
@@ -95,9 +95,11 @@ class InvalidScript(Record):
                 "story_id": self.story_id, "status": PlanStatus.INVALID.value}
 
 
-def plan_items(source: str, out: str, config_hash: str, *, exclude: str | None = None
-               ) -> Iterator[PlannedStory | InvalidScript]:
+def plan_items(source: str, out: str, config_hash: str | None, *,
+               exclude: str | None = None) -> Iterator[PlannedStory | InvalidScript]:
     """Every item of `source` in listing order, each read and validated once (lazily).
+    With `config_hash` None the scripts are only read and validated: no story folder is
+    named and no commit marker read (`story_uri` and `status` None).
 
     Raises `pipelines.script_source.ScriptSourceError` when `source` itself is unusable
     (a run with a wrong source must fail loudly, not report "nothing to do"); the error is
@@ -121,13 +123,15 @@ def plan_items(source: str, out: str, config_hash: str, *, exclude: str | None =
                 f"{first[0]}, identical content); rendered once", script.story_id)
             continue
         seen[script.story_id] = (item.position, item.origin)
-        story_uri = output_layout.story_uri(out, script.story_id, config_hash)
-        status = PlanStatus.COMMITTED if storage.is_committed(story_uri) else PlanStatus.PENDING
+        story_uri = status = None
+        if config_hash is not None:
+            story_uri = output_layout.story_uri(out, script.story_id, config_hash)
+            status = (PlanStatus.COMMITTED if storage.is_committed(story_uri)
+                      else PlanStatus.PENDING).value
         yield PlannedStory(
             position=item.position, source=item.origin, story_id=script.story_id,
             story_name=script.story_name, num_shots=len(script.shots), story_uri=story_uri,
-            status=status.value, uri=item.uri, name=item.name, inline=item.inline,
-            script=script)
+            status=status, uri=item.uri, name=item.name, inline=item.inline, script=script)
 
 
 def _read(item: ListedScript) -> tuple[StoryScript | None, InvalidScript | None]:

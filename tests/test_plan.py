@@ -257,3 +257,14 @@ def test_a_plans_manifest_lists_the_same_stories_at_their_source_positions(tmp_p
     assert [(s.position, s.story_id, s.story_uri) for s in listed] == \
         [(s.position, s.story_id, s.story_uri) for s in plan.pending]
     assert [s.position for s in listed] == [1, 2, 3]
+
+
+def test_without_a_config_hash_scripts_are_only_read_no_story_folder_is_checked(
+        tmp_path, monkeypatch):
+    from pipelines import story_planner
+
+    _write(tmp_path / "kite.json", STORY)
+    monkeypatch.setattr(story_planner.storage, "is_committed",
+                        lambda uri: pytest.fail(f"a commit marker was read: {uri}"))
+    (item,) = story_planner.plan_items(str(tmp_path), str(tmp_path / "out"), None)
+    assert (item.story_name, item.story_uri, item.status) == ("Plan Check", None, None)

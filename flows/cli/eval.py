@@ -36,8 +36,6 @@ from storymem_model.spec_json import SpecError
 log = logging.getLogger("storymem.eval")
 
 INDEPENDENT = "independent"
-# `storymem eval` reads scripts for their stories, not to plan a render: it has no config
-ANY_CONFIG = "eval"
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,14 +91,14 @@ def encoder_spec_from_args(args: argparse.Namespace) -> EvalEncoderSpec:
         raise ArgumentsError(str(exc)) from None
 
 
-def read_scripts(source: str, out: str, config_hash: str = ANY_CONFIG):
+def read_scripts(source: str, out: str):
     """({story_id: StoryScript} in listing order, [InvalidScript]) of every script of
-    `source`, through the story planner (ScriptSourceError when `source` is unusable).
-    `config_hash` only names the story folders the planner reports (not used here)."""
+    `source`, through the story planner (ScriptSourceError when `source` is unusable); the
+    scripts are read for their stories, no story folder is checked (no config hash)."""
     from pipelines.story_planner import InvalidScript, plan_items
 
     scripts, invalid = {}, []
-    for item in plan_items(source, out, config_hash, exclude=out):
+    for item in plan_items(source, out, None, exclude=out):
         if isinstance(item, InvalidScript):
             invalid.append(item)
         else:
@@ -234,8 +232,7 @@ def run_bench_stbench(args: argparse.Namespace) -> int:
     try:
         render_specs = bench_render_specs(args, local_accelerator())
         encoder_spec = encoder_spec_from_args(args)
-        scripts, invalid = read_scripts(args.scripts, args.out,
-                                        render_specs["storymem"].config_hash)
+        scripts, invalid = read_scripts(args.scripts, args.out)
         if args.limit is not None:
             scripts = dict(list(scripts.items())[:max(0, args.limit)])
         encoders = build_encoders(encoder_spec)
