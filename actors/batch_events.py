@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from storymem_model.records import ShotDone
+from storymem_model.runner import describe_shot_done
 
 
 class EventKind(enum.StrEnum):
@@ -78,10 +79,7 @@ class ShotRendered(BatchEvent):
         return self.shot.story_id
 
     def describe(self) -> str:
-        s = self.shot
-        return (f"{self.kind.value}: story_id={s.story_id} shot_index={s.shot_index} "
-                f"shots_total={s.shots_total} scene={s.scene} shot={s.shot} mode={s.mode} "
-                f"seconds={s.seconds:.2f}")
+        return f"{self.kind.value}: {describe_shot_done(self.shot)}"
 
 
 @dataclass(frozen=True, kw_only=True)

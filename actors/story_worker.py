@@ -14,8 +14,9 @@ driver sends the story again (to the restarted or a replacement worker) and the 
 resumes from the last committed shot.
 
 Progress: `StoryStarted`, one `ShotRendered` per finished shot and `WorkerLog` lines go to
-the `ProgressReporter` actor (fire and forget); log lines also go to the worker's stderr
-(Ray's per-worker log file).
+the `ProgressReporter` actor (fire and forget), each once (the driver writes every event as
+one line of the worker's log); each also goes to the worker's stderr (Ray's per-worker log
+file).
 """
 from __future__ import annotations
 
@@ -35,9 +36,6 @@ logger = logging.getLogger("storymem.story_worker")
 # Test hook: wraps the loaded pipeline (tests inject a generation failure or a hung shot,
 # which real weights cannot be made to do on purpose). Never set in production.
 PipelineWrapper = Callable[[Any], Any]
-
-MAX_SHOTS_TABLE_BYTES = 64 * 1024 * 1024  # a story's shots.parquet (<= 200 shots) is read
-# with this limit (pipelines.run_tables reads it with the same one)
 
 
 class StoryWorker:
@@ -84,10 +82,9 @@ class StoryWorker:
     def render_story(self, script, out_uri: str, attempt: int = 1) -> StoryOutcome:
         """Render (or resume) one story; returns its outcome (no frames)."""
         started = time.monotonic()
-        self._log("story %s: attempt %d, %d shots", script.story_id, attempt, len(script.shots))
-        self._event(StoryStarted(worker=self.worker_name, pid=os.getpid(),
-                                 story_id=script.story_id, attempt=attempt,
-                                 shots_total=len(script.shots)))
+        self._report(StoryStarted(worker=self.worker_name, pid=os.getpid(),
+                                  story_id=script.story_id, attempt=attempt,
+                                  shots_total=len(script.shots)))
         try:
             result = self.runner.render(script, out_uri, progress=self._shot_done)
         except Exception as exc:
@@ -114,26 +111,26 @@ class StoryWorker:
 
     # ------------------------------------------------------------------------------
     def _shot_done(self, shot) -> None:
-        from storymem_model.runner import describe_shot_done
-
-        self._log("%s", describe_shot_done(shot))
-        self._event(ShotRendered(worker=self.worker_name, pid=os.getpid(), shot=shot))
+        self._report(ShotRendered(worker=self.worker_name, pid=os.getpid(), shot=shot))
 
     def _consistency(self, result) -> Consistency:
-        """Per-story cross-shot consistency (storymem_model.evaluation.metrics) on CLIP
-        frame-average shot embeddings, computed through the shared CLIP actors."""
-        from storymem_model import storage
-        from storymem_model.evaluation.metrics import story_consistency
+        """Cross-shot consistency of the committed story
+        (`evaluation.story_eval.story_consistency_for_render`) on CLIP frame-average shot
+        embeddings, computed through the shared CLIP actors."""
+        from storymem_model.evaluation.story_eval import story_consistency_for_render
         from storymem_model.evaluation.video_encoders import ClipFrameAverageEncoder
-        from storymem_model.video_io import decode_mp4
 
         if self.scorers is None:
             raise ValueError("consistency needs the CLIP scorer pool (a render with memory)")
-        encoder = ClipFrameAverageEncoder(self.scorers.embedder)
-        videos = [decode_mp4(storage.read_bytes(row.video_uri)) for row in _shot_records(result)]
-        scores = story_consistency(encoder.embed_videos(videos))
+        scores = story_consistency_for_render(
+            result.story_uri, ClipFrameAverageEncoder(self.scorers.embedder))
         return Consistency(all_pairs=float(scores["consistency_all_pairs"]),
                            top10=float(scores["consistency_top10"]))
+
+    def _report(self, event) -> None:
+        """A typed event: its line on stderr, the event to the progress reporter."""
+        logger.info("[%s] %s", self.worker_name, event.describe())
+        self._event(event)
 
     def _event(self, event) -> None:
         if self.progress is not None:
@@ -164,21 +161,3 @@ class StoryWorker:
             root.addHandler(handler)
             root.setLevel(logging.INFO)
 
-
-def _shot_records(result) -> list:
-    """The story's shot records, in order: from the result, or (a story an earlier attempt
-    committed) from its shots.parquet."""
-    from storymem_model.records import ShotRecord
-
-    rows = result.rows
-    if not rows:
-        import io
-
-        import pyarrow.parquet as pq
-
-        from storymem_model import storage
-
-        table = pq.read_table(io.BytesIO(storage.read_bytes(
-            result.parquet_uri, max_bytes=MAX_SHOTS_TABLE_BYTES)))
-        rows = [ShotRecord.from_row(row) for row in table.to_pylist()]
-    return sorted(rows, key=lambda r: r.shot_index)

@@ -25,11 +25,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storymem_model import output_layout, storage
+from storymem_model.evaluation.renders import read_shots_table
 from storymem_model.records import Record, arrow_field
 
 # Objects of our own, read back with a limit all the same (storage is shared, a file can
-# be replaced or damaged): a story's shots.parquet (at most 200 shots), the run's tables.
-MAX_STORY_TABLE_BYTES = 64 * 1024 * 1024  # = actors.story_worker.MAX_SHOTS_TABLE_BYTES
+# be replaced or damaged): the run's tables (a story's shots.parquet:
+# `evaluation.renders.read_shots_table`).
 MAX_RUN_TABLE_BYTES = 1024 * 1024 * 1024
 MAX_SUMMARY_BYTES = 16 * 1024 * 1024
 
@@ -162,8 +163,7 @@ def write_shots(uri: str, run_id: str, story_shot_tables: Iterable[str]) -> tupl
     schema = None
     rows = 0
     for table_uri in story_shot_tables:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(
-            table_uri, max_bytes=MAX_STORY_TABLE_BYTES)))
+        table = read_shots_table(table_uri)
         if "run_id" not in table.column_names:
             table = table.append_column("run_id", pa.array([run_id] * len(table), pa.string()))
         if writer is None:

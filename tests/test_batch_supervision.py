@@ -145,7 +145,7 @@ def test_events_are_typed_and_describe_themselves_for_the_worker_logs():
                     seconds=1.5)
     event = ShotRendered(worker="storymem-r-worker-0", pid=7, shot=shot)
     assert event.story_id == "kite" and event.worker_name == "storymem-r-worker-0"
-    assert event.describe().startswith("shot_done: story_id=kite shot_index=0")
+    assert event.describe() == "shot_done: story kite: shot 1/2 (scene 1 shot 1, t2v) done in 1.5 s"
     failed = StoryFailed(story_id="fox", attempts=3, error_type="RuntimeError", message="boom")
     assert failed.worker_name is None  # the driver's log
     assert failed.describe() == ("story_failed: story_id=fox attempts=3 "

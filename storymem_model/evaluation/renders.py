@@ -28,6 +28,9 @@ from storymem_model.records import ShotRecord
 
 # model id suffix of the no-memory baseline before RenderConfig.memory existed (old renders)
 LEGACY_INDEPENDENT_SUFFIX = "+independent"
+# A story's shots.parquet (at most 200 shots) is our own object, read with a limit all the
+# same: storage is shared, a file can be replaced or damaged.
+MAX_SHOTS_TABLE_BYTES = 64 * 1024 * 1024
 
 
 class EvaluationError(RuntimeError):
@@ -95,19 +98,25 @@ def find_rendered_stories(out_uri: str, scripts: dict | None = None
     return found, problems
 
 
+def read_shots_table(uri: str):
+    """A story's shots.parquet at `uri` as a pyarrow Table (TooLarge past
+    MAX_SHOTS_TABLE_BYTES, FileNotFoundError when absent)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri, max_bytes=MAX_SHOTS_TABLE_BYTES)))
+
+
 def load_render(uri: str, story_id: str, config_hash: str, script=None) -> RenderedStory:
     """The committed render at `uri` (EvaluationError when it is not one). `script`: its
     StoryScript when known (overview and name); else the render's own script.json."""
-    import pyarrow.parquet as pq
-
     marker = storage.read_commit_marker(uri)
     if marker is None:
         raise EvaluationError(f"{uri} is not committed (no {layout.COMMIT_MARKER}): "
                               "unfinished or failed render")
     config = marker.get("config") or _read_json(storage.join(uri, layout.CONFIG_FILE)) or {}
     try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(
-            storage.join(uri, marker.get("shots_parquet", layout.SHOTS_PARQUET)))))
+        table = read_shots_table(
+            storage.join(uri, marker.get("shots_parquet", layout.SHOTS_PARQUET)))
     except FileNotFoundError:
         raise EvaluationError(f"{uri}: committed but {layout.SHOTS_PARQUET} is missing") from None
     try:
