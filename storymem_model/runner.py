@@ -2,9 +2,9 @@
 
 Per shot: take the memory -> generate (T2V or MR2V for the first shot, then M2V; MI2V or
 MM2V for shots with ``cut: false`` as ``config.transition`` says) -> embed and score every
-frame once -> select keyframes -> update the memory bank -> write the shot's files ->
-write the shot's record (its checkpoint). After the last shot: stitch the story video,
-write ``shots.parquet`` and finally ``_COMMITTED.json``. The layout is in
+frame once -> select keyframes -> write the shot's files -> update the memory bank and
+write it -> write the shot's record (its checkpoint): `ShotStep.render`. After the last
+shot: stitch the story video, write ``shots.parquet`` and finally ``_COMMITTED.json``. The layout is in
 ``storymem_model/output_layout.py`` and the README.
 
 Without memory (``config.memory`` False, the "independent shots" baseline) every shot is
@@ -41,10 +41,9 @@ from storymem_model import storage
 from storymem_model.images import image_png, images_sha256, png_image
 from storymem_model.records import TIMING_COLUMNS, ShotDone, ShotRecord
 from storymem_model.render_config import RenderConfig
-from storymem_model.records import ShotStats
 from storymem_model.shot_modes import MOTION_FRAMES, ShotMode
-from storymem_model.shot_step import (NO_KEYFRAMES, RenderError, ShotStep, Stopwatch,
-                                      story_shot_mode, write_record)
+from storymem_model.shot_step import (RenderError, SelectedKeyframes, ShotStep, Stopwatch,
+                                      story_shot_mode)
 from storymem_model.story_script import ShotSpec, StoryScript
 from storymem_model.video_io import stitch_mp4
 
@@ -135,8 +134,8 @@ class StoryRunner:
                                   f"pipeline's {name} {loaded!r}")
         if config.memory and scorers is None:
             raise RenderError("rendering with memory needs keyframe scorers")
-        self.config_hash = config.config_hash()
         self.step = ShotStep(pipeline, scorers, config)
+        self.config_hash = self.step.config_hash
 
     # -- layout ----------------------------------------------------------------------
     def story_uri(self, script_or_id: StoryScript | str, out_uri: str) -> str:
@@ -313,32 +312,25 @@ class StorySession:
         clock = Stopwatch()
         plan = step.plan(spec.prompt, self.shot_mode(spec),
                          shot_seed(cfg.seed, spec.scene, spec.shot), self.bank)
-        stats = ShotStats()
-        frames = step.generate(plan, self.bank, self.tail, where=where, stats=stats)
-        generate_s = clock.lap()
-        selected = NO_KEYFRAMES
-        if cfg.memory:  # new keyframes must not duplicate any keyframe stored earlier
-            stored = [e for e in self.bank.stored if e.kind == "keyframe"]
-            selected = step.select(
-                frames, self.bank.stored_embeddings() if stored else None,
-                story_id=self.story_id, scene=spec.scene, shot=spec.shot, prompt=spec.prompt)
-            self.bank.add(selected.entries)
-        select_s = clock.lap()
-        try:
+        stored = None  # new keyframes must not duplicate any keyframe stored earlier
+        if cfg.memory and any(e.kind == "keyframe" for e in self.bank.stored):
+            stored = self.bank.stored_embeddings()
+
+        def write_state(frames: np.ndarray, selected: SelectedKeyframes) -> None:
             if spec.shot_index == 0:
                 self._write_story_files()
-            row = step.write(self.story_uri, spec, plan, frames, selected,
-                             story_id=self.story_id, story_name=self.story_name, stats=stats)
             if cfg.memory:
+                self.bank.add(selected.entries)
                 self._write_memory(spec, frames)
-            row.generate_seconds, row.select_seconds = generate_s, select_s
-            row.write_seconds = clock.lap()
-            row.shot_seconds = clock.total()
-            write_record(self.story_uri, row)  # the shot's checkpoint, written last
-        except Exception:
-            # Back to the last checkpoint, so the same shot can simply be rendered again.
-            self._load_checkpoint()
-            raise
+
+        # A failed write goes back to the last checkpoint, so the same shot can simply be
+        # rendered again.
+        shot = step.render(plan, self.story_uri, spec, story_id=self.story_id,
+                           story_name=self.story_name, bank=self.bank, given=self.tail,
+                           select=cfg.memory, stored_embeddings=stored, where=where,
+                           clock=clock, before_record=write_state,
+                           on_write_error=self._load_checkpoint)
+        row, frames = shot.record, shot.frames
         previous = self.rows[-1] if self.rows else None
         self.rows.append(row)
         self.tail = frames[-TAIL_FRAMES:].copy()

@@ -12,8 +12,10 @@ same code everywhere:
 * `select(frames, ...)`: every frame embedded and gate-scored once, the reference keyframe
   selection, the new `KeyframeEntry`s;
 * `write(folder, ...)`: the shot's video and keyframe PNGs in the story layout
-  (`output_layout`), returning its `ShotRecord` (the caller writes the record last, as
-  the shot's checkpoint).
+  (`output_layout`), returning its `ShotRecord`;
+* `render(plan, folder, ...)`: generate -> select -> write -> the host's own files ->
+  the record with its timings, written last (the shot's checkpoint). The story session
+  and the single-shot endpoint both render a shot with it.
 
 The modes themselves (`ShotMode`, the frames each is given) are in `shot_modes`.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -32,8 +34,8 @@ from storymem_model.records import ShotRecord, ShotStats
 from storymem_model.render_config import RenderConfig
 from storymem_model.shot_modes import MOTION_FRAMES, ShotMode
 
-__all__ = ["MOTION_FRAMES", "NO_KEYFRAMES", "RenderError", "SelectedKeyframes", "ShotMode",
-           "ShotPlan", "ShotStats", "ShotStep", "Stopwatch", "given_frames_of",
+__all__ = ["MOTION_FRAMES", "NO_KEYFRAMES", "RenderError", "RenderedShot", "SelectedKeyframes",
+           "ShotMode", "ShotPlan", "ShotStats", "ShotStep", "Stopwatch", "given_frames_of",
            "story_shot_mode", "write_record"]
 
 
@@ -83,6 +85,15 @@ class SelectedKeyframes:
 NO_KEYFRAMES = SelectedKeyframes([], [], [])
 
 
+@dataclass(frozen=True)
+class RenderedShot:
+    """A rendered shot: its record (written), its frames and the keyframes picked from it."""
+
+    record: ShotRecord
+    frames: np.ndarray
+    selected: SelectedKeyframes
+
+
 class ShotStep:
     """The shot step for one pipeline, one set of scorers and one config."""
 
@@ -90,6 +101,7 @@ class ShotStep:
         self.pipeline = pipeline
         self.scorers = scorers
         self.config = config
+        self.config_hash = config.config_hash()
         self.has_t2v = bool(config.t2v_model_id and getattr(pipeline, "has_t2v", False))
 
     # -- plan --------------------------------------------------------------------------
@@ -187,7 +199,7 @@ class ShotStep:
             storage.write_bytes(storage.join(folder_uri, layout.keyframe_key(entry.keyframe_id)),
                                 image_png(entry.image))
         return ShotRecord(
-            story_id=story_id, story_name=story_name, config_hash=cfg.config_hash(),
+            story_id=story_id, story_name=story_name, config_hash=self.config_hash,
             scene=spec.scene, shot=spec.shot, shot_index=spec.shot_index, prompt=spec.prompt,
             first_frame_prompt=spec.first_frame_prompt, cut=spec.cut, mode=plan.mode.value,
             seed=plan.seed, memory_keyframe_ids=plan.memory_ids,
@@ -200,6 +212,45 @@ class ShotStep:
             lora_id=cfg.lora_id, t2v_model_id=cfg.t2v_model_id,
             model_evaluations=int(getattr(stats, "model_evaluations", 0)),
             denoise_seconds=float(getattr(stats, "denoise_seconds", 0.0)))
+
+
+    # -- the whole shot ----------------------------------------------------------------
+    def render(self, plan: ShotPlan, folder_uri: str, spec, *, story_id: str,
+               story_name: str, bank=None, given: np.ndarray | None = None,
+               select: bool = False, stored_embeddings=None, where: str = "shot",
+               clock: "Stopwatch | None" = None,
+               before_record: Callable[[np.ndarray, SelectedKeyframes], None] | None = None,
+               on_write_error: Callable[[], None] | None = None) -> RenderedShot:
+        """Generate the shot, select its keyframes (when `select`; `stored_embeddings`:
+        those a new keyframe must not duplicate, or None), write its files under
+        `folder_uri`, call `before_record(frames, selected)` (the host's own files), then
+        write the record with its timings last: the shot's checkpoint. `clock`: a
+        Stopwatch whose first lap is the generation (default: started here). When a write
+        fails, `on_write_error()` runs (e.g. back to the last checkpoint) and the error is
+        raised."""
+        clock = clock or Stopwatch()
+        stats = ShotStats()
+        frames = self.generate(plan, bank, given, where=where, stats=stats)
+        generate_s = clock.lap()
+        selected = NO_KEYFRAMES
+        if select:
+            selected = self.select(frames, stored_embeddings, story_id=story_id,
+                                   scene=spec.scene, shot=spec.shot, prompt=spec.prompt)
+        select_s = clock.lap()
+        try:
+            record = self.write(folder_uri, spec, plan, frames, selected, story_id=story_id,
+                                story_name=story_name, stats=stats)
+            if before_record is not None:
+                before_record(frames, selected)
+            record.generate_seconds, record.select_seconds = generate_s, select_s
+            record.write_seconds = clock.lap()
+            record.shot_seconds = clock.total()
+            write_record(folder_uri, record)
+        except Exception:
+            if on_write_error is not None:
+                on_write_error()
+            raise
+        return RenderedShot(record, frames, selected)
 
 
 def write_record(folder_uri: str, record: ShotRecord) -> None:

@@ -12,7 +12,8 @@ plan -> generate -> select -> write, exactly as a story shot:
   are `RenderConfig.replace(...)` on the server's config;
 * keyframes are selected with the server's thresholds, duplicates of the given memory
   dropped (`select_keyframes: false`, or a server without memory, skips selection);
-* the files are written by `ShotStep.write` and `write_record` in the story layout:
+* the files are written by `ShotStep.render` (`ShotStep.write`, then the record last)
+  in the story layout, as a story session writes a shot:
 
     shots/{scope}/{shot_id}/shots/01_01.mp4, shots/01_01.json (the ShotRecord),
                             keyframes/{keyframe_id}.png
@@ -32,8 +33,7 @@ from storymem_model import storage
 from storymem_model.images import image_png
 from storymem_model.render_config import (SAMPLING_KEYS, T2V_SHARED_SAMPLING_KEYS,
                                           ConfigError, RenderConfig)
-from storymem_model.shot_step import (NO_KEYFRAMES, ShotMode, ShotStats, ShotStep,
-                                      Stopwatch, given_frames_of, write_record)
+from storymem_model.shot_step import ShotMode, ShotStep, Stopwatch, given_frames_of
 from storymem_model.story_script import ShotSpec
 
 GEOMETRY_KEYS = ("height", "width", "num_frames")
@@ -109,24 +109,13 @@ def render_single_shot(pipeline, scorers, base_config: RenderConfig, root: str, 
     bank = memory_bank(memory, shot_id, step.reference_embedder() if select else None)
     plan = step.plan(request.prompt, mode, request.seed, bank)
     given = [first_frame] if first_frame is not None else motion_frames
-    stats = ShotStats()
-    frames = step.generate(plan, bank, given_frames_of(given), where=f"shot {shot_id}",
-                           stats=stats)
-    generate_s = clock.lap()
-    selected = NO_KEYFRAMES
-    if select:
-        stored = bank.stored_embeddings(include_references=True) if memory else None
-        selected = step.select(frames, stored, story_id=shot_id, scene=spec.scene,
-                               shot=spec.shot, prompt=spec.prompt)
-    select_s = clock.lap()
+    # new keyframes must not duplicate the given memory images
+    stored = bank.stored_embeddings(include_references=True) if select and memory else None
     folder = shot_folder(root, scope, shot_id)
-    record = step.write(folder, spec, plan, frames, selected, story_id=shot_id,
-                        story_name="", stats=stats)
-    record.generate_seconds, record.select_seconds = generate_s, select_s
-    record.write_seconds = clock.lap()
-    record.shot_seconds = clock.total()
-    write_record(folder, record)
-    return shot_response(shot_id, record, selected, folder, len(plan.memory),
+    shot = step.render(plan, folder, spec, story_id=shot_id, story_name="", bank=bank,
+                       given=given_frames_of(given), select=select, stored_embeddings=stored,
+                       where=f"shot {shot_id}", clock=clock)
+    return shot_response(shot_id, shot.record, shot.selected, folder, len(plan.memory),
                          request.return_video, config.sampling_preset)
 
 
