@@ -234,7 +234,8 @@ def test_single_shot_is_the_story_shot_step(server):
     from storymem_model.memory_bank import MemoryBank
     from storymem_model.model_loading import build_pipeline
     from storymem_model.scorers.factory import build_keyframe_scorers
-    from storymem_model.shot_step import ShotMode, ShotStep
+    from storymem_model.shot_modes import ShotMode
+    from storymem_model.shot_step import ShotStep
     from storymem_model.video_io import encode_mp4
 
     request = {"prompt": "a lighthouse keeper climbs the stairs", "seed": 11,

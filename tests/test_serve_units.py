@@ -310,7 +310,7 @@ def test_request_modes_are_shot_modes():
     from pydantic import ValidationError
 
     from pipelines.serve.schemas import REQUEST_MODES, ShotRequest
-    from storymem_model.shot_step import ShotMode
+    from storymem_model.shot_modes import ShotMode
 
     assert set(REQUEST_MODES) - {"auto"} <= {m.value for m in ShotMode}
     assert ShotRequest(prompt="x", mode="mm2v").mode == ShotMode.MM2V

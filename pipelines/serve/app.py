@@ -43,7 +43,7 @@ from pipelines.serve.scorers import ImageEmbedderDeployment, ImageGateDeployment
 from pipelines.serve.sessions import SessionStore
 from pipelines.serve.settings import ServeSettings
 from pipelines.serve.usage import UsageIndex
-from storymem_model.shot_step import MOTION_FRAMES, ShotMode
+from storymem_model.shot_modes import MOTION_FRAMES, ShotMode
 
 API_VERSION = "1"
 log = logging.getLogger("storymem.serve")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.serve.jobs import JobStatus
 from storymem_model.records import ShotRecord
-from storymem_model.shot_step import ShotMode
+from storymem_model.shot_modes import ShotMode
 from storymem_model.specs import TRANSITIONS
 
 MAX_SEED = 2**32 - 1

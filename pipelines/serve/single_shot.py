@@ -33,7 +33,8 @@ from storymem_model import storage
 from storymem_model.images import image_png
 from storymem_model.render_config import (SAMPLING_KEYS, T2V_SHARED_SAMPLING_KEYS,
                                           ConfigError, RenderConfig)
-from storymem_model.shot_step import ShotMode, ShotStep, Stopwatch, given_frames_of
+from storymem_model.shot_modes import ShotMode
+from storymem_model.shot_step import ShotStep, Stopwatch, given_frames_of
 from storymem_model.story_script import ShotSpec
 
 GEOMETRY_KEYS = ("height", "width", "num_frames")
