@@ -11,10 +11,11 @@
   - Parquet (`.parquet`): a `uri` column and/or a `script` column (inline script as JSON
     or JSON5 text), optional `name`.
   Relative URIs in a manifest are relative to the manifest's folder. An object row (a
-  Parquet row) may give its `position`: its place in the listing it was planned from (the
-  flows' manifest of pending stories keeps each story's place in the source, so the run
-  tables number rows the same whether or not a batch ran). Positions must grow from row
-  to row; a row without one takes the next after the previous row's.
+  Parquet row) may give its `position` and `source`: its place in, and its name for, the
+  listing it was planned from (the flows' manifest of pending stories keeps each story's
+  place and source, so the run tables number and name rows the same whether or not a
+  batch ran). Positions must grow from row to row; a row without one takes the next after
+  the previous row's; a row without a source is named by its manifest line.
 
 Nothing here holds all scripts at once: folders are walked directory by directory, JSONL
 is streamed line by line and Parquet row batch by row batch, and a script is only read when
@@ -67,7 +68,7 @@ class ListedScript:
     """One script found by the listing; its content is read later by `read_script`."""
 
     position: int  # 0-based place in the listing (or the one its manifest row gives)
-    origin: str  # where it came from, for messages: a URI or "manifest.jsonl line 3"
+    origin: str  # where it came from: a URI, "manifest.jsonl line 3", or the row's `source`
     uri: str | None = None  # a script file to read ...
     inline: Any = None  # ... or the script itself (dict or list) from a manifest row
     name: str | None = None  # optional name (stands in for the file stem)
@@ -199,12 +200,14 @@ def _row(manifest_uri: str, origin: str, counter: _Counter, value: Any):
                                   f"{MAX_URI_CHARS}")
         return ListedScript(position, origin, uri=_resolve(manifest_uri, value.strip()))
     if isinstance(value, dict):
-        name = value.get("name")
-        if name is not None and not isinstance(name, str):
-            return ListingProblem(position, origin, f"{origin}: 'name' must be a string")
-        if name is not None and len(name) > MAX_URI_CHARS:
-            return ListingProblem(position, origin, f"{origin}: 'name' has {len(name)} "
-                                  f"characters, more than the limit of {MAX_URI_CHARS}")
+        for key in ("name", "source"):
+            text = value.get(key)
+            if text is not None and not isinstance(text, str):
+                return ListingProblem(position, origin, f"{origin}: '{key}' must be a string")
+            if text is not None and len(text) > MAX_URI_CHARS:
+                return ListingProblem(position, origin, f"{origin}: '{key}' has {len(text)} "
+                                      f"characters, more than the limit of {MAX_URI_CHARS}")
+        name, source = value.get("name"), value.get("source") or origin
         has_uri, has_script = value.get("uri") is not None, value.get("script") is not None
         if has_uri and has_script:
             return ListingProblem(position, origin,
@@ -216,8 +219,8 @@ def _row(manifest_uri: str, origin: str, counter: _Counter, value: Any):
                 return ListingProblem(position, origin, f"{origin}: 'uri' has "
                                       f"{len(value['uri'])} characters, more than the limit "
                                       f"of {MAX_URI_CHARS}")
-            return ListedScript(position, origin, uri=_resolve(manifest_uri, value["uri"].strip()),
-                                name=name)
+            return ListedScript(position, source,
+                                uri=_resolve(manifest_uri, value["uri"].strip()), name=name)
         if has_script:
             script = value["script"]
             if isinstance(script, str):  # Parquet/JSONL may carry the script as JSON text
@@ -229,7 +232,7 @@ def _row(manifest_uri: str, origin: str, counter: _Counter, value: Any):
             if not isinstance(script, (dict, list)):
                 return ListingProblem(position, origin,
                                       f"{origin}: 'script' must be an object or a list of prompts")
-            return ListedScript(position, origin, inline=script, name=name)
+            return ListedScript(position, source, inline=script, name=name)
         return ListingProblem(position, origin, f"{origin}: a row needs 'uri' or 'script'")
     return ListingProblem(position, origin,
                           f"{origin}: a row must be a URI string or an object with "
@@ -300,7 +303,7 @@ def _read_jsonl(fs, path: str, uri: str, counter: _Counter):
 
 
 CELL_LIMITS = {"script": MAX_SCRIPT_BYTES, "uri": MAX_URI_CHARS, "name": MAX_URI_CHARS,
-               "position": MAX_URI_CHARS}
+               "source": MAX_URI_CHARS, "position": MAX_URI_CHARS}
 
 
 def _read_parquet(fs, path: str, uri: str, counter: _Counter):
@@ -312,7 +315,7 @@ def _read_parquet(fs, path: str, uri: str, counter: _Counter):
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise ScriptSourceError(f"--scripts {uri}: not a readable Parquet file: {exc}") from exc
         names = parquet.schema_arrow.names
-        columns = [c for c in ("uri", "script", "name", "position") if c in names]
+        columns = [c for c in ("uri", "script", "name", "source", "position") if c in names]
         if "uri" not in columns and "script" not in columns:
             raise ScriptSourceError(
                 f"--scripts {uri}: a Parquet manifest needs a 'uri' or 'script' column, "

@@ -67,15 +67,14 @@ class PlannedStory(Record):
                 "story_uri": self.story_uri, "status": self.status}
 
     def manifest_row(self) -> dict:
-        """The JSONL manifest row `pipelines.script_source` reads back as this same story:
-        its place in the source (the batch numbers its rows as the plan does) and, for an
-        inline script, the name it was read with (its origin when the row gave none: a
-        story without a story_name takes its id from it)."""
+        """The JSONL manifest row `pipelines.script_source` reads back as this same story,
+        with its place in the source and its source (the batch numbers and names its rows
+        as the plan does; an unnamed inline script is read with its source as its name,
+        hence gets the same story id)."""
         row: dict = {"uri": self.uri} if self.uri is not None else {"script": self.inline}
-        name = self.name if self.name is not None or self.uri is not None else self.source
-        if name is not None:
-            row["name"] = name
-        row["position"] = self.position
+        if self.name is not None:
+            row["name"] = self.name
+        row.update(position=self.position, source=self.source)
         return row
 
 

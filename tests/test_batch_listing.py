@@ -265,13 +265,13 @@ def test_a_script_the_reader_chokes_on_is_an_invalid_row_and_the_listing_goes_on
     assert "a.json cannot be read: RecursionError" in items[0].message
 
 
-def test_manifest_rows_may_give_their_position_and_positions_only_grow(tmp_path):
+def test_manifest_rows_may_give_their_source_and_position_and_positions_only_grow(tmp_path):
     lines = [json.dumps({"script": ["one"], "position": 3}),
              json.dumps({"script": ["two"]}),  # the next after the previous row's
              json.dumps({"script": ["three"], "position": 4}),  # not after 4
              json.dumps({"script": ["four"], "position": True}),
              json.dumps({"script": ["five"], "position": "9"}),
-             json.dumps({"script": ["six"], "position": 10})]
+             json.dumps({"script": ["six"], "position": 10, "source": "src.jsonl line 2"})]
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     items = list(list_scripts(str(manifest)))
@@ -280,6 +280,8 @@ def test_manifest_rows_may_give_their_position_and_positions_only_grow(tmp_path)
         ("ListingProblem", 6), ("ListingProblem", 7), ("ListedScript", 10)]
     assert all("'position' must be an integer greater than the previous row's" in i.message
                for i in items[2:5])
+    assert items[5].origin == "src.jsonl line 2" and items[0].origin.endswith("line 1")
+    assert read_script(items[5]).source == "src.jsonl line 2"
     table = pa.table({"script": [json.dumps(["a"]), json.dumps(["b"])], "position": [2, 7]})
     pq.write_table(table, str(tmp_path / "manifest.parquet"))
     assert [i.position for i in list_scripts(str(tmp_path / "manifest.parquet"))] == [2, 7]

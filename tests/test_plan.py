@@ -241,7 +241,7 @@ def test_unusable_flags_and_sources_exit_2(tmp_path, capsys):
 def test_a_plans_manifest_lists_the_same_stories_at_their_source_positions(tmp_path):
     """The flows hand the batch the plan's pending stories as a manifest: read back, each
     row is the same story (same id, also for an unnamed inline script) at its place in the
-    source, so the batch's rows and the plan's invalid rows share one numbering."""
+    source and named by it, so the batch's rows and the plan's share one numbering."""
     from pipelines.story_planner import StoryPlan, plan_items
 
     source = tmp_path / "source.jsonl"
@@ -254,8 +254,8 @@ def test_a_plans_manifest_lists_the_same_stories_at_their_source_positions(tmp_p
     assert [e.position for e in plan.invalid] == [0]
     manifest = _write(tmp_path / "manifest.jsonl", plan.manifest_bytes().decode())
     listed = list(plan_items(str(manifest), str(tmp_path / "out"), "cfg"))
-    assert [(s.position, s.story_id, s.story_uri) for s in listed] == \
-        [(s.position, s.story_id, s.story_uri) for s in plan.pending]
+    assert [(s.position, s.source, s.story_id, s.story_uri) for s in listed] == \
+        [(s.position, s.source, s.story_id, s.story_uri) for s in plan.pending]
     assert [s.position for s in listed] == [1, 2, 3]
 
 
