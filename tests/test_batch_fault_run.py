@@ -214,8 +214,10 @@ def test_the_fault_run_completes_with_every_story_once_and_identical_to_a_clean_
 
     # the killed invocations' logs are kept (written as they ran), one section each; the
     # second driver died within a moment of its start and may have had nothing to write
-    for name in ("driver.log", f"storymem-{RUN_ID}-worker-0.log"):
-        sections = invocation_sections((run / "logs" / name).read_text())
-        assert len(sections) >= 3, name
+    assert len(invocation_sections((run / "logs" / "driver.log").read_text())) >= 3
+    # worker-0 surely ran in the first and third invocations (both rendered stories); in the
+    # second and the last (nothing left to render) the driver may stop before it is ready
+    worker = invocation_sections((run / "logs" / f"storymem-{RUN_ID}-worker-0.log").read_text())
+    assert len(worker) >= 2 and "ready: model" in worker[0], worker[:1]
     first = invocation_sections((run / "logs" / "driver.log").read_text())[0]
     assert "scorer_replaced: actor=storymem-faults-clip-0" in first
