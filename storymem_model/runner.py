@@ -299,8 +299,10 @@ class StorySession:
                                has_references=bool(self.runner.references),
                                has_t2v=self.runner.step.has_t2v)
 
-    def render_shot(self, spec: ShotSpec) -> ShotRecord:
-        """Plan, generate, select keyframes, update memory, write and checkpoint one shot."""
+    def render_shot(self, spec: ShotSpec, before_write=None) -> ShotRecord:
+        """Plan, generate, select keyframes, update memory, write and checkpoint one shot.
+        `before_write()` runs after generation, before anything is written or the memory
+        bank changes (see `ShotStep.render`)."""
         from storymem_model.seeds import shot_seed
 
         if spec.shot_index != len(self.rows):
@@ -328,7 +330,7 @@ class StorySession:
         shot = step.render(plan, self.story_uri, spec, story_id=self.story_id,
                            story_name=self.story_name, bank=self.bank, given=self.tail,
                            select=cfg.memory, stored_embeddings=stored, where=where,
-                           clock=clock, before_record=write_state,
+                           clock=clock, before_write=before_write, before_record=write_state,
                            on_write_error=self._load_checkpoint)
         row, frames = shot.record, shot.frames
         previous = self.rows[-1] if self.rows else None

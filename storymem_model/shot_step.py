@@ -219,15 +219,17 @@ class ShotStep:
                story_name: str, bank=None, given: np.ndarray | None = None,
                select: bool = False, stored_embeddings=None, where: str = "shot",
                clock: "Stopwatch | None" = None,
+               before_write: Callable[[], None] | None = None,
                before_record: Callable[[np.ndarray, SelectedKeyframes], None] | None = None,
                on_write_error: Callable[[], None] | None = None) -> RenderedShot:
         """Generate the shot, select its keyframes (when `select`; `stored_embeddings`:
-        those a new keyframe must not duplicate, or None), write its files under
-        `folder_uri`, call `before_record(frames, selected)` (the host's own files), then
-        write the record with its timings last: the shot's checkpoint. `clock`: a
-        Stopwatch whose first lap is the generation (default: started here). When a write
-        fails, `on_write_error()` runs (e.g. back to the last checkpoint) and the error is
-        raised."""
+        those a new keyframe must not duplicate, or None), call `before_write()` (a host
+        that may have lost the right to write - e.g. its lease - raises there, and nothing
+        is written), write its files under `folder_uri`, call `before_record(frames,
+        selected)` (the host's own files), then write the record with its timings last:
+        the shot's checkpoint. `clock`: a Stopwatch whose first lap is the generation
+        (default: started here). When a write fails, `on_write_error()` runs (e.g. back to
+        the last checkpoint) and the error is raised."""
         clock = clock or Stopwatch()
         stats = ShotStats()
         frames = self.generate(plan, bank, given, where=where, stats=stats)
@@ -237,6 +239,8 @@ class ShotStep:
             selected = self.select(frames, stored_embeddings, story_id=story_id,
                                    scene=spec.scene, shot=spec.shot, prompt=spec.prompt)
         select_s = clock.lap()
+        if before_write is not None:
+            before_write()
         try:
             record = self.write(folder_uri, spec, plan, frames, selected, story_id=story_id,
                                 story_name=story_name, stats=stats)

@@ -342,6 +342,63 @@ def test_one_shot_at_a_time_per_session_across_replicas(pipe, monkeypatch, tmp_p
     assert usage.read("scopeA").stored_bytes == after.record.stored_bytes > 0
 
 
+class _TakenOverWhileGenerating:
+    """The tiny pipeline, with another replica taking the session's shot lease over while
+    a shot generates - as if this replica stalled past the lease's TTL (its renewal thread
+    has not run since, so `lease.lost` is still false)."""
+
+    def __init__(self, pipeline, lease_uri):
+        self._pipeline, self.lease_uri, self.taken_over = pipeline, lease_uri, False
+
+    def generate_shot(self, *args, **kwargs):
+        frames = self._pipeline.generate_shot(*args, **kwargs)
+        now = time.time()
+        storage.write_bytes(self.lease_uri, json.dumps({
+            "owner": "replica-b", "token": "theirs", "acquired_at": now, "renewed_at": now,
+            "expires_at": now + 600}).encode())
+        self.taken_over = True
+        return frames
+
+    def __getattr__(self, name):
+        return getattr(self._pipeline, name)
+
+
+def test_a_replica_that_lost_the_shot_lease_mid_shot_writes_nothing(pipe, monkeypatch,
+                                                                     tmp_path):
+    """Replica A's shot lease is taken over while its shot generates: A answers 409
+    `session_busy` and writes neither the shot's files nor the session record, so the new
+    holder's shot is never overwritten. (Before, A checked only its renewal thread's
+    verdict, which a 30 s lease does not give within a shot, and wrote everything.)"""
+    from pipelines.serve.pipeline_lock import SerializedPipeline
+    from pipelines.serve.schemas import SessionCreate, SessionShotRequest
+    from pipelines.serve.session_state import (PresetConfigs, create_session,
+                                               exclusive_session_shot, open_session)
+    from pipelines.serve.sessions import SessionStore
+
+    settings = _serve_settings(monkeypatch, tmp_path)
+    store, usage = SessionStore(settings.storage_root), UsageIndex(settings.storage_root, "x")
+    record = create_session(store, usage, settings.limits, SerializedPipeline(pipe), None,
+                            PresetConfigs(settings.render), "scopeA", SessionCreate(seed=5), [])
+    sid = record.session_id
+    folder = store.session_uri("scopeA", sid)
+    before = {rel: storage.read_bytes(storage.join(folder, rel))
+              for rel in storage.list_files(folder)}
+    stalled = _TakenOverWhileGenerating(pipe, store.shot_lease_uri("scopeA", sid))
+    live = open_session(store, SerializedPipeline(stalled), None, "scopeA", sid)
+    with pytest.raises(ServeRequestError) as info:
+        exclusive_session_shot(store, usage, settings.limits, SerializedPipeline(stalled), None,
+                               live, SessionShotRequest(prompt="A keeper lights the lamp."),
+                               "replica-a", 30.0)
+    assert stalled.taken_over
+    assert (info.value.status_code, info.value.code) == (409, "session_busy")
+    lease = json.loads(storage.read_bytes(store.shot_lease_uri("scopeA", sid)))
+    assert lease["owner"] == "replica-b"  # the loser did not release the winner's lease
+    after = {rel: storage.read_bytes(storage.join(folder, rel))
+             for rel in storage.list_files(folder) if not rel.startswith("shot-lease.json")}
+    assert after == before  # no shot file, no memory, the session record unchanged
+    assert store.get("scopeA", sid).shots == [] and live.broken
+
+
 def test_session_shot_limit_holds_for_shots_queued_behind_each_other(pipe, monkeypatch,
                                                                      tmp_path):
     """Two shot requests for a session one shot short of `max_session_shots`, queued on one

@@ -15,6 +15,10 @@ renders). A second shot request meeting a held lease - another replica, or this 
 its cached session was evicted - is refused with 409 `session_busy` before it renders or
 writes anything. The session's shot count (`max_session_shots`) is checked while the lease
 is held, on the record read under it, so shots queued behind each other can never pass it.
+A replica that stalls past its lease (another replica took it over meanwhile) learns it
+before it writes: the lease is renewed - a compare-and-swap in storage - after the shot is
+generated and before its files are written, and again before the session record is
+written; a lost lease answers 409 `session_busy` with nothing written.
 Sessions count against the key's `max_sessions_per_key` quota and their bytes against
 `max_stored_bytes_per_key` (`usage`): a session's `stored_bytes` grows by the size of what
 each request wrote (a shot's own files, its memory checkpoint replacing the previous one,
@@ -36,7 +40,7 @@ from pipelines.serve.sessions import (MemoryEntry, SessionRecord, SessionStore,
 from pipelines.serve.usage import UsageIndex, files_bytes, folder_bytes
 from storymem_model import output_layout as layout
 from storymem_model import storage
-from storymem_model.leases import Lease
+from storymem_model.leases import Lease, LeaseLostError
 from storymem_model.images import image_png, images_sha256, png_image
 from storymem_model.records import ShotRecord
 from storymem_model.render_config import RenderConfig
@@ -216,9 +220,18 @@ def render_next_shot(store: SessionStore, usage: UsageIndex, live: LiveSession,
     story = live.story
     memory_uri = storage.join(story.story_uri, layout.MEMORY_DIR)
     memory_before = folder_bytes(memory_uri)  # the latest checkpoint: bounded in size
-    shot = story.render_shot(next_spec(story, body))
-    if lease.lost:  # this replica stalled past the lease: another may be rendering now
-        raise session_busy(live.session_id)
+
+    def still_held() -> None:
+        """Renew the lease now (a compare-and-swap on it): raises 409 `session_busy` when
+        this replica stalled past it and another took it over - before this replica
+        writes anything, so the other holder's shot is never overwritten."""
+        try:
+            lease.renew()
+        except LeaseLostError:
+            raise session_busy(live.session_id) from None
+
+    shot = story.render_shot(next_spec(story, body), before_write=still_held)
+    still_held()  # the session record too is written only while the lease is held
     if not store.exists(live.scope, live.session_id):
         # Deleted while the shot rendered: leave nothing behind.
         storage.remove(store.session_uri(live.scope, live.session_id))
