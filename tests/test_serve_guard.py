@@ -25,6 +25,7 @@ from pipelines.serve.images import (ImageInputError, PixelBudget, UriPlace, deco
 from pipelines.serve.json_meter import JsonMeter
 from pipelines.serve.limits import LimitExceeded, ServeLimits, limit_status
 from pipelines.serve.request_guard import GuardConfig, RequestGuard
+from storymem_model.spec_json import SpecError
 
 KEY = "a-long-enough-test-key-123456"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -53,6 +54,7 @@ def test_limit_statuses_name_quotas_and_the_job_queue():
     assert limit_status("max_queued_jobs") == (429, "job_queue_full")
     assert limit_status("max_script_bytes") == (413, "limit_exceeded")
     assert limit_status("max_request_pixels") == (422, "limit_exceeded")
+    assert limit_status("max_replica_pixels") == (503, "replica_busy")
     defaults = ServeLimits()
     assert defaults.max_script_bytes == 1_000_000 and defaults.max_json_depth == 32
     assert defaults.max_request_pixels == 32_000_000
@@ -276,12 +278,51 @@ def test_request_pixel_budget_is_charged_from_headers_before_decoding():
         load_images(images[:2], "motion_frames", limits, count_limit=None, budget=budget)
 
 
+def test_replica_pixels_bound_all_requests_at_once_and_come_back_when_answered():
+    """Requests decoding at once share the replica's `max_replica_pixels`: a request takes
+    all its pixels in one step, from the headers of all its images, before decoding any;
+    one that does not fit answers 503 `replica_busy` having taken nothing, and pixels come
+    back when a request is answered. A budget released while its decoding thread still runs
+    (the client went away) takes nothing more."""
+    from pipelines.serve.images import (ReplicaPixels, RequestAnswered, decode_images,
+                                        open_images)
+
+    limits = ServeLimits(max_request_pixels=30_000, max_replica_pixels=50_000)
+    replica = ReplicaPixels(limits)
+    images = [base64.b64encode(_png((100, 100))).decode()] * 3
+    first = PixelBudget(limits, replica)
+    assert len(load_images(images, "memory_images", limits, budget=first)) == 3
+    assert replica.held == 30_000
+    with PixelBudget(limits, replica) as second:
+        opened = open_images(images[:2], "memory_images", limits, budget=second)
+        opened += open_images(images[:1], "first_frame", limits, count_limit=None,
+                              budget=second)
+        assert (second.spent, replica.held) == (30_000, 30_000)  # headers only: nothing held
+        with pytest.raises(LimitExceeded) as info:
+            decode_images(opened, limits, second)
+        assert (info.value.status_code, info.value.code, info.value.limit, info.value.got) == (
+            503, "replica_busy", "max_replica_pixels", 60_000)
+        assert replica.held == 30_000  # refused whole: nothing taken
+        with PixelBudget(limits, replica) as third:  # a smaller request still fits
+            load_images(images[:2], "memory_images", limits, budget=third)
+            assert replica.held == 50_000
+    assert replica.held == 30_000  # the other requests were answered
+    first.release()
+    first.release()  # idempotent
+    assert replica.held == 0
+    with pytest.raises(RequestAnswered):
+        load_images(images[:1], "memory_images", limits, budget=first)
+    assert replica.held == 0
+    with pytest.raises(SpecError, match="max_replica_pixels"):
+        ServeLimits(max_request_pixels=30_000, max_replica_pixels=20_000)
+
+
 def test_pillow_bomb_guard_stays_on():
     saved = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = None  # something in the process switched it off
         roomy = ServeLimits(max_image_side=100_000, max_image_pixels=10**10,
-                            max_request_pixels=10**10)
+                            max_request_pixels=10**10, max_replica_pixels=10**10)
         with pytest.raises(LimitExceeded) as info:
             decode_image(_png_header_only(20_000, 20_000), "first_frame", roomy)
         assert (info.value.status_code, info.value.limit, info.value.got) == (

@@ -5,8 +5,9 @@ It checks what issue-level hardening promises under load: `/healthz` and single 
 answering while jobs queue (jobs have their own executor; before, they took the event
 loop's default threads and a shot queued behind every job), the job queue is bounded (429
 `job_queue_full` past `max_queued_jobs`), the replica's memory stays bounded, and no job
-runs twice (each has exactly one claim record). Then the retention sweep removes an
-expired shot without anyone asking. The measured numbers are printed (run with -s)."""
+runs twice (each has exactly one claim record). Decoded request images held by the replica
+at once are bounded (503 `replica_busy` past `max_replica_pixels`). Then the retention sweep
+removes an expired shot without anyone asking. The measured numbers are printed (run with -s)."""
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ MAX_QUEUED = 32
 SHOTS_DURING_LOAD = 6
 SHOT = {"prompt": "waves against the rocks", "seed": 3, "return_video": "uri",
         "sampling": {"num_inference_steps": 2, "num_frames": 9, "height": 32, "width": 32}}
+FOUR_IMAGES_PX = 4 * 64 * 64  # the replica holds one request of four 64 x 64 images at once
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,9 @@ def load_server(ray_cluster, tmp_path_factory):
             "--width", "32", "--steps", "2", "--storage", str(root), "--cpus-per-replica",
             "0.25", "--torch-threads", "1", "--limit", f"max_active_jobs_per_key={JOBS}",
             "--limit", f"max_queued_jobs={MAX_QUEUED}", "--job-stale-after-s", "10",
-            "--ttl", "shots=15s", "--cleanup-every", "5s"], KEY) as url:
+            "--ttl", "shots=15s", "--cleanup-every", "5s",
+            "--limit", f"max_request_pixels={FOUR_IMAGES_PX}",
+            "--limit", f"max_replica_pixels={FOUR_IMAGES_PX}"], KEY) as url:
         yield url, root
 
 
@@ -148,6 +152,32 @@ def test_forty_story_jobs_and_single_shots_on_one_replica(load_server):
     assert max(shot_s) < max(idle_shots) + 3.0, summary
     assert session_shot_s < max(idle_shots) + 3.0, summary
     assert peak_growth < 400 * 2**20, summary
+
+
+def test_decoded_images_held_by_a_replica_are_bounded_across_requests(load_server):
+    """Eight shot requests at once, each with four 64 x 64 memory images, on a replica whose
+    `max_replica_pixels` holds one such request: the others answer 503 `replica_busy`
+    with a Retry-After before decoding, and once answered every request gives its pixels
+    back - sent again one after another, all of them render."""
+    from test_serve_api import png_b64
+
+    url, _root = load_server
+    client = Client(url, KEY)
+    requests_ = [{**SHOT, "seed": i, "memory_images": [png_b64(10 * i + k) for k in range(4)]}
+                 for i in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        burst = list(pool.map(lambda body: client.post("/v1/shots", json=body), requests_))
+    statuses = [r.status_code for r in burst]
+    assert set(statuses) == {200, 503}, [r.text for r in burst]
+    for response in burst:
+        if response.status_code == 503:
+            body = response.json()
+            assert (body["error"], body["limit"], body["maximum"]) == (
+                "replica_busy", "max_replica_pixels", FOUR_IMAGES_PX), body
+            assert response.headers["retry-after"]
+    again = [client.post("/v1/shots", json=body)
+             for body, status in zip(requests_, statuses) if status == 503]
+    assert [r.status_code for r in again] == [200] * len(again), [r.text for r in again]
 
 
 def test_retention_sweep_runs_without_a_person(load_server):

@@ -32,7 +32,8 @@ from pipelines.serve.auth import ApiKeyChecker
 from pipelines.serve.errors import (ServeRequestError, current_request_id, internal_error,
                                     log_failure, unknown_job, unknown_session)
 from pipelines.serve.generation import ShotGenerator
-from pipelines.serve.images import PixelBudget, load_images, parse_prefixes
+from pipelines.serve.images import (PixelBudget, ReplicaPixels, decode_images, load_images,
+                                    open_images, parse_prefixes)
 from pipelines.serve.jobs import JobRegistry, UnknownJob
 from pipelines.serve.limits import QUEUE_RETRY_AFTER_S
 from pipelines.serve.request_guard import GuardConfig, RequestGuard
@@ -147,6 +148,7 @@ class StorymemIngress:
         self.jobs = JobRegistry(settings.storage_root)
         self.usage = UsageIndex(settings.storage_root, owner=f"ingress-{os.getpid()}")
         self.uri_prefixes = parse_prefixes(settings.image_uri_prefixes)
+        self.replica_pixels = ReplicaPixels(self.limits)  # decoded images held right now
         _REPLICA_STATE["guard"] = GuardConfig(ApiKeyChecker(list(settings.key_digests)),
                                               settings.limits)
 
@@ -162,11 +164,14 @@ class StorymemIngress:
         """Render one shot from a prompt, optional memory images and first/motion frames."""
         caller = _caller(request)
         self._check_shot(body)
-        memory, first, motion = await asyncio.to_thread(self._decode_shot_images, body)
-        order = body.model_copy(update={"memory_images": None, "first_frame": None,
-                                        "motion_frames": None})
-        return await answer(self.generator.generate_shot.remote(
-            caller.scope, order, memory, first, motion))
+        # the decoded images count against the replica's pixels until the shot is answered
+        with PixelBudget(self.limits, self.replica_pixels) as budget:
+            memory, first, motion = await asyncio.to_thread(self._decode_shot_images, body,
+                                                            budget)
+            order = body.model_copy(update={"memory_images": None, "first_frame": None,
+                                            "motion_frames": None})
+            return await answer(self.generator.generate_shot.remote(
+                caller.scope, order, memory, first, motion))
 
     def _check_shot(self, body: ShotRequest) -> None:
         self.limits.check_prompt(body.prompt)
@@ -195,23 +200,23 @@ class StorymemIngress:
             raise ServeRequestError(422, "conflicting_conditioning",
                                     "mode t2v takes no memory_images (use m2v)")
 
-    def _decode_shot_images(self, body: ShotRequest):
-        prefixes = self.uri_prefixes
-        budget = PixelBudget(self.limits)  # all images of the request together
-        memory = load_images(body.memory_images, "memory_images", self.limits, prefixes,
+    def _decode_shot_images(self, body: ShotRequest, budget: PixelBudget):
+        """Memory images, first frame and motion frames: every header read and charged to
+        one `budget` first, then all pixels held from the replica's at once, then decoded."""
+        prefixes, limits = self.uri_prefixes, self.limits
+        memory = open_images(body.memory_images, "memory_images", limits, prefixes,
                              budget=budget)
-        first = None
-        if body.first_frame is not None:
-            first = load_images([body.first_frame], "first_frame", self.limits, prefixes,
-                                count_limit=None, budget=budget)[0]
-        motion = None
-        if body.motion_frames is not None:
-            motion = load_images(body.motion_frames, "motion_frames", self.limits, prefixes,
-                                 count_limit=None, budget=budget)  # exactly 5, see _check_shot
-            if len({frame.shape for frame in motion}) != 1:
-                raise ServeRequestError(422, "motion_frames_size",
-                                        "motion_frames must all have the same size")
-        return memory, first, motion
+        first = open_images(None if body.first_frame is None else [body.first_frame],
+                            "first_frame", limits, prefixes, count_limit=None, budget=budget)
+        motion = open_images(body.motion_frames, "motion_frames", limits, prefixes,
+                             count_limit=None, budget=budget)  # exactly 5, see _check_shot
+        if len({opened.image.size for opened in motion}) > 1:
+            raise ServeRequestError(422, "motion_frames_size",
+                                    "motion_frames must all have the same size")
+        memory, first, motion = (decode_images(images, limits, budget)
+                                 for images in (memory, first, motion))
+        return (memory, first[0] if first else None,
+                motion if body.motion_frames is not None else None)
 
     # -- sessions --------------------------------------------------------------------------
     @app.post("/v1/sessions", response_model=SessionOut, status_code=201, responses=_ERRORS,
@@ -219,11 +224,12 @@ class StorymemIngress:
     async def create_session(self, body: SessionCreate, request: Request) -> SessionOut:
         """Start an interactive story; reference images become its initial memory (MR2V)."""
         caller = _caller(request)
-        references = await asyncio.to_thread(
-            load_images, body.reference_images, "reference_images", self.limits,
-            self.uri_prefixes)
-        record = await answer(self.generator.create_session.remote(
-            caller.scope, body.model_copy(update={"reference_images": None}), references))
+        with PixelBudget(self.limits, self.replica_pixels) as budget:
+            references = await asyncio.to_thread(
+                load_images, body.reference_images, "reference_images", self.limits,
+                self.uri_prefixes, budget=budget)
+            record = await answer(self.generator.create_session.remote(
+                caller.scope, body.model_copy(update={"reference_images": None}), references))
         return SessionOut.of(record)
 
     @app.get("/v1/sessions/{session_id}", response_model=SessionOut, responses=_ERRORS,

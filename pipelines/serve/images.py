@@ -19,16 +19,19 @@ max_bytes=max_image_bytes)`: never more than the limit.
 
 Every failure raises `ImageInputError` with its own code and the index of the image in the
 request. Before any pixel is decoded, the image header is checked against the size limits
-and the request's pixel budget (`max_request_pixels`: all images of one request together);
-Pillow's decompression-bomb guard stays on as a backstop.
+and the request's pixel budget (`max_request_pixels`: all images of one request together)
+and taken from the replica's (`max_replica_pixels`: all requests of the replica at once,
+given back when each is answered); Pillow's decompression-bomb guard stays on as a backstop.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -37,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.serve.errors import ServeRequestError
-from pipelines.serve.limits import LimitExceeded, ServeLimits
+from pipelines.serve.limits import REPLICA_PIXELS_LIMIT, LimitExceeded, ServeLimits
 from storymem_model import storage
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -174,18 +177,80 @@ def image_bytes(spec, where: str, limits: ServeLimits, allowed_prefixes=()) -> b
 
 
 # -- decoding ---------------------------------------------------------------------------------
-class PixelBudget:
-    """The decoded pixels one request may spend on all its images (`max_request_pixels`),
-    charged from each image's header before it is decoded."""
+class ReplicaPixels:
+    """The decoded pixels all requests of one HTTP replica hold at once
+    (`max_replica_pixels`). A request takes all its images' pixels in one step, from their
+    headers, before it decodes any of them (`PixelBudget.hold`), and gives them back once
+    it is answered; a request that does not fit answers 503 `replica_busy` (with
+    Retry-After) having taken nothing - so requests never hold part of what they need and
+    block each other. Thread-safe: requests decode in worker threads."""
 
     def __init__(self, limits: ServeLimits):
         self.limits = limits
-        self.spent = 0
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, pixels: int, where: str) -> None:
+        with self._lock:
+            self.limits.check(REPLICA_PIXELS_LIMIT, self.held + pixels,
+                              f"{where}: decoded pixels held by this replica's requests")
+            self.held += pixels
+
+    def give_back(self, pixels: int) -> None:
+        with self._lock:
+            self.held -= pixels
+
+
+class PixelBudget:
+    """The decoded pixels of one request. `charge` adds an image's pixels from its header
+    and checks the request's limit (`max_request_pixels`, all images together); `hold`
+    takes what was charged and not yet held from the replica's pixels (`ReplicaPixels`,
+    when given) before any of it is decoded; `release()` (or the end of a `with` block),
+    once the request is answered, gives it back. A budget released while a decoding
+    thread still runs (the client went away) refuses further charges and holds, so nothing
+    is taken that is never given back."""
+
+    def __init__(self, limits: ServeLimits, replica: ReplicaPixels | None = None):
+        self.limits = limits
+        self.replica = replica
+        self.spent = 0  # charged: every image opened so far
+        self.held = 0   # taken from the replica
+        self.released = False
+        self._lock = threading.Lock()
 
     def charge(self, pixels: int, where: str) -> None:
-        self.limits.check("max_request_pixels", self.spent + pixels,
-                          f"{where}: decoded pixels of this request's images")
-        self.spent += pixels
+        with self._lock:
+            self._check_open(where)
+            self.limits.check("max_request_pixels", self.spent + pixels,
+                              f"{where}: decoded pixels of this request's images")
+            self.spent += pixels
+
+    def hold(self, where: str) -> None:
+        with self._lock:
+            self._check_open(where)
+            if self.replica is not None and self.spent > self.held:
+                self.replica.take(self.spent - self.held, where)
+            self.held = self.spent
+
+    def release(self) -> None:
+        with self._lock:
+            if not self.released and self.replica is not None and self.held:
+                self.replica.give_back(self.held)
+            self.released = True
+
+    def _check_open(self, where: str) -> None:
+        if self.released:
+            raise RequestAnswered(f"{where}: the request was already answered")
+
+    def __enter__(self) -> "PixelBudget":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class RequestAnswered(RuntimeError):
+    """A decoding thread outlived its request (cancelled): it stops without decoding."""
 
 
 def _bomb_guard_on() -> None:
@@ -193,30 +258,18 @@ def _bomb_guard_on() -> None:
         Image.MAX_IMAGE_PIXELS = PILLOW_BOMB_GUARD_PIXELS
 
 
-def decode_image(data: bytes, where: str, limits: ServeLimits,
-                 budget: PixelBudget | None = None) -> np.ndarray:
-    """Encoded image bytes -> (H, W, 3) uint8; the header is checked against the limits
-    and the request's pixel budget before any pixel is decoded."""
-    _bomb_guard_on()
+@dataclass
+class OpenedImage:
+    """An image whose header was read and checked; its pixels are not decoded yet."""
+    image: Image.Image
+    where: str
+
+
+@contextlib.contextmanager
+def _image_errors(where: str, limits: ServeLimits):
+    """Pillow's failures as the endpoint's named errors."""
     try:
-        with warnings.catch_warnings():
-            # Our own named limits are checked first; past twice Pillow's guard, Pillow
-            # refuses in Image.open itself.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        fmt = image.format
-        limits.check("max_image_side", max(width, height), f"{where} side in pixels")
-        limits.check("max_image_pixels", width * height, f"{where} pixel count")
-        if fmt not in ACCEPTED_FORMATS:
-            raise ImageInputError(415, "unsupported_image",
-                                  f"{where}: image format {fmt} is not one of {ACCEPTED_FORMATS}")
-        if budget is not None:
-            budget.charge(width * height, where)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()
-            array = np.array(image.convert("RGB"), dtype=np.uint8)  # writable, contiguous
+        yield
     except ServeRequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -231,20 +284,80 @@ def decode_image(data: bytes, where: str, limits: ServeLimits,
         raise ImageInputError(415, "not_an_image",
                               f"{where}: the data is not a readable image "
                               f"(accepted: {', '.join(ACCEPTED_FORMATS)})") from None
-    return array
+
+
+def open_image(data: bytes, where: str, limits: ServeLimits,
+               budget: PixelBudget | None = None) -> OpenedImage:
+    """Read an encoded image's header: its size against the limits, its format, and its
+    pixels charged to the request's `budget` - nothing decoded yet."""
+    _bomb_guard_on()
+    with _image_errors(where, limits):
+        with warnings.catch_warnings():
+            # Our own named limits are checked first; past twice Pillow's guard, Pillow
+            # refuses in Image.open itself.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        limits.check("max_image_side", max(width, height), f"{where} side in pixels")
+        limits.check("max_image_pixels", width * height, f"{where} pixel count")
+        if image.format not in ACCEPTED_FORMATS:
+            raise ImageInputError(
+                415, "unsupported_image",
+                f"{where}: image format {image.format} is not one of {ACCEPTED_FORMATS}")
+        if budget is not None:
+            budget.charge(width * height, where)
+    return OpenedImage(image, where)
+
+
+def decode_opened(opened: OpenedImage, limits: ServeLimits) -> np.ndarray:
+    """An opened image's pixels -> (H, W, 3) uint8."""
+    with _image_errors(opened.where, limits):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened.image.load()
+            return np.array(opened.image.convert("RGB"), dtype=np.uint8)  # writable, contiguous
+
+
+def decode_image(data: bytes, where: str, limits: ServeLimits,
+                 budget: PixelBudget | None = None) -> np.ndarray:
+    """Encoded image bytes -> (H, W, 3) uint8; the header is checked against the limits
+    and the request's pixel budget (held from the replica's pixels) before any pixel is
+    decoded."""
+    opened = open_image(data, where, limits, budget)
+    if budget is not None:
+        budget.hold(where)
+    return decode_opened(opened, limits)
+
+
+def open_images(specs, field: str, limits: ServeLimits, allowed_prefixes=(),
+                count_limit: str | None = "max_images",
+                budget: PixelBudget | None = None) -> list[OpenedImage]:
+    """Read and check the headers of a list of request images named `field` (e.g.
+    `memory_images`); `count_limit` names the limit on their number (None when the caller
+    fixes the count itself); their pixels are charged to `budget`."""
+    if specs is None:
+        return []
+    if count_limit is not None:
+        limits.check(count_limit, len(specs), f"number of {field}")
+    return [open_image(image_bytes(spec, f"{field}[{i}]", limits, allowed_prefixes),
+                       f"{field}[{i}]", limits, budget)
+            for i, spec in enumerate(specs)]
+
+
+def decode_images(opened: list[OpenedImage], limits: ServeLimits,
+                  budget: PixelBudget | None = None) -> list[np.ndarray]:
+    """Decode opened images, after holding every pixel the request charged so far (all its
+    fields at once) from the replica's pixels."""
+    if budget is not None and opened:
+        budget.hold(opened[0].where)
+    return [decode_opened(image, limits) for image in opened]
 
 
 def load_images(specs, field: str, limits: ServeLimits, allowed_prefixes=(),
                 count_limit: str | None = "max_images",
                 budget: PixelBudget | None = None) -> list[np.ndarray]:
-    """Decode a list of request images named `field` (e.g. `memory_images`); `count_limit`
-    names the limit on their number (None when the caller fixes the count itself);
+    """Open and decode a list of request images (`open_images`, then `decode_images`);
     `budget` is the request's pixel budget (a new one when None)."""
-    if specs is None:
-        return []
-    if count_limit is not None:
-        limits.check(count_limit, len(specs), f"number of {field}")
     budget = budget if budget is not None else PixelBudget(limits)
-    return [decode_image(image_bytes(spec, f"{field}[{i}]", limits, allowed_prefixes),
-                         f"{field}[{i}]", limits, budget)
-            for i, spec in enumerate(specs)]
+    return decode_images(open_images(specs, field, limits, allowed_prefixes, count_limit,
+                                     budget), limits, budget)

@@ -7,6 +7,8 @@ JSON body carries that name, the allowed maximum and what was sent:
 - per-key quotas (`*_per_key`) answer 429 with `"error": "quota_exceeded"`;
 - the replica's job queue (`max_queued_jobs`) answers 429 with `"error": "job_queue_full"`
   (and `Retry-After`);
+- the decoded pixels all requests of one HTTP replica hold at once (`max_replica_pixels`)
+  answer 503 with `"error": "replica_busy"` (and `Retry-After`);
 - byte sizes answer 413 (Payload Too Large), every other limit 422.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ MIB = 1024 * 1024
 GIB = 1024 * MIB
 
 QUEUE_LIMIT = "max_queued_jobs"
+REPLICA_PIXELS_LIMIT = "max_replica_pixels"
 QUEUE_RETRY_AFTER_S = 5
 
 # Objects the endpoint itself wrote are still read with a bound (storage.read_bytes(uri,
@@ -38,6 +41,8 @@ def limit_status(limit: str) -> tuple[int, str]:
         return 429, "quota_exceeded"
     if limit == QUEUE_LIMIT:
         return 429, "job_queue_full"
+    if limit == REPLICA_PIXELS_LIMIT:
+        return 503, "replica_busy"
     if limit.endswith("_bytes"):
         return 413, "limit_exceeded"
     return 422, "limit_exceeded"
@@ -78,6 +83,7 @@ class ServeLimits(Spec):
     max_image_side: int = 4096              # width or height of one decoded image
     max_image_pixels: int = 4096 * 4096     # width x height of one decoded image
     max_request_pixels: int = 32_000_000    # decoded pixels of all images of one request
+    max_replica_pixels: int = 256_000_000   # decoded pixels held at once by one HTTP replica
     max_prompt_chars: int = 2000            # one prompt (shot or first-frame prompt)
     max_frames: int = 81                    # num_frames of a shot
     max_steps: int = 50                     # num_inference_steps
@@ -98,6 +104,10 @@ class ServeLimits(Spec):
             found: list[str] = []
             check_number(found, f.name, value, above=0, integer=f.type == "int")
             out += [f"serve limit {p} (a positive number)" for p in found]
+        if not out and self.max_replica_pixels < self.max_request_pixels:
+            out.append(f"serve limit max_replica_pixels={self.max_replica_pixels} is below "
+                       f"max_request_pixels={self.max_request_pixels}: a request at its own "
+                       f"limit could never be served")
         return out
 
     @classmethod
