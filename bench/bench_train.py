@@ -15,7 +15,7 @@ one GPU, no sharding: with FSDP over W GPUs the weights take 1/W of the memory e
 `--size tiny-step` runs that same single-process step with the tiny expert on the CPU.
 
     python -m bench.bench_train                          # tiny, 2 CPU workers
-    python -m bench.bench_train --size a14b --json bench/results/train-<device>.json
+    python -m bench.bench_train --size a14b --json bench/results/train-gpu-<device>.json
     python -m bench.bench_train --size tiny-step --device cpu
 """
 from __future__ import annotations
