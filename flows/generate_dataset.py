@@ -45,7 +45,10 @@ def committed_story_uris(plan, run_summary: dict) -> list[str]:
 
 @task(name="write-dataset", cache_policy=NO_CACHE)
 def dataset_task(story_uris: list[str], out: str, scorers: ScorerSpec, render_spec: dict,
-                 validation_percent: float, card_extra: dict) -> dict:
+                 validation_percent: float, card_extra: dict,
+                 lock: OutputLock | None = None) -> dict:
+    """Write the dataset; with `lock` (the held lock of `out`), every write first renews
+    it, so a run whose lock was taken over stops (LeaseLostError) before writing more."""
     import torch
 
     from pipelines.dataset_writer import write_dataset
@@ -64,7 +67,8 @@ def dataset_task(story_uris: list[str], out: str, scorers: ScorerSpec, render_sp
             storage.join(story_uris[0], output_layout.CONFIG_FILE), max_bytes=MAX_CONFIG_BYTES))
     result = write_dataset(story_uris, out, embedder, validation_percent=validation_percent,
                            config={"render_config": config, "render_spec": render_spec},
-                           source=card_extra)
+                           source=card_extra,
+                           before_write=lock.renew if lock is not None else None)
     return result.card
 
 
@@ -117,13 +121,14 @@ def generate_dataset(
             retry_backoff_s=retry_backoff_s, job_poll_s=job_poll_s,
             job_timeout_s=job_timeout_s)
         story_uris = committed_story_uris(plan, run_summary)
-    with OutputLock(out, name="dataset", owner=owner, ttl_s=lock_ttl_s, wait_s=lock_wait_s):
+    with OutputLock(out, name="dataset", owner=owner, ttl_s=lock_ttl_s,
+                    wait_s=lock_wait_s) as dataset_lock:
         card = dataset_task.with_options(**opts)(
             story_uris, out, scorers, render_spec.to_dict(), validation_percent,
             {"name": dataset_name, "scripts": source, "renders": render_out,
              "run_id": run_id, "run_uri": run_summary["run_uri"],
              "failures": run_summary["failures"], "errors_uri": run_summary["errors_uri"],
-             "batch_options": batch.to_dict()})
+             "batch_options": batch.to_dict()}, lock=dataset_lock)
     summary = {
         "flow": "dataset", "run_id": run_id, "out": out, "render_out": render_out,
         "dataset_card_uri": storage.join(out, "dataset_card.json"),

@@ -48,10 +48,12 @@ def prepare_task(spec: PrepareSpec) -> dict:
 
 
 @task(name="fit-lora", cache_policy=NO_CACHE)
-def fit_task(spec: FitSpec) -> dict:
+def fit_task(spec: FitSpec, lock: OutputLock | None = None) -> dict:
+    """Fit and publish into `spec.out`; with `lock` (the held lock of `spec.out`), it is
+    renewed before the LoRA is published."""
     from pipelines.training.fit import run_fit
 
-    result = run_fit(spec)
+    result = run_fit(spec, before_publish=lock.renew if lock is not None else None)
     run_logger().info(result.message)
     return {"message": result.message, "lora_dir": result.lora_dir, "card": result.card}
 
@@ -124,10 +126,15 @@ def train_lora(prepare: PrepareSpec, fit: FitSpec, publish_to: str | None = None
                          "what this flow prepares")
     options = retry_options(retries, retry_backoff_s)
     owner = f"{FLOW_NAME} (flow run {flow_run.id or '-'})"
-    with OutputLock(fit.out, name="train", owner=owner, ttl_s=lock_ttl_s, wait_s=lock_wait_s):
+    with OutputLock(fit.out, name="train", owner=owner, ttl_s=lock_ttl_s, wait_s=lock_wait_s) as lock:
+        # Each step starts only after the lock is renewed: a run whose lock was taken over
+        # (LeaseLostError) fits, validates or publishes nothing more.
         prepared = prepare_task.with_options(**options)(prepare)
-        fitted = fit_task.with_options(**options)(fit)
+        lock.renew()
+        fitted = fit_task.with_options(**options)(fit, lock=lock)
+        lock.renew()
         validation = validate_task.with_options(**options)(fit)
+        lock.renew()
         published = publish_task.with_options(**options)(fit, storage.absolute_uri(publish_to)) if publish_to else None
     message = f"{prepared['message']}; {fitted['message']}"
     if validation is not None:

@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -167,12 +168,17 @@ def story_rows(story_uri: str, embedder, validation_percent: float = 10.0) -> tu
 
 def write_dataset(story_uris: list[str], out_uri: str, embedder, *,
                   validation_percent: float = 10.0, config: dict | None = None,
-                  source: dict | None = None) -> DatasetResult:
+                  source: dict | None = None,
+                  before_write: Callable[[], None] | None = None) -> DatasetResult:
     """Write the dataset of these committed stories to `out_uri` (see the module doc).
 
     Stories are processed one at a time (bounded memory). A story that cannot be read
     raises DatasetError naming it; nothing is committed then, and a rerun starts over.
+    `before_write()` runs before each write (a story's file, the removals, the card and
+    commit): a caller whose output lock was taken over raises there, and nothing more is
+    written.
     """
+    before_write = before_write or (lambda: None)
     if not 0 <= validation_percent <= 100:
         raise ValueError(f"validation_percent must be within 0..100, got {validation_percent}")
     started = time.time()
@@ -196,6 +202,7 @@ def write_dataset(story_uris: list[str], out_uri: str, embedder, *,
         sink = io.BytesIO()
         pq.write_table(table, sink)
         key = story_file_key(split, rows[0]["story_id"])
+        before_write()
         storage.write_bytes(storage.join(out_uri, key), sink.getvalue())
         files.append(key)
         counts["stories"] += 1
@@ -205,6 +212,7 @@ def write_dataset(story_uris: list[str], out_uri: str, embedder, *,
         counts["by_split"][split]["shots"] += len(rows)
         config_hashes.add(rows[0]["config_hash"])
     # Files of stories that are no longer part of the dataset go away.
+    before_write()
     for rel in storage.list_files(storage.join(out_uri, DATA_DIR)):
         key = f"{DATA_DIR}/{rel}"
         if key not in files:
@@ -230,6 +238,7 @@ def write_dataset(story_uris: list[str], out_uri: str, embedder, *,
         "source": source or {},
         "files": sorted(files),
     }
+    before_write()
     storage.write_bytes(storage.join(out_uri, CARD_FILE),
                         json.dumps(card, indent=2, sort_keys=True, default=str).encode("utf-8"))
     storage.write_commit_marker(out_uri, sorted(files) + [CARD_FILE],

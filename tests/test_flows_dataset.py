@@ -157,3 +157,34 @@ def test_dataset_command_line(dataset, capsys):
     table = read_dataset(out)
     assert table.num_rows == support.VALID_SHOTS
     assert set(table.column("split").to_pylist()) == {"validation"}
+
+
+def test_a_dataset_run_whose_lock_is_taken_over_writes_nothing_more(dataset, monkeypatch):
+    """Another run takes the dataset folder's lock over while this one reads its first story
+    (as if this one stalled past the lease): every write renews the lock first, so the
+    flow fails before writing a file, and the new holder's lock is left alone."""
+    import time
+
+    import pipelines.dataset_writer as writer
+    from flows.generate_dataset import generate_dataset
+
+    out = dataset["out"] + "-taken-over"
+    lock_uri = out + "/_locks/dataset.json"
+    real_rows = writer.story_rows
+
+    def rows_then_lose_the_lock(*args, **kwargs):
+        now = time.time()
+        storage.write_bytes(lock_uri, json.dumps({
+            "owner": "another dataset run", "token": "theirs", "acquired_at": now,
+            "renewed_at": now, "expires_at": now + 600}).encode())
+        return real_rows(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "story_rows", rows_then_lose_the_lock)
+    state = generate_dataset(dataset["source"], out, **support.tiny_specs(),
+                             render_out=dataset["renders"], run_id="dataset-taken-over",
+                             retries=0, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="taken over"):
+        state.result()
+    assert [f for f in storage.list_files(out) if not f.startswith("_locks/")] == []
+    assert json.loads(storage.read_bytes(lock_uri))["token"] == "theirs"

@@ -121,3 +121,39 @@ def test_train_flow_prepares_fits_validates_and_publishes(ray_cluster, tmp_path)
                                                    "validation_final.json"]
     card = json.loads(open(f"{publish}/training_card.json").read())
     assert card["validation"] == validation and card["data"]["uri"] == f"{out}/prepared"
+
+
+def test_train_flow_whose_lock_is_taken_over_fits_and_publishes_nothing(ray_cluster, tmp_path,
+                                                                         monkeypatch):
+    """Another run takes the output's `train` lock over while this flow prepares (as if this
+    one stalled past the lease): the flow stops before the fit - no LoRA in the output,
+    nothing published - and leaves the new holder's lock alone."""
+    import time
+
+    import pipelines.training.prepare as prepare_module
+    from flows.cli import main
+
+    out = str(tmp_path / "run")
+    lock_uri = f"{out}/_locks/train.json"
+    real_prepare = prepare_module.run_prepare
+
+    def prepare_then_lose_the_lock(spec):
+        result = real_prepare(spec)
+        now = time.time()
+        storage.write_bytes(lock_uri, json.dumps({
+            "owner": "another train run", "token": "theirs", "acquired_at": now,
+            "renewed_at": now, "expires_at": now + 600}).encode())
+        return result
+
+    monkeypatch.setattr(prepare_module, "run_prepare", prepare_then_lose_the_lock)
+    clips = support.write_clips(str(tmp_path / "clips"), [
+        {"name": f"c{i}.mp4", "caption": f"a red room {i}", "base": 0, "variant": i, "group_id": "room", "order": i}
+        for i in range(2)])
+    publish = str(tmp_path / "models" / "my-lora")
+    rc = main(["train", "flow", "--clips", clips, "--out", out, "--publish-to", publish, *TINY,
+               "--workers", "1", "--cpus-per-worker", "0.5", "--steps", "1"])
+    assert rc != 0
+    assert storage.exists(f"{out}/prepared/manifest.json")  # prepared under the lock
+    assert not os.path.exists(f"{out}/lora") and not os.path.exists(f"{out}/training_card.json")
+    assert not os.path.exists(publish)
+    assert json.loads(storage.read_bytes(lock_uri))["token"] == "theirs"

@@ -31,6 +31,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,7 +106,11 @@ def check_data(spec: FitSpec) -> dict:
     return manifest
 
 
-def run_fit(spec: FitSpec) -> FitResult:
+def run_fit(spec: FitSpec, before_publish: Callable[[], None] | None = None) -> FitResult:
+    """Fit the LoRA pair (resuming from the run's checkpoints) and publish it into
+    `spec.out`; `before_publish()` runs first (a flow whose output lock was taken over
+    raises there, and the LoRA is not published). Skipped when `spec.out` already holds
+    the published result of exactly this spec."""
     from storymem_model.training.prepared import PreparedDataError
 
     started = time.perf_counter()
@@ -118,6 +123,8 @@ def run_fit(spec: FitSpec) -> FitResult:
     if card is not None:
         return FitResult(out=spec.out, lora_dir=storage.join(spec.out, LORA_DIR), card=card, skipped=True)
     checkpoint = _train(spec)
+    if before_publish is not None:
+        before_publish()
     return _publish(spec, manifest, checkpoint, time.perf_counter() - started)
 
 
