@@ -187,6 +187,23 @@ def test_story_job_is_claimed_once_and_retired(pipe, monkeypatch, tmp_path):
                                            "claim.json"))  # released
 
 
+def test_a_story_job_refused_by_its_quota_leaves_nothing_stored(pipe, monkeypatch, tmp_path):
+    """A job over `max_active_jobs_per_key` answers 429 and leaves no folder behind (its
+    claim was taken before the quota check: before, its lock guard file stayed until the
+    job TTL); the accepted job is untouched."""
+    from pipelines.serve.schemas import StoryRequest
+
+    settings = _serve_settings(monkeypatch, tmp_path, ["--limit", "max_active_jobs_per_key=1"])
+    replica = Replica(settings, pipe, "replica-q")
+    first = replica.jobs.submit("scopeA", StoryRequest(script=["a boat", "a gull"], seed=2))
+    with pytest.raises(LimitExceeded) as info:
+        replica.jobs.submit("scopeA", StoryRequest(script=["a kite"], seed=3))
+    assert (info.value.status_code, info.value.limit) == (429, "max_active_jobs_per_key")
+    assert os.listdir(tmp_path / "jobs" / "scopeA") == [first.job_id]
+    done = _wait(lambda: replica.finished("scopeA", first.job_id), what="job finished")
+    assert done.status == JobStatus.SUCCEEDED
+
+
 def _dead_replica_job(registry, usage, scope, script, **changes) -> StoryJob:
     """A job as a replica that died while running it leaves it: record running, its claim
     lapsed, still on the key's active jobs."""

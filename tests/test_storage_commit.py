@@ -84,3 +84,30 @@ def test_a_failed_local_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     storage.write_bytes(str(target), b"data")
     assert target.read_bytes() == b"data"
+
+
+def test_a_local_write_syncs_the_file_then_its_folder_after_the_rename(tmp_path, monkeypatch):
+    """The data reaches the disk before the rename, and the folder entry after it (so a
+    power loss leaves the old file or the new one, never an empty one)."""
+    import os as os_module
+
+    from storymem_model import storage
+
+    target = tmp_path / "folder" / "file.bin"
+    events = []
+    real_fsync, real_replace = os_module.fsync, os_module.replace
+
+    def fsync(fd):
+        path = os_module.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", "folder" if os_module.path.isdir(path) else "file"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os_module.path.basename(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(storage.os, "replace", replace)
+    storage.write_bytes(str(target), b"data")
+    assert events == [("fsync", "file"), ("replace", "file.bin"), ("fsync", "folder")]
+    assert target.read_bytes() == b"data"

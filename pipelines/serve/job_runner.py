@@ -114,6 +114,9 @@ class StoryJobs:
                     raise
             except BaseException:
                 claim.release()
+                # Never accepted, its id never given out: nothing of it stays (a local
+                # claim leaves its flock guard file; nobody else can be waiting on it).
+                storage.remove(self.registry.job_uri(scope, job.job_id))
                 raise
         except BaseException:
             self.executor.cancel(job.job_id)

@@ -19,7 +19,7 @@ from storymem_model.render_spec import RenderSpec
 from storymem_model.spec_json import Spec, check_number
 
 APP_NAME = "storymem"  # the Serve application's name
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class ServeSettings(Spec):
         if not self.key_digests:
             out.append("key_digests: at least one API key digest (the server never runs "
                        "open to everyone)")
-        elif not all(isinstance(d, str) and _DIGEST.match(d) for d in self.key_digests):
+        elif not all(isinstance(d, str) and _DIGEST.fullmatch(d) for d in self.key_digests):
             out.append("key_digests must be hex SHA-256 digests of the keys, never the keys")
         if not all(isinstance(p, str) and p for p in self.image_uri_prefixes):
             out.append("image_uri_prefixes must be non-empty URI prefixes")
