@@ -182,6 +182,9 @@ def test_proxy_guard_environment_carries_digests_and_limits_only(monkeypatch):
     settings = ServeSettings(render=render, storage_root="/tmp/x",
                              key_digests=(key_digest(KEY),),
                              limits=ServeLimits(max_script_bytes=1234))
+    for bad in (key_digest(KEY) + "\n", key_digest(KEY)[:-1], KEY):  # matched whole
+        with pytest.raises(SpecError, match="key_digests must be hex SHA-256"):
+            ServeSettings(render=render, storage_root="/tmp/x", key_digests=(bad,))
     env = proxy_env(settings)
     assert env[CALLBACK_ENV] == "pipelines.serve.proxy_guard.proxy_middlewares"
     assert KEY not in json.dumps(env) and key_digest(KEY) in env[GUARD_ENV]
