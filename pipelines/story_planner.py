@@ -5,8 +5,10 @@
 
 `plan_items(source, out, config_hash)` streams `PlannedStory` / `InvalidScript` items in
 listing order, reading each script once; the batch driver consumes it lazily (a script is
-read only when a worker is free for it), `storymem plan`, the Prefect flows and the Serve
-story jobs use the same code, so every host names problems the same way:
+read only when a worker is free for it), and `storymem plan` and the Prefect flows use the
+same code. (A Serve story job renders one inline script into a new job folder: it has
+nothing to plan, and validates with the same `story_script` code, its ScriptError problems
+answered as 422 `invalid_script`.) So every host names problems the same way:
 
     ManifestRowError  a manifest row that names no script
     ScriptError       a script that fails validation (every problem listed), or that

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import storymem_model
+from measurements import record_measurements
 from model_folders import ORIGINAL_TO_DIFFUSERS, write_lora_pair
 from storymem_model import storage
 from storymem_model.acceleration import AccelerationError
@@ -313,8 +314,9 @@ def test_fp8_storage_keeps_weights_in_fp8_and_the_shot_close(base, memory):
     frames = fp8.generate_shot("a boat", memory=memory, **SHOT)
     assert frames.shape == reference.shape and frames.dtype == np.uint8
     difference = np.abs(frames.astype(np.int16) - reference.astype(np.int16))
-    # measured on the tiny preset: mean |difference| about 5-7 of 255 levels (random weights
-    # amplify rounding; a real model is far less sensitive)
+    record_measurements("fp8-shot", {"mean_abs_difference_levels": round(float(difference.mean()), 3),
+                                     "max_abs_difference_levels": int(difference.max())})
+    # random tiny weights amplify rounding; a real model is far less sensitive
     assert difference.mean() < 12.0
     assert not np.array_equal(frames, reference)  # fp8 really is used
 
@@ -332,12 +334,19 @@ def test_attention_backends_and_offload_are_checked(base):
 
 @pytest.mark.slow
 def test_regional_compile_renders_the_same_shot(base, memory):
+    import time
+
     compiled = storymem_model.load_pipeline("tiny", compile=True)
     assert compiled.compiled
     reference = base.generate_shot("a boat", memory=memory, **SHOT)
+    started = time.perf_counter()
     frames = compiled.generate_shot("a boat", memory=memory, **SHOT)
+    difference = np.abs(frames.astype(np.int16) - reference.astype(np.int16))
+    record_measurements("compiled-shot", {
+        "first_shot_seconds_with_compilation": round(time.perf_counter() - started, 1),
+        "max_abs_difference_levels": int(difference.max())})
     # inductor may fuse differently: at most a level here and there
-    assert np.abs(frames.astype(np.int16) - reference.astype(np.int16)).max() <= 2
+    assert difference.max() <= 2
 
 
 # -- the config hash -----------------------------------------------------------------------

@@ -177,3 +177,29 @@ def test_fix_mem_is_off_by_default_and_reaches_the_shot():
     plain = pipe.generate_shot_latents("a boat", memory=memory, **shot).latents
     marked = pipe.generate_shot_latents("a boat", memory=memory, fix_mem=1, **shot).latents
     assert not torch.equal(plain, marked)
+
+
+def test_fix_mem_of_the_config_reaches_every_memory_shot_of_a_render(tmp_path):
+    """A render with `fix_mem` passes it to the pipeline for every shot (the memory shots'
+    mask then marks the later memory frames); without it the pipeline never gets one."""
+    from storymem_model.runner import open_runner
+    from storymem_model.story_script import load_script
+
+    script = load_script(["a boat leaves", "it sails on", "it reaches the isle"])
+    calls = {}
+    for fix_mem in (None, 1):
+        settings = RenderSettings(fix_mem=fix_mem, height=32, width=32, num_frames=9,
+                                  transition="none")
+        runner = open_runner(resolve_render_spec(TINY_MODEL, TINY_SCORERS, settings,
+                                                 accelerator=False))
+        real = runner.pipeline.generate_shot
+        seen = calls[fix_mem] = []
+
+        def recording(prompt, _real=real, _seen=seen, **kwargs):
+            _seen.append((kwargs.get("fix_mem", "absent"), "memory_latents" in kwargs))
+            return _real(prompt, **kwargs)
+
+        runner.pipeline.generate_shot = recording
+        runner.render(script, str(tmp_path / str(fix_mem)), progress=False)
+    assert calls[None] == [("absent", False), ("absent", True), ("absent", True)]
+    assert calls[1] == [(1, False), (1, True), (1, True)]

@@ -196,6 +196,36 @@ def test_extract_embeds_and_scores_every_frame_once(tiny_scorers):
                                               tiny_scorers.gate_threshold)
 
 
+def test_reference_mode_gives_the_gate_and_clip_the_smart_resized_frames(tiny_scorers):
+    """With `reference` preprocessing a gate that scores images (HPSv3, the aesthetic
+    predictor) gets every frame smart-resized (64 x 64 -> 56 x 56, multiples of 28) with
+    the empty prompt, as the reference does, and the embedder gets the same frames."""
+    from storymem_model.keyframe_preprocess import reference_frames
+    from storymem_model.scorers import KeyframeScorers
+
+    seen = {}
+
+    class Recording(_Counting):
+        def _record(self, images, *args):
+            seen.setdefault(self.method, []).append((np.asarray(images).copy(), args))
+            return super()._record(images, *args)
+
+    scorers = KeyframeScorers(Recording(tiny_scorers.embedder, "embed_images"),
+                              Recording(tiny_scorers.gate, "score_images"),
+                              tiny_scorers.gate_threshold)
+    assert not scorers.gate_scores_embeddings  # the image-scoring path
+    frames = np.random.default_rng(4).integers(0, 256, (17, 64, 64, 3), dtype=np.uint8)
+    extract_keyframes(frames, scorers, preprocess="reference")
+    [(gated, gate_args)] = seen["score_images"]
+    [(embedded, _)] = seen["embed_images"]
+    assert gated.shape == (17, 56, 56, 3) and gate_args == (None,)
+    np.testing.assert_array_equal(gated, reference_frames(frames))
+    np.testing.assert_array_equal(embedded, gated)
+    seen.clear()
+    extract_keyframes(frames, scorers, preprocess="direct")
+    assert seen["score_images"][0][0].shape == (17, 64, 64, 3)
+
+
 def test_normal_tiny_story_exercises_every_path(tiny_scorers):
     """Tiny renders of the demo story through selection and the bank: keyframes are
     stored, the gate rejects frames, duplicates of memory are dropped, the window fills and

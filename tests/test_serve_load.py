@@ -5,9 +5,10 @@ It checks what issue-level hardening promises under load: `/healthz` and single 
 answering while jobs queue (jobs have their own executor; before, they took the event
 loop's default threads and a shot queued behind every job), the job queue is bounded (429
 `job_queue_full` past `max_queued_jobs`), the replica's memory stays bounded, and no job
-runs twice (each has exactly one claim record). Decoded request images held by the replica
+runs twice (each has exactly one claim record); its measurements go to
+`bench/results/test-serve-load.json`. Decoded request images held by the replica
 at once are bounded (503 `replica_busy` past `max_replica_pixels`). Then the retention sweep
-removes an expired shot without anyone asking. The measured numbers are printed (run with -s)."""
+removes an expired shot without anyone asking."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ import psutil
 import pytest
 import requests
 
+from measurements import record_measurements
 from serve_support import running_server
 from test_serve_api import Client, _wait_job
 
@@ -145,7 +147,7 @@ def test_forty_story_jobs_and_single_shots_on_one_replica(load_server):
         "replica_rss_baseline_mb": round(baseline_rss / 2**20),
         "replica_rss_peak_mb": round(max(rss) / 2**20),
         "replica_rss_growth_mb": round(peak_growth / 2**20)}
-    print("\nSERVE LOAD", json.dumps(summary))
+    record_measurements("serve-load", summary)
     assert statistics.median(health_s) < 0.5 and max(health_s) < 3.0, summary
     # A shot waits at most for the job model call in progress, never for the queue (with
     # jobs on the default thread pool the first shot after them took 6.5 s here).

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import test_train_support as support
+from measurements import record_measurements
 from storymem_model import storage
 
 pytestmark = [pytest.mark.ray]
@@ -68,13 +69,17 @@ def test_both_experts_overfit_four_clips(reference):
     metrics = pq.read_table(os.path.join(spec.out, "metrics.parquet")).to_pylist()
     assert [(m["expert"], m["step"]) for m in metrics] == \
         [("high", s) for s in range(1, 49)] + [("low", s) for s in range(1, 49)]
+    measured = {}
     for expert in ("high", "low"):
         losses = [m["loss"] for m in metrics if m["expert"] == expert]
         first, last = _mean(losses[:8]), _mean(losses[-8:])
         drop = 1 - last / first
-        print(f"\n{expert}: mean loss first 8 steps {first:.4f}, last 8 steps {last:.4f}, drop {drop:.1%}; "
-              f"median {np.median([m['samples_per_s'] for m in metrics if m['expert'] == expert]):.1f} samples/s")
+        measured[expert] = {
+            "mean_loss_first_8_steps": round(first, 4), "mean_loss_last_8_steps": round(last, 4),
+            "drop": round(drop, 4), "median_samples_per_s": round(float(np.median(
+                [m["samples_per_s"] for m in metrics if m["expert"] == expert])), 1)}
         assert drop > MIN_DROP, (expert, losses)
+    record_measurements("train-overfit", measured)
     lrs = [m["lr"] for m in metrics if m["expert"] == "high"]
     assert lrs[:4] == pytest.approx([spec.lr * (i + 1) / 4 for i in range(4)]) and lrs[4:] == [spec.lr] * 44
     assert all(m["samples_per_s"] > 0 and m["samples_seen"] == 2 * m["step"] for m in metrics)
