@@ -31,11 +31,14 @@ from dataclasses import dataclass
 import torch
 
 from storymem_model import conditioning as cond
+from storymem_model.shot_modes import ShotMode
 from storymem_model.training.encoding import padded_caption
 from storymem_model.training.prepared import PreparedClip
 
 NUM_TRAIN_TIMESTEPS = 1000
-VARIANTS = {"m2v": 0, "mi2v": 1, "mm2v": cond.MOTION_FRAMES}
+# The shot modes a sample is drawn as (its variant); each gives the shot its own number of
+# leading frames (`ShotMode.given_frames`), as at inference.
+VARIANTS = (ShotMode.M2V, ShotMode.MI2V, ShotMode.MM2V)
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,12 @@ def build_sample(clip: PreparedClip, zero_condition: torch.Tensor, *, num_frames
     """The inputs for `clip` as the shot, given its `variant` and the indices of its memory
     candidates to use (in order)."""
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    condition = {"m2v": zero_condition, "mi2v": clip.mi2v_latent, "mm2v": clip.mm2v_latent}[variant]
+        raise ValueError(f"variant must be one of {[v.value for v in VARIANTS]}, got {variant!r}")
+    mode = ShotMode(variant)
+    condition = {ShotMode.M2V: zero_condition, ShotMode.MI2V: clip.mi2v_latent,
+                 ShotMode.MM2V: clip.mm2v_latent}[mode]
     memory_latents = clip.memory_latents[list(memory)] if memory else None
-    inputs = cond.m2v_inputs(memory_latents, condition, num_frames, VARIANTS[variant], rope_shift,
+    inputs = cond.m2v_inputs(memory_latents, condition, num_frames, mode.given_frames, rope_shift,
                              fix_mem=fix_mem)
     clean = cond.memory_then_shot(memory_latents, clip.clip_latent)
     return TrainingSample(clean=clean, inputs=inputs, text=padded_caption(clip.caption_embedding, text_length),
@@ -99,10 +104,10 @@ def build_sample(clip: PreparedClip, zero_condition: torch.Tensor, *, num_frames
 def draw_variant(generator: torch.Generator, settings: SampleSettings) -> str:
     u = float(torch.rand((), generator=generator, dtype=torch.float64))
     if u < settings.mi2v_prob:
-        return "mi2v"
+        return ShotMode.MI2V.value
     if u < settings.mi2v_prob + settings.mm2v_prob:
-        return "mm2v"
-    return "m2v"
+        return ShotMode.MM2V.value
+    return ShotMode.M2V.value
 
 
 def draw_memory(generator: torch.Generator, available: int, max_memory: int) -> list[int]:
