@@ -138,6 +138,10 @@ class Lease:
         log.info("acquired %s as %s", self.uri, self.owner)
         return self
 
+    def ticket(self) -> "LeaseTicket":
+        """What another process needs to check that this lease is still held."""
+        return LeaseTicket(self.uri, self.token)
+
     def renew(self) -> None:
         """Extend the lease now; raises LeaseLostError if another holder took it over."""
         with self._mutex:
@@ -437,6 +441,33 @@ def _is_precondition_failure(exc: OSError) -> bool:
     code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause else None
     return code in ("PreconditionFailed", "412") or (
         code is None and exc.errno == errno.EINVAL and "Precondition" in str(exc))
+
+
+@dataclass(frozen=True)
+class LeaseTicket:
+    """A held lease as seen by processes that work under it without holding the `Lease`
+    (e.g. the Ray Train workers of a flow's fit): `still_held()` reads the record and
+    compares its token - a read, not a renewal (the holder renews). `Lease.ticket()`."""
+
+    uri: str
+    token: str
+
+    def still_held(self) -> bool:
+        """False once another holder took the lease over (or it is gone); True when the
+        record cannot be read just now (the holder's own renewal finds a real loss)."""
+        try:
+            record = read_lease(self.uri)
+        except (OSError, storage.StorageError, ValueError) as exc:
+            log.warning("could not read lease %s: %s", self.uri, exc)
+            return True
+        return record is not None and record.get("token") == self.token
+
+    def to_dict(self) -> dict:
+        return {"uri": self.uri, "token": self.token}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LeaseTicket":
+        return cls(uri=str(data["uri"]), token=str(data["token"]))
 
 
 def read_lease(uri: str) -> dict | None:

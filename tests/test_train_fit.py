@@ -64,6 +64,27 @@ def _mean(values):
     return float(np.mean(values))
 
 
+def test_a_fit_whose_output_lock_is_taken_over_stops_at_its_next_checkpoint(data, tmp_path):
+    """The fit works under its flow's output lock (a `LeaseTicket`): another run holds it,
+    so rank 0 finds it at the first checkpoint, both workers stop there without writing a
+    checkpoint, and the fit fails naming the lock - no LoRA, no card."""
+    from pipelines.training.fit import FitError, run_fit
+    from storymem_model.leases import LeaseTicket
+
+    out = str(tmp_path / "out")
+    lock_uri = f"{out}/_locks/train.json"
+    now = time.time()
+    storage.write_bytes(lock_uri, json.dumps({
+        "owner": "another train run", "token": "theirs", "acquired_at": now,
+        "renewed_at": now, "expires_at": now + 600}).encode())
+    spec = support.fit_spec(data["uri"], out, steps=8, checkpoint_every=4,
+                            checkpoints=str(tmp_path / "checkpoints"))
+    with pytest.raises(FitError, match="was taken over by another run"):
+        run_fit(spec, lease=LeaseTicket(lock_uri, "ours"))
+    assert not os.path.exists(f"{out}/lora") and not os.path.exists(f"{out}/training_card.json")
+    assert not _checkpointed(str(tmp_path / "checkpoints"))
+
+
 def test_both_experts_overfit_four_clips(reference):
     spec = reference["spec"]
     metrics = pq.read_table(os.path.join(spec.out, "metrics.parquet")).to_pylist()

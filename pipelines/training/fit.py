@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from pipelines.run_tables import table_bytes
 from storymem_model import storage
+from storymem_model.leases import LeaseTicket
 from storymem_model.training import lora as lora_files
 from storymem_model.training.records import MetricRow, ValidationRow
 from storymem_model.training.specs import FitSpec
@@ -106,11 +107,14 @@ def check_data(spec: FitSpec) -> dict:
     return manifest
 
 
-def run_fit(spec: FitSpec, before_publish: Callable[[], None] | None = None) -> FitResult:
+def run_fit(spec: FitSpec, before_publish: Callable[[], None] | None = None,
+            lease: LeaseTicket | None = None) -> FitResult:
     """Fit the LoRA pair (resuming from the run's checkpoints) and publish it into
     `spec.out`; `before_publish()` runs first (a flow whose output lock was taken over
-    raises there, and the LoRA is not published). Skipped when `spec.out` already holds
-    the published result of exactly this spec."""
+    raises there, and the LoRA is not published). `lease`: the output lock the fit works
+    under - the workers check it at every checkpoint and stop once it was taken over
+    (FitError). Skipped when `spec.out` already holds the published result of exactly this
+    spec."""
     from storymem_model.training.prepared import PreparedDataError
 
     started = time.perf_counter()
@@ -122,7 +126,7 @@ def run_fit(spec: FitSpec, before_publish: Callable[[], None] | None = None) -> 
     card = _existing_card(spec)
     if card is not None:
         return FitResult(out=spec.out, lora_dir=storage.join(spec.out, LORA_DIR), card=card, skipped=True)
-    checkpoint = _train(spec)
+    checkpoint = _train(spec, lease)
     if before_publish is not None:
         before_publish()
     return _publish(spec, manifest, checkpoint, time.perf_counter() - started)
@@ -153,7 +157,7 @@ def ray_storage(uri: str):
     return path, PyFileSystem(FSSpecHandler(fs))
 
 
-def _train(spec: FitSpec):
+def _train(spec: FitSpec, lease: LeaseTicket | None = None):
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -167,7 +171,8 @@ def _train(spec: FitSpec):
     storage_path, filesystem = ray_storage(spec.checkpoint_uri)
     with ray_session(spec.ray_address):
         trainer = TorchTrainer(
-            train_loop, train_loop_config={"spec": spec.to_dict()},
+            train_loop, train_loop_config={"spec": spec.to_dict(),
+                                           "lease": lease.to_dict() if lease else None},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(
@@ -178,6 +183,9 @@ def _train(spec: FitSpec):
             result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise FitError(f"training failed: {exc}") from exc
+    if lease is not None and not lease.still_held():
+        raise FitError(f"the output lock {lease.uri} was taken over by another run: the fit "
+                       f"stopped at its next checkpoint and nothing was published")
     if result.checkpoint is None:
         raise FitError("training ended without a checkpoint")
     return result.checkpoint
@@ -238,9 +246,11 @@ def train_loop(config: dict) -> None:
     from storymem_model.training.worker_loop import TrainingRun
 
     spec = FitSpec.from_dict(config["spec"])
+    lease = LeaseTicket.from_dict(config["lease"]) if config.get("lease") else None
     context = ray.train.get_context()
     run = TrainingRun(spec, rank=context.get_world_rank(), world=context.get_world_size(),
-                      device=_device(spec), reporter=_RayReporter(context.get_world_rank()))
+                      device=_device(spec), reporter=_RayReporter(context.get_world_rank()),
+                      still_held=lease.still_held if lease else None)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:

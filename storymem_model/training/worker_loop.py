@@ -6,7 +6,9 @@ and its steps, each step reading this rank's samples in the seeded data order; e
 `checkpoint_every` steps and at the end of each expert the state is checkpointed through
 `reporter.checkpoint(metrics, write)`, where `write(folder)` fills a checkpoint folder (rank
 0's is kept). `--validate-every K` renders the validation story on rank 0 after every K
-steps, the other ranks waiting.
+steps, the other ranks waiting. `still_held` (the flow's output lock, `LeaseTicket`): checked
+by rank 0 at every checkpoint; once the lock was taken over, every rank stops there, before
+writing that checkpoint.
 
 Checkpoint folder: `state.json` (expert, step, samples_seen, finished experts, resumes),
 `trainer.pt` (the unfinished expert's LoRA, optimiser and scheduler state),
@@ -49,8 +51,11 @@ class Reporter(Protocol):
 
 
 class TrainingRun:
-    def __init__(self, spec: FitSpec, *, rank: int, world: int, device: torch.device, reporter: Reporter):
+    def __init__(self, spec: FitSpec, *, rank: int, world: int, device: torch.device, reporter: Reporter,
+                 still_held: Callable[[], bool] | None = None):
         self.spec = spec
+        self.still_held = still_held
+        self.stopped = False  # the output lock was taken over
         self.rank = rank
         self.world = world
         self.device = torch.device(device)
@@ -88,6 +93,8 @@ class TrainingRun:
         for expert in self.spec.experts:
             if expert not in self.state["completed"]:
                 self._train_expert(expert)
+            if self.stopped:
+                return
         if not self.reported:  # restored after the end: report the final state again
             self._checkpoint(None, {"step": self.state["step"], "expert": self.state["expert"], "done": True})
 
@@ -123,6 +130,11 @@ class TrainingRun:
             if spec.validate_every and (step % spec.validate_every == 0 or finished):
                 self._validate(trainer, expert, step)
             if finished or step % spec.checkpoint_every == 0:
+                if self._lock_lost():  # collective
+                    self.stopped = True
+                    log.error("%s step %d: the output lock was taken over by another run; stopped "
+                              "without writing this checkpoint", expert, step)
+                    return
                 state = trainer.state()  # collective
                 self.state.update(expert=expert, step=step, samples_seen=samples_seen)
                 if finished:
@@ -142,6 +154,17 @@ class TrainingRun:
         return draw_sample(clip, self.data.zero_condition, num_frames=int(geometry["num_frames"]),
                            text_length=self.data.text_length, expert=expert, settings=self.settings,
                            generator=sample_generator(self.spec.seed, expert, number))
+
+    def _lock_lost(self) -> bool:
+        """Rank 0's verdict on the output lock, shared with every rank (collective)."""
+        import torch.distributed as dist
+
+        if self.still_held is None:
+            return False
+        lost = torch.tensor([int(self.rank == 0 and not self.still_held())], device=self.device)
+        if dist.is_initialized():
+            dist.broadcast(lost, src=0)
+        return bool(lost.item())
 
     # ---------------------------------------------------------------------------- checkpoints
     def _checkpoint(self, trainer_state: dict | None, metrics: dict) -> None:
