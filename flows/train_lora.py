@@ -49,15 +49,11 @@ def prepare_task(spec: PrepareSpec) -> dict:
 
 @task(name="fit-lora", cache_policy=NO_CACHE)
 def fit_task(spec: FitSpec, lock: OutputLock | None = None) -> dict:
-    """Fit and publish into `spec.out`; with `lock` (the held lock of `spec.out`), the
-    workers stop at their next checkpoint once it was taken over, and it is renewed before
-    the LoRA is published."""
+    """Fit and publish into `spec.out`; with `lock` (the held lock of `spec.out`), the fit
+    stops at its next checkpoint once the lock was taken over and publishes nothing."""
     from pipelines.training.fit import run_fit
 
-    if lock is None:
-        result = run_fit(spec)
-    else:
-        result = run_fit(spec, before_publish=lock.renew, lease=lock.ticket())
+    result = run_fit(spec, lease=lock.ticket() if lock is not None else None)
     run_logger().info(result.message)
     return {"message": result.message, "lora_dir": result.lora_dir, "card": result.card}
 

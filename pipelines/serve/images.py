@@ -323,10 +323,7 @@ def decode_image(data: bytes, where: str, limits: ServeLimits,
     """Encoded image bytes -> (H, W, 3) uint8; the header is checked against the limits
     and the request's pixel budget (held from the replica's pixels) before any pixel is
     decoded."""
-    opened = open_image(data, where, limits, budget)
-    if budget is not None:
-        budget.hold(where)
-    return decode_opened(opened, limits)
+    return decode_images([open_image(data, where, limits, budget)], limits, budget)[0]
 
 
 def open_images(specs, field: str, limits: ServeLimits, allowed_prefixes=(),

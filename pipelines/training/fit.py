@@ -31,7 +31,6 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,14 +106,12 @@ def check_data(spec: FitSpec) -> dict:
     return manifest
 
 
-def run_fit(spec: FitSpec, before_publish: Callable[[], None] | None = None,
-            lease: LeaseTicket | None = None) -> FitResult:
+def run_fit(spec: FitSpec, lease: LeaseTicket | None = None) -> FitResult:
     """Fit the LoRA pair (resuming from the run's checkpoints) and publish it into
-    `spec.out`; `before_publish()` runs first (a flow whose output lock was taken over
-    raises there, and the LoRA is not published). `lease`: the output lock the fit works
-    under - the workers check it at every checkpoint and stop once it was taken over
-    (FitError). Skipped when `spec.out` already holds the published result of exactly this
-    spec."""
+    `spec.out`. `lease`: the output lock the fit works under - the workers check it at
+    every checkpoint and stop once it was taken over, and it is checked again before the
+    LoRA is published (FitError naming the lock, nothing published). Skipped when
+    `spec.out` already holds the published result of exactly this spec."""
     from storymem_model.training.prepared import PreparedDataError
 
     started = time.perf_counter()
@@ -127,8 +124,6 @@ def run_fit(spec: FitSpec, before_publish: Callable[[], None] | None = None,
     if card is not None:
         return FitResult(out=spec.out, lora_dir=storage.join(spec.out, LORA_DIR), card=card, skipped=True)
     checkpoint = _train(spec, lease)
-    if before_publish is not None:
-        before_publish()
     return _publish(spec, manifest, checkpoint, time.perf_counter() - started)
 
 
@@ -183,7 +178,7 @@ def _train(spec: FitSpec, lease: LeaseTicket | None = None):
             result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise FitError(f"training failed: {exc}") from exc
-    if lease is not None and not lease.still_held():
+    if lease is not None and not lease.still_held():  # checked once more before publishing
         raise FitError(f"the output lock {lease.uri} was taken over by another run: the fit "
                        f"stopped at its next checkpoint and nothing was published")
     if result.checkpoint is None:
